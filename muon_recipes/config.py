@@ -1,0 +1,378 @@
+"""Typed configuration for every part of a run, and its validation.
+
+The dataclasses here are the schema Hydra composes `conf/` into (registered with the ConfigStore by
+`register_configs`). `validate` checks every value before any process group or GPU is touched and raises
+`ConfigError` with one line naming the key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message is one line: key, value, what is valid."""
+
+    def __init__(self, key: str, value: Any, valid: str):
+        self.key, self.value, self.valid = key, value, valid
+        super().__init__(f"invalid config: {key}={value!r}: {valid}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder; MoE when `n_experts > 0`."""
+
+    name: str = "dense_tiny"
+    vocab_size: int = 320
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    fused_qkv: bool = True
+    fused_gate_up: bool = True
+    init_std: float = 0.02
+    # Mixture of experts (n_experts == 0 means every layer is dense).
+    n_experts: int = 0
+    top_k: int = 2
+    n_shared_experts: int = 0
+    expert_ffn_dim: int = 0  # 0: use ffn_dim
+    first_dense_layers: int = 0  # the first k layers keep a dense MLP (as in DeepSeek-V3)
+    router_bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step (DeepSeek-V3, eq. 16)
+    aux_loss_coef: float = 0.0  # optional Switch-style load-balancing loss; 0 disables
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class AdamWConfig:
+    """Hyperparameters of the AdamW half (and of the whole optimizer when `algorithm=adamw`)."""
+
+    lr: float = 3e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class SplitConfig:
+    """How fused weights are orthogonalized: per logical block (`split`, `per_expert`) or whole (`fused`)."""
+
+    qkv: str = "split"  # split | fused
+    gate_up: str = "split"  # split | fused
+    experts: str = "per_expert"  # per_expert | fused
+
+
+@dataclass
+class OptimConfig:
+    name: str = "muon_split"
+    # What the hidden matrices get: muon, or adamw (then everything is AdamW).
+    algorithm: str = "muon"
+    lr: float = 0.02
+    momentum: float = 0.95
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    adjust_lr: str = "spectral_norm"  # spectral_norm | rms_norm | none
+    ns_steps: int = 5
+    ns_schedule: str = "keller"  # keller | polar_express
+    ns_dtype: str = "bfloat16"  # bfloat16 | float32
+    backend: str = "auto"  # auto | torch | triton
+    split: SplitConfig = field(default_factory=SplitConfig)
+    # Parameter roles declared by the model that go to AdamW even when algorithm=muon.
+    adamw_roles: list = field(default_factory=lambda: ["embedding", "output", "norm", "bias", "router"])
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mesh, data, train, logging
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class MeshConfig:
+    """`single`: no sharding; `fsdp`: shard over all ranks; `hsdp`: replicate x shard (sizes multiply to world)."""
+
+    name: str = "fsdp"
+    kind: str = "fsdp"  # single | fsdp | hsdp
+    replicate: int = 1  # hsdp only; 0 = world // shard
+    shard: int = 0  # 0 = all ranks (fsdp) or world // replicate (hsdp)
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"
+    source: str = "embedded"  # embedded | files | hub
+    paths: list = field(default_factory=list)  # files: local .txt/.jsonl/.json/.parquet files or globs
+    text_field: str = "text"
+    hub_name: str = ""  # hub: dataset name, e.g. "HuggingFaceFW/fineweb-edu"
+    hub_config: str = ""
+    hub_split: str = "train"
+    tokenizer: str = "byte"  # byte | path to a local Hugging Face tokenizer directory
+    eval_fraction: float = 0.02  # held-out share of documents (embedded/files)
+    eval_docs: int = 64  # hub: first N documents of the stream are held out
+    max_chars: int = 0  # embedded/files: cap on corpus characters; 0 = all
+    num_proc: int = 1  # worker processes for `datasets.map` tokenization
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 disables
+    keep: int = 2  # how many complete checkpoints to keep
+    async_save: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    tokens: int = 0  # stop after this many tokens when > 0 (whichever of steps/tokens comes first)
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per rank per micro-batch
+    grad_accum: int = 1
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of steps in the final linear decay
+    min_lr_ratio: float = 0.1
+    eval_every: int = 50  # 0 disables
+    eval_batches: int = 4
+    log_every: int = 1
+    compile: bool = False
+    activation_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    resume: str = "auto"  # auto | never | <path to a checkpoint>
+    nonfinite: str = "abort"  # abort | skip
+    max_skipped_steps: int = 5
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "muon-recipes"
+    entity: str = ""
+    group: str = ""  # empty: the experiment name (sweeps) or none
+    tags: list = field(default_factory=list)
+    name: str = ""  # empty: derived from the arm (model, optim, seed)
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    jsonl: bool = True
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""
+    description: str = ""
+
+
+@dataclass
+class RunConfig:
+    """The root config composed by Hydra from conf/config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    run_dir: str = ""  # empty: Hydra's output directory
+
+
+def register_configs() -> None:
+    """Register the schemas so Hydra type-checks `conf/` against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="mesh", name="mesh_schema", node=MeshConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="train", name="train_schema", node=TrainConfig)
+    cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+    cs.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, "must be one of " + ", ".join(map(str, choices)))
+
+
+def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(key, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
+
+
+def _int(key: str, value: Any, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(key, value, f"must be an integer >= {low}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        _int(f"{prefix}.{k}", getattr(m, k))
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"{prefix}.n_heads", m.n_heads, f"must divide model.d_model={m.d_model}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"{prefix}.n_heads", m.n_heads,
+                          f"head_dim = d_model/n_heads = {m.d_model // m.n_heads} must be even for rotary embeddings")
+    if m.n_kv_heads > m.n_heads or m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"{prefix}.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    _positive(f"{prefix}.rope_theta", m.rope_theta)
+    _positive(f"{prefix}.norm_eps", m.norm_eps)
+    _positive(f"{prefix}.init_std", m.init_std)
+    _int(f"{prefix}.n_experts", m.n_experts, low=0)
+    if m.n_experts:
+        _int(f"{prefix}.top_k", m.top_k)
+        if m.top_k > m.n_experts:
+            raise ConfigError(f"{prefix}.top_k", m.top_k, f"must be <= model.n_experts={m.n_experts}")
+        _int(f"{prefix}.n_shared_experts", m.n_shared_experts, low=0)
+        _int(f"{prefix}.expert_ffn_dim", m.expert_ffn_dim, low=0)
+        _int(f"{prefix}.first_dense_layers", m.first_dense_layers, low=0)
+        if m.first_dense_layers > m.n_layers:
+            raise ConfigError(f"{prefix}.first_dense_layers", m.first_dense_layers,
+                              f"must be <= model.n_layers={m.n_layers}")
+        _positive(f"{prefix}.router_bias_update_rate", m.router_bias_update_rate, allow_zero=True)
+        _positive(f"{prefix}.aux_loss_coef", m.aux_loss_coef, allow_zero=True)
+
+
+def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
+    _choice(f"{prefix}.algorithm", o.algorithm, ("muon", "adamw"))
+    _positive(f"{prefix}.lr", o.lr)
+    _positive(f"{prefix}.momentum", o.momentum, allow_zero=True)
+    if o.momentum >= 1:
+        raise ConfigError(f"{prefix}.momentum", o.momentum, "must be in [0, 1)")
+    _positive(f"{prefix}.weight_decay", o.weight_decay, allow_zero=True)
+    _choice(f"{prefix}.adjust_lr", o.adjust_lr, ("spectral_norm", "rms_norm", "none"))
+    _int(f"{prefix}.ns_steps", o.ns_steps)
+    _choice(f"{prefix}.ns_schedule", o.ns_schedule, ("keller", "polar_express"))
+    _choice(f"{prefix}.ns_dtype", o.ns_dtype, ("bfloat16", "float32"))
+    _choice(f"{prefix}.backend", o.backend, ("auto", "torch", "triton"))
+    _choice(f"{prefix}.split.qkv", o.split.qkv, ("split", "fused"))
+    _choice(f"{prefix}.split.gate_up", o.split.gate_up, ("split", "fused"))
+    _choice(f"{prefix}.split.experts", o.split.experts, ("per_expert", "fused"))
+    roles = ("embedding", "output", "norm", "bias", "router", "matrix")
+    for r in o.adamw_roles:
+        _choice(f"{prefix}.adamw_roles", r, roles)
+    _positive(f"{prefix}.adamw.lr", o.adamw.lr)
+    betas = list(o.adamw.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"{prefix}.adamw.betas", betas, "must be two numbers in [0, 1)")
+    _positive(f"{prefix}.adamw.eps", o.adamw.eps)
+    _positive(f"{prefix}.adamw.weight_decay", o.adamw.weight_decay, allow_zero=True)
+    _positive(f"{prefix}.grad_clip", o.grad_clip, allow_zero=True)
+
+
+def validate_mesh(mesh: MeshConfig, world_size: int, prefix: str = "mesh") -> tuple[int, int]:
+    """Check the mesh against the world size; return (replicate, shard)."""
+    _choice(f"{prefix}.kind", mesh.kind, ("single", "fsdp", "hsdp"))
+    _int(f"{prefix}.replicate", mesh.replicate, low=0)
+    _int(f"{prefix}.shard", mesh.shard, low=0)
+    if mesh.kind == "single":
+        if world_size != 1:
+            raise ConfigError(f"{prefix}.kind", mesh.kind,
+                              f"single runs one process but the world size is {world_size}; use mesh=fsdp or mesh=hsdp")
+        return 1, 1
+    if mesh.kind == "fsdp":
+        shard = mesh.shard or world_size
+        if shard != world_size:
+            raise ConfigError(f"{prefix}.shard", mesh.shard, f"fsdp shards over all ranks: 0 or {world_size}")
+        return 1, shard
+    replicate = mesh.replicate or (world_size // mesh.shard if mesh.shard else 1)
+    shard = mesh.shard or (world_size // replicate if replicate else 0)
+    if replicate * shard != world_size:
+        raise ConfigError(f"{prefix}.replicate", f"{mesh.replicate}x{mesh.shard}",
+                          f"replicate x shard must equal the world size {world_size}")
+    return replicate, shard
+
+
+def validate_train(t: TrainConfig, model: ModelConfig, prefix: str = "train") -> None:
+    _int(f"{prefix}.steps", t.steps)
+    _int(f"{prefix}.tokens", t.tokens, low=0)
+    _int(f"{prefix}.seq_len", t.seq_len)
+    if t.seq_len > model.max_seq_len:
+        raise ConfigError(f"{prefix}.seq_len", t.seq_len, f"must be <= model.max_seq_len={model.max_seq_len}")
+    _int(f"{prefix}.batch_size", t.batch_size)
+    _int(f"{prefix}.grad_accum", t.grad_accum)
+    _choice(f"{prefix}.lr_schedule", t.lr_schedule, ("cosine", "wsd", "constant"))
+    _int(f"{prefix}.warmup_steps", t.warmup_steps, low=0)
+    if not 0 <= t.decay_fraction <= 1:
+        raise ConfigError(f"{prefix}.decay_fraction", t.decay_fraction, "must be in [0, 1]")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"{prefix}.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _int(f"{prefix}.eval_every", t.eval_every, low=0)
+    _int(f"{prefix}.eval_batches", t.eval_batches)
+    _int(f"{prefix}.log_every", t.log_every)
+    _choice(f"{prefix}.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
+    _choice(f"{prefix}.nonfinite", t.nonfinite, ("abort", "skip"))
+    _int(f"{prefix}.max_skipped_steps", t.max_skipped_steps)
+    _int(f"{prefix}.checkpoint.every", t.checkpoint.every, low=0)
+    _int(f"{prefix}.checkpoint.keep", t.checkpoint.keep)
+    if not isinstance(t.resume, str) or not t.resume:
+        raise ConfigError(f"{prefix}.resume", t.resume, "must be auto, never or a checkpoint path")
+
+
+def validate_data(d: DataConfig, prefix: str = "data") -> None:
+    _choice(f"{prefix}.source", d.source, ("embedded", "files", "hub"))
+    if d.source == "files" and not d.paths:
+        raise ConfigError(f"{prefix}.paths", list(d.paths), "data=files needs at least one file or glob")
+    if d.source == "hub" and not d.hub_name:
+        raise ConfigError(f"{prefix}.hub_name", d.hub_name, "data=hub needs a dataset name")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"{prefix}.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+    _int(f"{prefix}.eval_docs", d.eval_docs, low=0)
+    _int(f"{prefix}.max_chars", d.max_chars, low=0)
+    _int(f"{prefix}.num_proc", d.num_proc)
+
+
+def validate_logging(lg: LoggingConfig, prefix: str = "logging") -> None:
+    _choice(f"{prefix}.wandb.mode", lg.wandb.mode, ("offline", "online", "disabled"))
+
+
+def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """Validate the whole run config; return the mesh's (replicate, shard) sizes."""
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError("seed", cfg.seed, "must be an integer")
+    validate_model(cfg.model)
+    validate_optim(cfg.optim)
+    validate_data(cfg.data)
+    validate_train(cfg.train, cfg.model)
+    validate_logging(cfg.logging)
+    return validate_mesh(cfg.mesh, world_size)
+
+
+def to_dataclass(cfg: Any) -> RunConfig:
+    """Turn a composed DictConfig (or a dict) into a RunConfig, with one-line errors for unknown keys."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(key, getattr(e, "value", None), msg) from None

@@ -1,0 +1,1 @@
+"""Muon + AdamW with per-block Newton-Schulz orthogonalization."""
