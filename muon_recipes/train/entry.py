@@ -1,0 +1,158 @@
+"""`run(cfg)`: from a composed Hydra config to a finished run.
+
+Everything that can be checked without a process group is checked first (config values, mesh vs world size,
+device, tokenizer vs vocabulary, run directory); a bad value ends every rank with one line and exit code 2
+before NCCL/gloo or a GPU is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from muon_recipes.config import ConfigError, RunConfig, to_dataclass, validate
+from muon_recipes.parallel.distributed import (broadcast_object, init_distributed, rank_from_env,
+                                               resolve_device_type, shutdown_distributed, world_size_from_env)
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit code 2 on every rank."""
+    if rank_from_env() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _hydra_run_dir() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # not under Hydra (tests, notebooks)
+        return os.path.join("outputs", time.strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+def _check_run_dir(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError("run_dir", path, f"must be a writable directory ({e.strerror})") from None
+
+
+def prepare(cfg: Any) -> tuple[RunConfig, str, int, int]:
+    """Typed + validated config, device type and mesh sizes. Raises ConfigError; touches no process group."""
+    rc = cfg if isinstance(cfg, RunConfig) else to_dataclass(cfg)
+    replicate, shard = validate(rc, world_size_from_env())
+    device_type = resolve_device_type(rc.device)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", rc.device, "no CUDA device is visible; use device=cpu or device=auto")
+    if device_type == "cuda" and int(os.environ.get("LOCAL_RANK", "0")) >= torch.cuda.device_count():
+        raise ConfigError("device", rc.device, f"LOCAL_RANK {os.environ.get('LOCAL_RANK')} but only "
+                          f"{torch.cuda.device_count()} CUDA devices are visible")
+    return rc, device_type, replicate, shard
+
+
+def _resolved_config(cfg: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, RunConfig):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _run_name(rc: RunConfig) -> str:
+    if rc.logging.wandb.name:
+        return rc.logging.wandb.name
+    parts = [rc.experiment.name] if rc.experiment.name else []
+    return "-".join(parts + [rc.model.name, rc.optim.name, f"s{rc.seed}"])
+
+
+def build_loggers(rc: RunConfig, run_dir: str, config_dict: dict):
+    from muon_recipes.train.loggers import ConsoleLogger, JsonlLogger, Loggers, WandbLogger
+
+    loggers = []
+    if rc.logging.console:
+        loggers.append(ConsoleLogger())
+    if rc.logging.jsonl:
+        loggers.append(JsonlLogger(os.path.join(run_dir, "metrics.jsonl")))
+    w = rc.logging.wandb
+    if w.enabled and w.mode != "disabled":
+        loggers.append(WandbLogger(run_dir=run_dir, mode=w.mode, project=w.project, entity=w.entity,
+                                   group=w.group or rc.experiment.name, tags=w.tags, name=_run_name(rc),
+                                   config=config_dict))
+    return Loggers(loggers)
+
+
+def run(cfg: Any) -> list[dict]:
+    """Train one run; returns the logged metrics (rank 0 has them all, other ranks the same values)."""
+    try:
+        rc, device_type, replicate, shard = prepare(cfg)
+        from muon_recipes.data import build_tokenizer
+
+        tokenizer = build_tokenizer(rc.data)
+        if tokenizer.vocab_size > rc.model.vocab_size:
+            raise ConfigError("model.vocab_size", rc.model.vocab_size,
+                              f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer="
+                              f"{rc.data.tokenizer})")
+        run_dir = rc.run_dir or _hydra_run_dir()
+        if rank_from_env() == 0:
+            _check_run_dir(run_dir)
+    except ConfigError as e:
+        _fail(str(e))
+    config_dict = _resolved_config(cfg)
+    ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard)
+    try:
+        return _train(rc, ctx, broadcast_object(run_dir), tokenizer, config_dict)
+    finally:
+        shutdown_distributed()
+
+
+def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> list[dict]:
+    from muon_recipes.data import DistributedLoader, build_datasets
+    from muon_recipes.models import build_model
+    from muon_recipes.optim.param_groups import build_optimizer, describe_param_groups
+    from muon_recipes.parallel.fsdp import parallelize
+    from muon_recipes.train.trainer import Trainer
+
+    torch.manual_seed(rc.seed)
+    if ctx.is_main:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=1)
+    # Build whole on the device with the run's seed on every rank, then shard: the initial weights are identical
+    # for any world size (the 1- vs 2-process test relies on it), at the cost of one unsharded copy at start-up.
+    with torch.device(ctx.device):
+        model = build_model(rc.model)
+    model.init_weights()
+    bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
+    parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
+                activation_checkpointing=rc.train.activation_checkpointing)
+    optimizer = build_optimizer(model, rc.optim)
+    train_ds, eval_ds = build_datasets(rc.data, tokenizer, rc.train.seq_len, rc.seed)
+    loader = DistributedLoader(train_ds, batch_size=rc.train.batch_size, rank=ctx.dp_rank,
+                               world_size=ctx.dp_world_size, seed=rc.seed)
+    loggers = build_loggers(rc, run_dir, config_dict) if ctx.is_main else None
+    trainer = Trainer(rc, ctx, run_dir, model, optimizer, tokenizer, iter(loader), eval_ds, loggers)
+    trainer.loader = loader
+    if ctx.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"run dir {run_dir} | world {ctx.world_size} ({rc.mesh.kind} {ctx.replicate}x{ctx.shard}) on "
+              f"{ctx.device.type} | model {rc.model.name} {n_params / 1e6:.2f}M params | "
+              f"{trainer.tokens_per_step} tokens/step | peak {trainer.peak_source}", flush=True)
+        print(describe_param_groups(optimizer), flush=True)
+    trainer.start_time = time.perf_counter()
+    try:
+        history = trainer.fit()
+    finally:
+        if loggers is not None:
+            loggers.close()
+    return history

@@ -1,0 +1,231 @@
+"""The training loop: build everything from a validated `RunConfig`, then step, evaluate, log.
+
+Order of start-up (see DESIGN.md): config validated (before any process group) -> process group + mesh ->
+model built whole on the device with the run's seed, then sharded with FSDP2 (so the initial weights are the same
+for every world size) -> optimizer from the model's declared parameter layouts -> data -> loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from muon_recipes.config import RunConfig
+from muon_recipes.optim.schedules import lr_multiplier
+from muon_recipes.parallel.distributed import DistributedContext, all_reduce_mean, all_reduce_sum
+from muon_recipes.train.loggers import Loggers
+from muon_recipes.train.metrics import Stopwatch, device_peak_flops, peak_memory_gib
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient norm is NaN/inf and the policy says stop."""
+
+
+def _grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
+    """Global L2 grad norm over all (DTensor or plain) grads; clips in place when max_norm > 0.
+
+    `clip_grad_norm_` reduces DTensor norms over their mesh (sharded and replicated dims alike), so the norm is
+    the one of the full unsharded gradient on every rank.
+    """
+    grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ctx: DistributedContext, run_dir: str, model, optimizer, tokenizer,
+                 train_loader, eval_dataset, loggers: Loggers):
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
+        self.train_loader, self.eval_dataset, self.loggers = train_loader, eval_dataset, loggers
+        t = cfg.train
+        self.scheduler = LambdaLR(optimizer, lambda step: lr_multiplier(
+            step, total_steps=t.steps, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+            min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction))
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        self.tokens_per_step = ctx.dp_world_size * t.batch_size * t.grad_accum * t.seq_len
+        from muon_recipes.models.flops import flops_per_token
+
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.peak_flops, self.peak_source = device_peak_flops(ctx.device)
+        self.params = [p for p in model.parameters()]
+        self.autocast = (ctx.mesh is None and ctx.device.type == "cuda" and self._bf16())
+        self.history: list[dict] = []  # logged metrics, for callers that run the trainer in-process
+
+    def _bf16(self) -> bool:
+        mp = self.cfg.train.mixed_precision
+        return mp == "bf16" or (mp == "auto" and self.ctx.device.type == "cuda")
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(inputs)
+        logits = out.logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return loss, out.aux_loss
+
+    def _set_grad_sync(self, enabled: bool) -> None:
+        setter = getattr(self.model, "set_requires_gradient_sync", None)
+        if setter is not None:
+            setter(enabled)
+
+    def _update_router_biases(self) -> Optional[list]:
+        if not self.cfg.model.n_experts:
+            return None
+        counts = self.model.expert_load_counts()
+        if not counts:
+            return None
+        # Every rank must apply the same bias update (biases are replicated buffers): sum the loads first.
+        stacked = all_reduce_sum(torch.stack([c.float() for c in counts]))
+        self.model.update_router_biases(list(stacked.unbind(0)))
+        return stacked
+
+    def train_step(self, profile: bool) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        watch = Stopwatch(self.ctx.device, enabled=profile)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        aux_sum = torch.zeros((), device=self.ctx.device)
+        for micro in range(t.grad_accum):
+            inputs, targets = next(self.train_loader)
+            inputs = inputs.to(self.ctx.device, non_blocking=True)
+            targets = targets.to(self.ctx.device, non_blocking=True)
+            self._set_grad_sync(micro == t.grad_accum - 1)
+            loss, aux = self._forward_loss(inputs, targets)
+            ((loss + aux) / t.grad_accum).backward()
+            loss_sum += loss.detach()
+            aux_sum += aux.detach()
+        grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
+        forward_backward_s = watch.lap()
+        loss_mean = all_reduce_mean(loss_sum / t.grad_accum)
+        finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._on_nonfinite(float(loss_mean), float(grad_norm))
+            return {"skipped": True}
+        self.skipped_in_a_row = 0
+        if hasattr(self.optimizer, "profile"):
+            self.optimizer.profile = profile
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loads = self._update_router_biases()
+        optim_s = watch.lap()
+        metrics = {"loss": float(loss_mean), "lr": lr, "grad_norm": float(grad_norm),
+                   "forward_backward_s": forward_backward_s, "optim_time_s": optim_s}
+        if cfg.model.n_experts:
+            metrics["aux_loss"] = float(all_reduce_mean(aux_sum / t.grad_accum))
+        timings = getattr(self.optimizer, "last_step_timings", None)
+        if profile and timings:
+            for k, v in timings.items():
+                metrics[f"optim_{k}_s"] = v
+        if loads is not None and profile:
+            # Max/mean load per MoE layer: 1.0 is perfectly balanced.
+            frac = loads / loads.sum(-1, keepdim=True).clamp_min(1)
+            imbalance = (frac.max(-1).values * frac.size(-1)).tolist()
+            metrics["expert_load_max_over_mean"] = max(imbalance)
+            for i, v in enumerate(imbalance):
+                metrics[f"expert_load/layer{i}"] = v
+        return metrics
+
+    def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
+        t = self.cfg.train
+        where = f"step {self.step}: loss={loss} grad_norm={grad_norm}"
+        if t.nonfinite == "abort":
+            raise NonFiniteError(f"non-finite {where}; stopping (train.nonfinite=abort), no checkpoint written "
+                                 f"from this state")
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        if self.ctx.is_main:
+            print(f"skipping non-finite {where} ({self.skipped_in_a_row} in a row)", flush=True)
+        if self.skipped_in_a_row >= t.max_skipped_steps:
+            raise NonFiniteError(f"non-finite loss/gradients in {self.skipped_in_a_row} steps in a row "
+                                 f"(train.max_skipped_steps={t.max_skipped_steps}); last at {where}")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from muon_recipes.data import DistributedLoader
+
+        t = self.cfg.train
+        self.model.eval()
+        loader = DistributedLoader(self.eval_dataset, batch_size=t.batch_size, rank=self.ctx.dp_rank,
+                                   world_size=self.ctx.dp_world_size, seed=0, shuffle=False)
+        total = torch.zeros((), device=self.ctx.device)
+        for _ in range(t.eval_batches):
+            inputs, targets = next(loader)
+            loss, _ = self._forward_loss(inputs.to(self.ctx.device), targets.to(self.ctx.device))
+            total += loss
+        # The forward also counted expert load; evaluation must not move the router biases.
+        if self.cfg.model.n_experts:
+            self.model.expert_load_counts()  # read ...
+            for layer in self.model.moe_layers():
+                if hasattr(layer, "reset_load"):
+                    layer.reset_load()
+        self.model.train()
+        return float(all_reduce_mean(total / t.eval_batches))
+
+    def done(self) -> bool:
+        t = self.cfg.train
+        return self.step >= t.steps or (t.tokens > 0 and self.tokens_seen >= t.tokens)
+
+    def fit(self) -> list[dict]:
+        t = self.cfg.train
+        progress = None
+        if self.ctx.is_main and self.cfg.logging.progress and not self.cfg.logging.console:
+            progress = _progress_bar(t.steps, self.step)
+        window_start, window_tokens = time.perf_counter(), 0
+        while not self.done():
+            log_now = (self.step + 1) % t.log_every == 0 or self.step == 0 or self.step + 1 == t.steps
+            step_start = time.perf_counter()
+            metrics = self.train_step(profile=log_now)
+            if metrics.get("skipped"):
+                continue
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            window_tokens += self.tokens_per_step
+            if progress is not None:
+                progress.update(1)
+            eval_now = t.eval_every and (self.step % t.eval_every == 0 or self.done())
+            if eval_now:
+                metrics["eval_loss"] = self.evaluate()
+            if log_now or eval_now:
+                now = time.perf_counter()
+                elapsed = now - window_start
+                tokens_per_s = window_tokens / elapsed
+                metrics.update(step=self.step, tokens=self.tokens_seen, step_time_s=now - step_start,
+                               tokens_per_s=tokens_per_s, wall_time_s=now - self.start_time,
+                               skipped_steps=self.skipped_total)
+                if self.peak_flops:
+                    metrics["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size)
+                mem = peak_memory_gib(self.ctx.device)
+                if mem is not None:
+                    metrics["peak_mem_gib"] = mem
+                if self.ctx.is_main:
+                    self.loggers.log(metrics)
+                self.history.append(metrics)
+                window_start, window_tokens = time.perf_counter(), 0
+        if progress is not None:
+            progress.close()
+        return self.history
+
+    start_time: float = 0.0
+
+
+def _progress_bar(total: int, initial: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with datasets
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step")

@@ -1,0 +1,31 @@
+"""Hydra entry point: `torchrun --nproc_per_node=N train.py model=moe_small optim=muon_split`.
+
+It only composes the config and hands it to `muon_recipes.train.run`. Under torchrun every rank runs this file;
+only rank 0 lets Hydra write its output directory (config snapshot, log file); the other ranks compose the
+same config without writing anything and learn the run directory from rank 0 once the process group is up.
+"""
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from muon_recipes.config import register_configs
+
+if int(os.environ.get("RANK", "0")) != 0 and not any(a in ("-m", "--multirun") for a in sys.argv):
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                 "hydra.run.dir=."]
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from muon_recipes.train import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
