@@ -1,0 +1,299 @@
+"""`Muon`: one `torch.optim.Optimizer` holding Muon groups (hidden matrices) and AdamW groups (everything else).
+
+Muon (Keller Jordan 2024, "Muon: An optimizer for hidden layers in neural networks") updates a matrix W by
+the orthogonalized momentum:
+
+    B <- momentum * B + G                         (heavy-ball buffer, as in torch.optim.Muon)
+    U  = G + momentum * B  (Nesterov)   or   B
+    O  = NewtonSchulz(U)  per block                (approximately the polar factor of each block)
+    W <- (1 - lr * weight_decay) * W - lr * ratio(block) * O
+
+with decoupled weight decay (Loshchilov & Hutter 2019) and `ratio` from `adjust_lr` (see `orthogonalize`).
+Embeddings, the output head, norms, biases and routers are not hidden matrices; they get AdamW in the same
+optimizer, so LR schedulers, `state_dict()` and DCP checkpoints see one object. Each param group says its
+`algorithm`; any key of a group overrides the constructor's default.
+
+A step has three phases, each over all groups at once so blocks of equal shape share one batched call:
+(1) momentum on the local gradients, (2) orthogonalize -- parameters sharded by FSDP2 are assembled across
+their shard group first (`distributed.py`), every other one is done in place -- and (3) scale and apply.
+`last_step_timings` reports the seconds spent in Newton-Schulz, in communication and in the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from muon_recipes.optim.newton_schulz import BACKENDS, SCHEDULES, resolve_dtype
+from muon_recipes.optim.orthogonalize import ADJUST_LR, EXPERT_MODES, BlockPlan, NSSettings, orthogonalize
+
+ALGORITHMS = ("muon", "adamw")
+NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)
+
+try:  # DTensor is public from torch 2.5 on; keep the import soft for builds without distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor this rank stores: a DTensor's local shard, a plain tensor itself.
+
+    Elementwise work (momentum, AdamW, weight decay, the final update) runs on local shards: it needs no
+    communication and skips DTensor dispatch overhead. In-place ops on the local shard update the DTensor.
+    """
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
+
+
+@dataclass
+class MatrixUpdate:
+    """One Muon parameter's work for this step: the local update after momentum and how to cut it."""
+
+    param: Tensor
+    group: dict
+    update: Tensor  # local shard (or whole tensor) of the momentum update, param dtype
+    plan: BlockPlan  # of the full (global) shape
+    ns: NSSettings
+
+
+class _StepTimer:
+    """Wall-clock seconds per phase; with `profile` it synchronizes CUDA so GPU work is attributed."""
+
+    def __init__(self, profile: bool, device: Optional[torch.device]):
+        self.sync = profile and device is not None and device.type == "cuda" and torch.cuda.is_available()
+        self.seconds = {"ns": 0.0, "comm": 0.0}
+        self.start = self._now()
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, key: str, since: float) -> float:
+        now = self._now()
+        self.seconds[key] += now - since
+        return now
+
+    def now(self) -> float:
+        return self._now()
+
+    def finish(self) -> dict[str, float]:
+        total = self._now() - self.start
+        return {**self.seconds, "other": max(0.0, total - sum(self.seconds.values())), "total": total}
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden matrices and AdamW for the rest, chosen per param group by `algorithm`.
+
+    Muon group keys: lr, momentum, nesterov, weight_decay, adjust_lr (spectral_norm | rms_norm | none),
+    ns_steps, ns_schedule (keller | polar_express), ns_dtype, backend (auto | torch | triton), split_sizes
+    (row blocks of every weight in the group, or None), experts (per_expert | fused, for 3-D [E, out, in]).
+    AdamW group keys: lr, betas, eps, weight_decay -- exactly `torch.optim.AdamW` (decoupled decay, bias
+    correction). Parameters may be plain tensors or FSDP2 DTensors; the mesh comes from the parameters.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, adjust_lr: str = "spectral_norm", ns_steps: int = 5,
+                 ns_schedule: str = "keller", ns_dtype: torch.dtype | str = torch.bfloat16,
+                 backend: str = "auto", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+        defaults = dict(algorithm="muon", lr=lr, momentum=momentum, nesterov=nesterov,
+                        weight_decay=weight_decay, adjust_lr=adjust_lr, ns_steps=ns_steps,
+                        ns_schedule=ns_schedule, ns_dtype=ns_dtype, backend=backend, betas=tuple(betas),
+                        eps=eps, split_sizes=None, experts="per_expert")
+        self.profile = False  # the trainer sets it on logging steps: exact (synchronized) timings
+        self.last_step_timings: dict[str, float] = {}
+        # Sharded (FSDP2) parameters: target size of one communication bucket, and whether HSDP replicas
+        # share the Newton-Schulz work ("auto": when every rank of the mesh still gets a matrix).
+        self.bucket_mb = 256.0
+        self.replica_spread = "auto"
+        self._plans: dict[Tensor, tuple] = {}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Groups
+    # ----------------------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group, len(self.param_groups) - 1)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("profile", False)
+        self.__dict__.setdefault("last_step_timings", {})
+        self.__dict__.setdefault("bucket_mb", 256.0)
+        self.__dict__.setdefault("replica_spread", "auto")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Step
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        device = next((p.device for g in self.param_groups for p in g["params"]), None)
+        timer = _StepTimer(self.profile, device)
+        for group in self.param_groups:
+            if group["algorithm"] == "adamw":
+                self._adamw(group)
+        items = [item for group in self.param_groups if group["algorithm"] == "muon"
+                 for item in self._momentum(group)]
+        if items:
+            for item, ortho in zip(items, self._orthogonalize(items, timer)):
+                self._apply(item, ortho)
+        self.last_step_timings = timer.finish()
+        return loss
+
+    # (1) momentum ---------------------------------------------------------------------------------------------
+    def _momentum(self, group: dict) -> list[MatrixUpdate]:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return []
+        grads = [local(p.grad) for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(local(state["momentum_buffer"]))
+        mu = group["momentum"]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        ns = NSSettings(group["ns_steps"], group["ns_schedule"], resolve_dtype(group["ns_dtype"]),
+                        group["backend"], NS_EPS)
+        return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns) for p, u in zip(params, updates)]
+
+    def _plan(self, p: Tensor, group: dict) -> tuple[BlockPlan, Tensor]:
+        """The block plan of `p` and the lr ratio of each of its local rows (cached; groups may change keys)."""
+        key = (tuple(group["split_sizes"] or ()), group["experts"], group["adjust_lr"])
+        cached = self._plans.get(p)
+        if cached is None or cached[0] != key:
+            plan = BlockPlan.build(p.shape, group["split_sizes"], group["experts"])
+            scale = plan.row_scale(group["adjust_lr"])
+            if isinstance(p, DTensor):
+                from muon_recipes.optim.distributed import local_slice
+                scale = local_slice(scale, p)
+            cached = (key, plan, scale.to(local(p).device))
+            self._plans[p] = cached
+        return cached[1], cached[2]
+
+    # (2) orthogonalize ----------------------------------------------------------------------------------------
+    def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer) -> list[Tensor]:
+        """Orthogonalized local update of every item; sharded parameters go through `distributed.py`."""
+        sharded = [i for i, item in enumerate(items) if isinstance(item.param, DTensor)]
+        results: list[Optional[Tensor]] = [None] * len(items)
+        if sharded:
+            from muon_recipes.optim.distributed import orthogonalize_sharded
+            outs = orthogonalize_sharded([items[i] for i in sharded], timer, bucket_mb=self.bucket_mb,
+                                         replica_spread=self.replica_spread)
+            for i, out in zip(sharded, outs):
+                results[i] = out
+        plain = [i for i in range(len(items)) if results[i] is None]
+        if plain:
+            start = timer.now()
+            outs = orthogonalize([(items[i].update, items[i].plan, items[i].ns) for i in plain])
+            timer.add("ns", start)
+            for i, out in zip(plain, outs):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    # (3) scale and apply --------------------------------------------------------------------------------------
+    def _apply(self, item: MatrixUpdate, ortho: Tensor) -> None:
+        group, p = item.group, local(item.param)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            p.mul_(1 - lr * wd)
+        _, scale = self._plan(item.param, group)
+        p.addcmul_(ortho, scale, value=-lr)
+
+    # AdamW ----------------------------------------------------------------------------------------------------
+    def _adamw(self, group: dict) -> None:
+        """torch.optim.AdamW's multi-tensor update (decoupled weight decay, bias correction), on local shards."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        by_kind: dict[tuple, list[list[Tensor]]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            lp = local(p)
+            lists = by_kind.setdefault((lp.device, lp.dtype), [[], [], [], [], []])
+            for lst, t in zip(lists, (lp, local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
+                                      state["step"])):
+                lst.append(t)
+        for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
+            torch._foreach_add_(steps, 1)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            step_values = [s.item() for s in steps]
+            step_sizes = [-(lr / (1 - beta1 ** s)) for s in step_values]
+            bias_correction2_sqrt = [(1 - beta2 ** s) ** 0.5 for s in step_values]
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _validate_group(group: dict, index: int) -> None:
+    """One-line errors naming the group, the key, the value and what is valid; normalizes dtype and tuples."""
+    where = f"param_groups[{index}]" + (f" ({group['name']})" if group.get("name") else "")
+
+    def bad(key: str, valid: str) -> ValueError:
+        return ValueError(f"{where}: {key}={group[key]!r}: {valid}")
+
+    if group["algorithm"] not in ALGORITHMS:
+        raise bad("algorithm", "must be one of " + ", ".join(ALGORITHMS))
+    if not group["lr"] >= 0:
+        raise bad("lr", "must be >= 0")
+    if not group["weight_decay"] >= 0:
+        raise bad("weight_decay", "must be >= 0")
+    try:
+        group["ns_dtype"] = _dtype_name(group["ns_dtype"])
+    except ValueError:
+        raise bad("ns_dtype", "must be bfloat16, float32 (a torch.dtype or its name)") from None
+    if group["algorithm"] == "adamw":
+        betas = tuple(group["betas"])
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise bad("betas", "must be two numbers in [0, 1)")
+        group["betas"] = betas
+        if not group["eps"] > 0:
+            raise bad("eps", "must be > 0")
+        return
+    if not 0 <= group["momentum"] < 1:
+        raise bad("momentum", "must be in [0, 1)")
+    if group["adjust_lr"] not in ADJUST_LR:
+        raise bad("adjust_lr", "must be one of " + ", ".join(ADJUST_LR))
+    if group["ns_schedule"] not in SCHEDULES:
+        raise bad("ns_schedule", "must be one of " + ", ".join(SCHEDULES))
+    if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
+        raise bad("ns_steps", "must be an integer >= 1")
+    if group["backend"] not in BACKENDS:
+        raise bad("backend", "must be one of " + ", ".join(BACKENDS))
+    if group["experts"] not in EXPERT_MODES:
+        raise bad("experts", "must be one of " + ", ".join(EXPERT_MODES))
+    if group["split_sizes"] is not None:
+        group["split_sizes"] = tuple(int(s) for s in group["split_sizes"])
+    for i, p in enumerate(group["params"]):
+        try:
+            BlockPlan.build(p.shape, group["split_sizes"], group["experts"])
+        except ValueError as e:
+            raise ValueError(f"{where}: params[{i}] of shape {tuple(p.shape)}: {e}") from None
