@@ -131,8 +131,7 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
     # Build whole on the device with the run's seed on every rank, then shard: the initial weights are identical
     # for any world size (the 1- vs 2-process test relies on it), at the cost of one unsharded copy at start-up.
     with torch.device(ctx.device):
-        model = build_model(rc.model)
-    model.init_weights()
+        model = build_model(rc.model)  # initializes its weights (Transformer.init_weights) from the seeded RNG
     bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
     parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
                 activation_checkpointing=rc.train.activation_checkpointing)

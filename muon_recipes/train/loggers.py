@@ -15,6 +15,10 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key in ("lr",):
             return f"{key} {value:.2e}"
+        if key.endswith("_per_s"):
+            return f"{key} {value:,.0f}"
+        if key == "mfu":
+            return f"{key} {100 * value:.1f}%"
         if key.endswith("_s"):
             return f"{key} {value * 1e3:.1f}ms" if value < 1 else f"{key} {value:.2f}s"
         if abs(value) >= 1e4:

@@ -167,12 +167,7 @@ class Trainer:
             inputs, targets = next(loader)
             loss, _ = self._forward_loss(inputs.to(self.ctx.device), targets.to(self.ctx.device))
             total += loss
-        # The forward also counted expert load; evaluation must not move the router biases.
-        if self.cfg.model.n_experts:
-            self.model.expert_load_counts()  # read ...
-            for layer in self.model.moe_layers():
-                if hasattr(layer, "reset_load"):
-                    layer.reset_load()
+        # MoE layers count expert load only in training mode, so evaluation never moves the router biases.
         self.model.train()
         return float(all_reduce_mean(total / t.eval_batches))
 
