@@ -123,3 +123,37 @@ def test_progress_bars_only_on_rank_zero(capfd):
     assert is_progress_bar_enabled()  # restored for whoever else uses datasets in this process
     build_datasets(cfg, tok, seq_len=32, seed=0, rank=0)
     assert "Tokenizing train documents" in capfd.readouterr().err
+
+
+@pytest.fixture
+def local_hub_dataset(tmp_path):
+    """A dataset directory that `datasets.load_dataset(path, streaming=True)` reads like a hub repository."""
+    for shard in range(3):
+        lines = [json.dumps({"text": f"<{shard}-{i:02d}> " + "word " * (i % 4), "id": i}) for i in range(20)]
+        (tmp_path / f"part{shard}.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path)
+
+
+def test_hub_source_streams_and_holds_out_the_first_documents(local_hub_dataset):
+    from datasets import IterableDataset
+
+    cfg = DataConfig(name="hub", source="hub", hub_name=local_hub_dataset, eval_docs=3)
+    tok = build_tokenizer(cfg)
+    train, held_out = build_datasets(cfg, tok, seq_len=15, seed=0, rank=1)
+    assert isinstance(train, IterableDataset) and len(held_out) > 0
+    eval_text = tok.decode([t for w in held_out["input_ids"] for t in w])
+    train_windows = [row["input_ids"] for row in train]
+    assert {len(w) for w in train_windows} == {16}
+    train_text = tok.decode([t for w in train_windows for t in w])
+    every_tag = [f"<{s}-{i:02d}>" for s in range(3) for i in range(20)]
+    assert [t for t in every_tag if t in eval_text] == every_tag[:3]
+    in_train = [t for t in every_tag if t in train_text]
+    assert not set(in_train) & set(every_tag[:3])
+    assert len(in_train) >= 56  # all 57 others but at most the one cut off at the stream's end
+
+
+def test_hub_errors_are_one_line(local_hub_dataset):
+    cfg = DataConfig(name="hub", source="hub", hub_name=local_hub_dataset, hub_split="validation")
+    _one_line_error(lambda: build_datasets(cfg, build_tokenizer(cfg), 15, 0, rank=1), "data.hub_name", local_hub_dataset)
+    cfg = DataConfig(name="hub", source="hub", hub_name=local_hub_dataset, text_field="body")
+    _one_line_error(lambda: build_datasets(cfg, build_tokenizer(cfg), 15, 0, rank=1), "data.text_field", "body")
