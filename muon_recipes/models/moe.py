@@ -1,0 +1,238 @@
+"""Mixture-of-experts feed-forward layer: token-choice top-k routing, dropless, grouped experts.
+
+Routing follows DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437, section 2.1.2):
+
+* affinities `s_{t,i} = sigmoid(u_t . e_i)` for every token `t` and routed expert `i`;
+* auxiliary-loss-free load balancing (eq. 16): a per-expert bias `b_i` is added to the affinities **for the
+  top-k selection only**; the gate values use the raw affinities, normalized over the selected experts
+  (`g = s / sum_topk s`; with `top_k == 1` the gate is the raw affinity, since normalizing would make it the
+  constant 1 and cut the router off from the loss gradient);
+* after each step the trainer all-reduces the observed per-expert load and calls `update_bias`:
+  `b_i += rate * sign(mean(load) - load_i)`, which raises under-loaded experts and lowers over-loaded ones.
+
+An optional Switch-style balance loss (Fedus et al. 2021, arXiv:2101.03961, eq. 4, in the form of DeepSeek-V3
+eqs. 17-20) is `coef * E * sum_i f_i * P_i` with `f_i` the share of the batch's `N*k` assignments that went to
+expert `i` and `P_i` the mean over tokens of the affinities normalized over all experts; it equals `coef` when the
+load is uniform.
+
+Dropless: every token is processed by exactly its `top_k` experts (no capacity factor, no token dropping).
+Tokens are sorted by expert so each expert sees one contiguous slice; the experts run either through
+`torch._grouped_mm` (one kernel for all experts; CUDA, bf16) or through an exact loop over the experts. Expert
+weights are 3-D parameters `[n_experts, out, in]` so that the optimizer sees `n_experts` matrices per tensor.
+
+Shared experts (DeepSeekMoE, arXiv:2401.06066) process every token; `n_shared_experts` of them of width
+`expert_ffn_dim` are one SwiGLU MLP of width `n_shared_experts * expert_ffn_dim`, which is the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muon_recipes.config import ModelConfig
+from muon_recipes.models.layers import FeedForward
+from muon_recipes.optim.blocks import ParamLayout
+
+# Rows per expert group handed to `torch._grouped_mm` are padded to a multiple of this. The CUTLASS kernel needs
+# 16-byte aligned group boundaries along the dimension it slices (8 bf16 rows); the weight-gradient GEMM of the
+# backward contracts over that dimension. 16 rows is a safe margin (and what fp8 would need); the padding rows
+# are zeros, computed and thrown away: at most `n_experts * 15` extra rows per layer.
+GROUP_ALIGN = 16
+
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+
+
+def grouped_mm_supported(x: torch.Tensor, dim: int, hidden: int) -> bool:
+    """Whether `torch._grouped_mm` can run the experts for activations `x` of width `dim`, hidden width `hidden`.
+
+    The CUDA kernel takes bf16 operands whose strides are multiples of 16 bytes (so `dim` and `hidden` multiples
+    of 8 elements) and is built for compute capability 9.0 (Hopper) and newer in the torch versions we support.
+    """
+    if not hasattr(torch, "_grouped_mm") or not x.is_cuda or x.dtype != torch.bfloat16:
+        return False
+    if dim % 8 or hidden % 8:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+class Router(nn.Module):
+    """Token-choice top-k router with a selection-only bias (DeepSeek-V3 auxiliary-loss-free balancing)."""
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, init_std: float):
+        super().__init__()
+        self.n_experts, self.top_k, self.init_std = n_experts, top_k, init_std
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+        # Persistent: it is training state that a checkpoint must restore. Never touched by the gradient.
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x `[N, dim]` -> (affinities `[N, E]`, chosen experts `[N, k]`, gate values `[N, k]`), fp32 or wider."""
+        logits = F.linear(x, self.weight)
+        scores = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # >= fp32
+        _, experts = torch.topk(scores.detach() + self.expert_bias, self.top_k, dim=-1)
+        gates = scores.gather(-1, experts)
+        if self.top_k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return scores, experts, gates
+
+    def param_layouts(self) -> dict[str, ParamLayout]:
+        return {"weight": ParamLayout(role="router")}
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        self.expert_bias.zero_()
+
+
+class GroupedExperts(nn.Module):
+    """`n_experts` SwiGLU MLPs stored as 3-D weights: gate/up `[E, 2*hidden, dim]` (or `[E, hidden, dim]` each),
+    down `[E, dim, hidden]`.
+
+    `forward` takes tokens already sorted by expert (`counts[e]` consecutive rows for expert `e`).
+    `backend`: `auto` (grouped GEMM when `grouped_mm_supported`, else the loop), `grouped_mm` (force it; also
+    works on CPU where torch implements it) or `loop` (one GEMM per expert; exact, but the per-expert split needs
+    the counts on the host, i.e. one device sync per layer).
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, fused: bool, init_std: float, down_std: float):
+        super().__init__()
+        self.n_experts, self.dim, self.hidden, self.fused = n_experts, dim, hidden, fused
+        self.init_std, self.down_std = init_std, down_std
+        self.backend = "auto"
+        if fused:
+            self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        else:
+            self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+            self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def param_layouts(self) -> dict[str, ParamLayout]:
+        per_expert = ParamLayout(role="matrix", experts=self.n_experts)
+        if self.fused:
+            gate_up = ParamLayout(role="matrix", fuse_kind="gate_up", row_blocks=(self.hidden, self.hidden),
+                                  experts=self.n_experts)
+            return {"gate_up_proj": gate_up, "down_proj": per_expert}
+        return {"gate_proj": per_expert, "up_proj": per_expert, "down_proj": per_expert}
+
+    def init_weights(self) -> None:
+        for name, param in self.named_parameters(recurse=False):
+            std = self.down_std if name == "down_proj" else self.init_std
+            nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x `[M, dim]` sorted by expert, expert_ids `[M]` (non-decreasing), counts `[E]` -> `[M, dim]`."""
+        if self.backend not in EXPERT_BACKENDS:
+            raise ValueError(f"GroupedExperts.backend={self.backend!r}: must be one of {', '.join(EXPERT_BACKENDS)}")
+        use_grouped = self.backend == "grouped_mm" or (
+            self.backend == "auto" and grouped_mm_supported(x, self.dim, self.hidden))
+        if use_grouped:
+            return self._forward_grouped_mm(x, expert_ids, counts)
+        return self._forward_loop(x, counts)
+
+    def _swiglu(self, x: torch.Tensor, project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The expert MLP `down(silu(gate x) * up x)` with `project(x, W3d)` applying each row's expert."""
+        if self.fused:
+            gate, up = project(x, self.gate_up_proj).chunk(2, dim=-1)
+        else:
+            gate, up = project(x, self.gate_proj), project(x, self.up_proj)
+        return project(F.silu(gate) * up, self.down_proj)
+
+    def _forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for e, rows in enumerate(x.split(counts.tolist())):
+            if rows.shape[0]:
+                outputs.append(self._swiglu(rows, lambda a, w: F.linear(a, w[e].to(a.dtype))))
+        return torch.cat(outputs) if outputs else x.new_zeros(0, self.dim)
+
+    def _forward_grouped_mm(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # Scatter the sorted rows into a buffer whose expert groups start at multiples of GROUP_ALIGN. Its size is
+        # the static bound `M + E*(GROUP_ALIGN-1)` rounded up, so no host sync and fixed shapes under compile.
+        # The slack after the last group is given to the last expert (offs[-1] = capacity): zero rows, computed
+        # and discarded, instead of uninitialized rows whose NaNs could leak into the backward.
+        rows = x.shape[0]
+        capacity = _round_up(rows + self.n_experts * (GROUP_ALIGN - 1), GROUP_ALIGN)
+        padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+        padded_end = padded.cumsum(0)
+        start, padded_start = counts.cumsum(0) - counts, padded_end - padded
+        dest = torch.arange(rows, device=x.device) - start[expert_ids] + padded_start[expert_ids]
+        buffer = torch.index_copy(x.new_zeros(capacity, self.dim), 0, dest, x)
+        offs = torch.cat([padded_end[:-1], padded_end.new_full((1,), capacity)]).to(torch.int32)
+
+        def project(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            # w is [E, out, in]; grouped_mm wants [E, in, out]: the transposed view is column-major, as required.
+            return torch._grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs)
+
+        return self._swiglu(buffer, project)[dest]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+class MoE(nn.Module):
+    """Routed experts (+ optional shared experts) replacing the dense MLP of a transformer block.
+
+    `forward(x)` returns `(output, aux_loss, counts)`: the per-expert number of token assignments of this call is
+    returned rather than accumulated here, because under activation checkpointing the forward runs twice; the
+    owning block records it once with `record_load`.
+    """
+
+    def __init__(self, cfg: ModelConfig, init_std: float, down_std: float):
+        super().__init__()
+        hidden = cfg.expert_ffn_dim or cfg.ffn_dim
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.bias_update_rate = cfg.router_bias_update_rate
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k, init_std)
+        self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, hidden, cfg.fused_gate_up, init_std, down_std)
+        self.shared_expert: Optional[FeedForward] = None
+        if cfg.n_shared_experts:
+            self.shared_expert = FeedForward(cfg.d_model, cfg.n_shared_experts * hidden, cfg.fused_gate_up,
+                                             init_std, down_std)
+        # Assignments per expert since the last bias update (float32 so all-reduce and means are direct).
+        self.register_buffer("load_counts", torch.zeros(cfg.n_experts, dtype=torch.float32), persistent=False)
+
+    def init_weights(self) -> None:
+        self.load_counts.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        n_tokens, k = x.shape[0], self.top_k
+        scores, experts, gates = self.router(x)
+
+        flat_experts = experts.reshape(-1)  # assignment j = token j // k, slot j % k
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))  # bincount without a host sync
+        order = torch.argsort(flat_experts, stable=True)
+        y_sorted = self.experts(x[order // k], flat_experts[order], counts)
+
+        # Back to (token, slot) order, weight each slot by its gate, sum the k slots.
+        y = torch.index_copy(torch.zeros_like(y_sorted), 0, order, y_sorted).view(n_tokens, k, -1)
+        out = (y * gates.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+
+        aux_loss = scores.new_zeros(())
+        if self.aux_loss_coef > 0:
+            load_share = counts.to(scores.dtype) / (n_tokens * k)  # f_i, sums to 1
+            mean_affinity = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)  # P_i, sums to 1
+            aux_loss = self.aux_loss_coef * self.n_experts * (load_share * mean_affinity).sum()
+        return out.view(shape), aux_loss, counts
+
+    @torch.no_grad()
+    def record_load(self, counts: torch.Tensor) -> None:
+        """Add one forward's per-expert assignment counts to the accumulator."""
+        self.load_counts.add_(counts.to(self.load_counts.dtype))
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """DeepSeek-V3 eq. 16 from (data-parallel all-reduced) counts, then reset the accumulator."""
+        if counts.shape != (self.n_experts,):
+            raise ValueError(f"update_bias: counts has shape {tuple(counts.shape)}, expected ({self.n_experts},)")
+        bias = self.router.expert_bias
+        counts = counts.to(device=bias.device, dtype=bias.dtype)
+        bias.add_(self.bias_update_rate * torch.sign(counts.mean() - counts))
+        self.load_counts.zero_()

@@ -1,0 +1,54 @@
+"""Every model config in conf/model builds (on the meta device) and declares a layout for every parameter."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from muon_recipes.config import ModelConfig
+from muon_recipes.models import build_model, param_counts
+from muon_recipes.optim.blocks import collect_layouts
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+FILES = sorted(CONF.glob("*.yaml"))
+EXPECTED = {"dense_tiny", "gqa_tiny", "moe_tiny", "dense_small", "gqa_small", "moe_small", "dense_1b"}
+
+
+def load(path: Path) -> ModelConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+
+
+def test_the_zoo_is_complete():
+    assert EXPECTED <= {f.stem for f in FILES}
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+@pytest.mark.parametrize("fused", [True, False])
+def test_config_builds_and_every_parameter_is_declared(path, fused):
+    cfg = load(path)
+    assert cfg.name == path.stem
+    cfg.fused_qkv = cfg.fused_gate_up = fused
+    with torch.device("meta"):
+        model = build_model(cfg)
+    params = dict(model.named_parameters())
+    declared = {f"{m}.{local}" if m else local
+                for m, module in model.named_modules() if hasattr(module, "param_layouts")
+                for local in module.param_layouts()}
+    assert declared == set(params)  # explicit declarations, not collect_layouts' shape fallback
+    layouts = collect_layouts(model)  # runs ParamLayout.check on every parameter
+    assert set(layouts) == set(params)
+    fused_kinds = {layout.fuse_kind for layout in layouts.values()} - {None}
+    assert fused_kinds == ({"qkv", "gate_up"} if fused else set())
+    assert param_counts(cfg).total == sum(p.numel() for p in params.values())
+
+
+@pytest.mark.parametrize("name, low, high", [("dense_small", 100e6, 150e6), ("gqa_small", 100e6, 150e6),
+                                             ("moe_small", 100e6, 150e6), ("dense_1b", 0.8e9, 0.9e9)])
+def test_sizes_are_as_advertised(name, low, high):
+    assert low <= param_counts(load(CONF / f"{name}.yaml")).total <= high
+
+
+def test_moe_small_has_eight_or_more_experts_top2():
+    cfg = load(CONF / "moe_small.yaml")
+    assert cfg.n_experts >= 8 and cfg.top_k == 2

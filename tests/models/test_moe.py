@@ -1,0 +1,202 @@
+"""The MoE layer against a naive per-token loop, the grouped-GEMM path against the per-expert loop, and the
+DeepSeek-V3 bias update and Switch balance loss against their formulas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muon_recipes.config import ModelConfig
+from muon_recipes.models.moe import GROUP_ALIGN, MoE, grouped_mm_supported
+
+D, HIDDEN = 16, 24
+
+
+def make_moe(fused: bool = True, top_k: int = 2, shared: int = 1, n_experts: int = 5, aux: float = 0.0,
+             dtype=torch.float64, seed: int = 0, dim: int = D, hidden: int = HIDDEN) -> MoE:
+    cfg = ModelConfig(d_model=dim, n_heads=2, n_kv_heads=2, ffn_dim=32, n_experts=n_experts, top_k=top_k,
+                      n_shared_experts=shared, expert_ffn_dim=hidden, fused_gate_up=fused, aux_loss_coef=aux,
+                      router_bias_update_rate=0.01)
+    torch.manual_seed(seed)
+    moe = MoE(cfg, init_std=0.3, down_std=0.3)
+    moe.router.init_weights()
+    moe.experts.init_weights()
+    if moe.shared_expert is not None:
+        for m in moe.shared_expert.modules():
+            if hasattr(m, "init_weights"):
+                m.init_weights()
+    moe = moe.to(dtype)
+    with torch.no_grad():  # a selection bias large enough to change some choices
+        moe.router.expert_bias.copy_(torch.randn(n_experts) * 0.2)
+    return moe
+
+
+def swiglu(x, gate, up, down):
+    return down @ (F.silu(gate @ x) * (up @ x))
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """One token at a time: sigmoid affinities, top-k of (affinity + bias), gates from raw affinities."""
+    experts, hidden = moe.experts, moe.experts.hidden
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        affinity = torch.sigmoid(moe.router.weight @ x[t])
+        chosen = sorted(range(moe.n_experts), key=lambda e: -(affinity[e] + moe.router.expert_bias[e]).item())
+        chosen = chosen[: moe.top_k]
+        gates = affinity[chosen]
+        if moe.top_k > 1:
+            gates = gates / gates.sum()
+        for g, e in zip(gates, chosen):
+            if experts.fused:
+                gate, up = experts.gate_up_proj[e][:hidden], experts.gate_up_proj[e][hidden:]
+            else:
+                gate, up = experts.gate_proj[e], experts.up_proj[e]
+            out[t] += g * swiglu(x[t], gate, up, experts.down_proj[e])
+        if moe.shared_expert is not None:
+            s = moe.shared_expert
+            if s.fused:
+                gate, up = s.gate_up_proj.weight.chunk(2)
+            else:
+                gate, up = s.gate_proj.weight, s.up_proj.weight
+            out[t] += swiglu(x[t], gate, up, s.down_proj.weight)
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("top_k, shared", [(2, 1), (1, 0), (3, 2)])
+def test_moe_equals_a_naive_per_token_loop(fused, top_k, shared):
+    moe = make_moe(fused=fused, top_k=top_k, shared=shared)
+    x = torch.randn(3, 7, D, dtype=torch.float64)
+    out, aux, counts = moe(x)
+    torch.testing.assert_close(out, naive_moe(moe, x.reshape(-1, D)).view_as(x), rtol=0, atol=1e-12)
+    assert counts.sum().item() == 21 * top_k  # dropless: every token reaches exactly top_k experts
+    assert aux.item() == 0.0
+
+
+def test_moe_gradients_match_the_naive_loop():
+    moe = make_moe()
+    x = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(9, D, dtype=torch.float64)
+    (moe(x)[0] * target).sum().backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    x_grad = x.grad.clone()
+    moe.zero_grad()
+    x.grad = None
+    (naive_moe(moe, x) * target).sum().backward()
+    torch.testing.assert_close(x_grad, x.grad, rtol=0, atol=1e-12)
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-12, msg=n)
+    assert grads["router.weight"].abs().sum() > 0  # the gates carry gradient to the router
+
+
+def test_switch_balance_loss_matches_its_formula():
+    moe = make_moe(aux=0.1)
+    x = torch.randn(20, D, dtype=torch.float64)
+    _, aux, counts = moe(x)
+    affinity = torch.sigmoid(x @ moe.router.weight.T)
+    chosen = torch.topk(affinity + moe.router.expert_bias, moe.top_k).indices
+    load_share = torch.stack([(chosen == e).sum() for e in range(moe.n_experts)]).double() / (20 * moe.top_k)
+    mean_prob = (affinity / affinity.sum(-1, keepdim=True)).mean(0)
+    torch.testing.assert_close(aux, 0.1 * moe.n_experts * (load_share * mean_prob).sum(), rtol=0, atol=1e-14)
+    assert torch.equal(counts.double() / (20 * moe.top_k), load_share)
+
+
+def test_bias_update_raises_under_loaded_and_lowers_over_loaded_experts():
+    moe = make_moe(n_experts=4)
+    before = moe.router.expert_bias.clone()
+    moe.record_load(torch.tensor([10, 0, 5, 5]))
+    moe.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))  # mean 5
+    step = moe.router.expert_bias - before
+    torch.testing.assert_close(step, torch.tensor([-0.01, 0.01, 0.0, 0.0], dtype=step.dtype), rtol=0, atol=1e-12)
+    assert moe.load_counts.sum() == 0
+
+
+def test_bias_updates_balance_a_skewed_router():
+    torch.manual_seed(0)
+    moe = make_moe(n_experts=4, shared=0)
+    x = torch.randn(256, D, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        moe.router.expert_bias.zero_()
+        moe.router.weight[0] = 0.5  # affinity ~ sigmoid(4) for expert 0: it takes every token
+
+    def spread(counts):
+        return (counts.max() - counts.min()).item() / counts.sum().item()
+
+    first = moe(x)[2].double()
+    for _ in range(100):
+        moe.update_bias(moe(x)[2].double())
+    last = moe(x)[2].double()
+    assert spread(first) > 0.3, first
+    assert spread(last) < 0.3 * spread(first), last
+    assert moe.router.expert_bias[0] == moe.router.expert_bias.min()  # the over-loaded expert was pushed down
+
+
+def grouped_mm_runs_on(device: str, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.zeros(16, 16, device=device, dtype=dtype)
+        b = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+        torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([0, 16], device=device, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def compare_backends(moe: MoE, x: torch.Tensor, atol: float, rtol: float) -> None:
+    results = {}
+    for backend in ("grouped_mm", "loop"):
+        moe.experts.backend = backend
+        moe.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        out, _, counts = moe(xi)
+        out.float().pow(2).sum().backward()
+        results[backend] = (out, counts, xi.grad, {n: p.grad.clone() for n, p in moe.named_parameters()})
+    (out_g, counts_g, xg_g, grads_g), (out_l, counts_l, xg_l, grads_l) = results["grouped_mm"], results["loop"]
+    assert torch.equal(counts_g, counts_l)
+    torch.testing.assert_close(out_g, out_l, atol=atol, rtol=rtol)
+    torch.testing.assert_close(xg_g, xg_l, atol=atol, rtol=rtol)
+    for name in grads_l:
+        torch.testing.assert_close(grads_g[name], grads_l[name], atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.skipif(not grouped_mm_runs_on("cpu", torch.float32), reason="torch._grouped_mm has no CPU kernel here")
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_mm_path_equals_the_loop_on_cpu(fused):
+    moe = make_moe(fused=fused, dtype=torch.float32, n_experts=6)
+    with torch.no_grad():
+        moe.router.expert_bias[3] = -100.0  # expert 3 receives no token: an empty group
+    x = torch.randn(37, D)  # 74 assignments: groups that are not multiples of GROUP_ALIGN
+    compare_backends(moe, x, atol=1e-5, rtol=1e-5)
+    assert moe(x)[2][3] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_mm_path_equals_the_loop_on_gpu_in_bf16(fused):
+    moe = make_moe(fused=fused, dtype=torch.bfloat16, n_experts=8, dim=64, hidden=128, shared=1).cuda()
+    x = torch.randn(4, 250, 64, device="cuda", dtype=torch.bfloat16)
+    if not grouped_mm_supported(x, 64, 128):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
+    compare_backends(moe, x, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        moe.experts.backend = "grouped_mm"
+        forced = moe(x)[0]
+        moe.experts.backend = "auto"
+        assert torch.equal(moe(x)[0], forced)  # auto picks the grouped GEMM here
+
+
+def test_grouped_mm_is_only_chosen_where_its_constraints_hold():
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert not grouped_mm_supported(x, 64, 128)  # CPU: the exact loop
+    assert GROUP_ALIGN * 2 % 16 == 0  # bf16 rows of 2 bytes: groups start on 16-byte boundaries (8 rows)
+    if torch.cuda.is_available():
+        assert not grouped_mm_supported(x.cuda().float(), 64, 128)  # fp32: not the bf16 kernel
+        assert not grouped_mm_supported(x.cuda(), 64, 100)  # 200-byte rows: unaligned
+
+
+def test_unknown_backend_is_refused():
+    moe = make_moe()
+    moe.experts.backend = "cutlass"
+    with pytest.raises(ValueError, match="backend='cutlass'"):
+        moe(torch.randn(2, D, dtype=torch.float64))
