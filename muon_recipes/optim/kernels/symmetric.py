@@ -1,0 +1,177 @@
+"""Symmetric products of Newton-Schulz: A = X X^T and B = b A + c A A, upper-triangle tiles only.
+
+Both are products of a matrix with its own transpose (A is symmetric, so A A = A A^T), so their results are
+symmetric: one kernel, `out = alpha * X X^T + beta * C`, computes only the output tiles that touch the upper
+triangle (col >= row) and mirrors them, which halves the work of these two of the three matmuls of an
+iteration (4 m^2 n + 2 m^3 FLOPs become 3 m^2 n + m^3 per iteration, the count the benchmark's floor uses).
+
+Each element is written exactly once: a tile stores its upper-triangle elements in place and its strictly
+upper ones mirrored, so the output is exactly symmetric (A A^T in the next product then equals A A bit for
+bit, whatever the accumulation order). The `b A` term of B is fused into the epilogue: the tile of C is read
+once, in fp32, and the result rounded to the output dtype once (the torch reference rounds A A first).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from muon_recipes.optim.kernels.tuning import input_precision, interpreting, matmul_configs, prune_configs
+
+
+@triton.jit
+def multiply_accumulate(acc, left, right, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """acc + left @ right, accumulated in fp32."""
+    if INTERPRETED_BF16:
+        # Triton's CPU interpreter multiplies bf16 tiles as their raw 16-bit integers. The upcast is exact,
+        # and a tensor-core bf16 product is exact in fp32 too, so the result is the same.
+        left = left.to(tl.float32)
+        right = right.to(tl.float32)
+    if INPUT_PRECISION == "ieee":
+        acc = tl.dot(left, right, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(left, right, acc)
+    return acc
+
+
+@triton.jit
+def round_to_output(value, out_ptr, INTERPRETED_BF16: tl.constexpr):
+    """Round an fp32 tile to the element type of `out_ptr`, to nearest even as the GPU's cast does."""
+    if INTERPRETED_BF16:
+        # The CPU interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value.to(out_ptr.dtype.element_ty)
+
+
+def interpreted_bf16(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+@triton.autotune(configs=matmul_configs(), key=["M", "K", "BATCH", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _symmetric_matmul_kernel(
+    x_ptr, c_ptr, out_ptr,
+    M, K, BATCH,
+    stride_xb, stride_xm,   # x: [BATCH, M, K], unit stride along K
+    stride_cb, stride_cm,   # c: [BATCH, M, M], unit stride along the last dim
+    stride_ob, stride_om,   # out: [BATCH, M, M], unit stride along the last dim
+    alpha, beta,
+    HAS_C: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    # Grouped ("super-tile") ordering: consecutive programs share row blocks of X in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(M, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    # A tile strictly below the diagonal (its last column < its first row) is the mirror of one above it.
+    if (pid_n + 1) * BLOCK_N <= pid_m * BLOCK_M:
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past M wrap around instead of being masked: their values are computed but never stored, and the
+    # loads stay unmasked along M.
+    rows_in = rows % M
+    cols_in = cols % M
+    x_batch = x_ptr + batch * stride_xb
+    left_ptrs = x_batch + rows_in[:, None] * stride_xm + offs_k[None, :]     # X[rows, k]      [BM, BK]
+    right_ptrs = x_batch + cols_in[None, :] * stride_xm + offs_k[:, None]    # X[cols, k]^T    [BK, BN]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            left = tl.load(left_ptrs)
+            right = tl.load(right_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            left = tl.load(left_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            right = tl.load(right_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = multiply_accumulate(acc, left, right, INPUT_PRECISION, INTERPRETED_BF16)
+        left_ptrs += BLOCK_K
+        right_ptrs += BLOCK_K
+
+    result = acc * alpha
+    in_bounds = (rows[:, None] < M) & (cols[None, :] < M)
+    if HAS_C:
+        c_tile = tl.load(c_ptr + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :], mask=in_bounds,
+                         other=0.0)
+        result += beta * c_tile.to(tl.float32)
+    result = round_to_output(result, out_ptr, INTERPRETED_BF16)
+
+    out_batch = out_ptr + batch * stride_ob
+    upper = in_bounds & (cols[None, :] >= rows[:, None])
+    tl.store(out_batch + rows[:, None] * stride_om + cols[None, :], result, mask=upper)
+    strictly_upper = in_bounds & (cols[None, :] > rows[:, None])
+    tl.store(out_batch + cols[None, :] * stride_om + rows[:, None], result, mask=strictly_upper)
+
+
+def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, beta: float = 0.0,
+                            c: torch.Tensor | None = None) -> torch.Tensor:
+    """out = alpha * x x^T (+ beta * c) for contiguous x [B, M, K], symmetric c and out [B, M, M]; no checks."""
+    batch, m, k = x.shape
+    has_c = c is not None
+    c_arg = c if has_c else out
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]), batch)
+
+    _symmetric_matmul_kernel[grid](
+        x, c_arg, out, m, k, batch,
+        x.stride(0), x.stride(1), c_arg.stride(0), c_arg.stride(1), out.stride(0), out.stride(1),
+        alpha, beta, HAS_C=has_c, INPUT_PRECISION=input_precision(x.dtype),
+        INTERPRETED_BF16=interpreted_bf16(x.dtype))
+    return out
+
+
+def _check_batched(name: str, t: torch.Tensor) -> None:
+    if t.ndim != 3:
+        raise ValueError(f"{name}: expected a batch of matrices [B, m, n], got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"{name}.dtype={t.dtype}: must be torch.bfloat16 or torch.float32")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
+
+
+def _output(name: str, out: torch.Tensor | None, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != shape or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous {like.dtype} tensor of shape {shape}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def symmetric_gram(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A = x x^T for every matrix of the batch x [B, m, n] (computes the upper triangle, mirrors the rest)."""
+    _check_batched("x", x)
+    batch, m, _ = x.shape
+    out = _output("out", out, x, (batch, m, m))
+    return launch_symmetric_matmul(x, out)
+
+
+def symmetric_polynomial(a: torch.Tensor, b: float, c: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """B = b a + c a a for a batch of symmetric matrices a [B, m, m] (upper-triangle tiles, mirrored).
+
+    `a` must be symmetric (as `symmetric_gram` returns it): the kernel computes a a^T.
+    """
+    _check_batched("a", a)
+    batch, m, m2 = a.shape
+    if m != m2:
+        raise ValueError(f"a: expected square symmetric matrices [B, m, m], got shape {tuple(a.shape)}")
+    out = _output("out", out, a, (batch, m, m))
+    return launch_symmetric_matmul(a, out, alpha=float(c), beta=float(b), c=a)

@@ -1,0 +1,100 @@
+"""Autotuning search spaces for the Newton-Schulz kernels, and the choices shared by all of them.
+
+Triton's autotuner times every candidate tile shape on the first call for a key (here: the matrix sizes, the
+batch size, the dtypes and the fp32 matmul precision) and caches the winner for the life of the process, so
+each bucket shape of an optimizer pays the search once. The candidates are the tile shapes that run Hopper's
+warpgroup MMA well for bf16 (128 x 256 and 128 x 128 tiles, 8 warps, 3-4 pipeline stages) plus smaller ones
+for the small, batched matrices of mixture-of-experts layers, where occupancy matters more than per-tile
+efficiency. Candidates that cannot fit in shared memory or that are much larger than the matrix are pruned
+before any compilation.
+
+Under `TRITON_INTERPRET=1` (the CPU test path) there is a single small config, so odd sizes still span
+several tiles and the masked edges get exercised, and nothing is timed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Shared memory per SM on Hopper is 228 KB (227 usable per block); leave room for the epilogue's
+# layout conversion.
+_SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """The `tl.dot` precision that matches what torch does for a matmul of `dtype` inputs.
+
+    bf16 inputs always accumulate in fp32 on tensor cores. For fp32 inputs torch follows
+    `torch.get_float32_matmul_precision()`: "highest" (the default) is true fp32, anything else allows TF32.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int, group_m: int = 8):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+                         num_stages=stages, num_warps=warps)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+_GPU_TILES = (
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 64, 3, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 5, 2),
+    (64, 64, 32, 3, 4),
+)
+
+_INTERPRETER_TILES = ((16, 16, 16, 1, 1),)
+
+
+def matmul_configs() -> list:
+    tiles = _INTERPRETER_TILES if interpreting() else _GPU_TILES
+    return [_config(bm, bn, bk, stages, warps, group_m=2 if interpreting() else 8)
+            for bm, bn, bk, stages, warps in tiles]
+
+
+def _next_power_of_two(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem or too big for shared memory; always keep at least one.
+
+    True fp32 products (`INPUT_PRECISION="ieee"`) run on the FMA units, not the tensor cores: large tiles
+    spill their accumulators to local memory there, so only 64 x 64 x 32 tiles are kept.
+
+    `M`, `N`, `K` are the output rows, output columns (absent for the square symmetric products) and
+    reduction length of the kernel's product; `x_ptr` carries the element type.
+    """
+    m, k = named_args["M"], named_args["K"]
+    n = named_args.get("N", m)
+    element_size = named_args["x_ptr"].element_size()
+    ieee = kwargs.get("INPUT_PRECISION") == "ieee"
+    kept = []
+    for config in configs:
+        meta = config.kwargs
+        if ieee and (meta["BLOCK_M"] * meta["BLOCK_N"] > 64 * 64 or meta["BLOCK_K"] > 32):
+            continue
+        shared = (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * element_size * config.num_stages
+        if shared > _SHARED_MEMORY_BUDGET:
+            continue
+        if meta["BLOCK_M"] > max(64, _next_power_of_two(m)) or meta["BLOCK_N"] > max(64, _next_power_of_two(n)):
+            continue
+        if meta["BLOCK_K"] > max(32, _next_power_of_two(k)):
+            continue
+        kept.append(config)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]

@@ -1,0 +1,185 @@
+"""The Triton Newton-Schulz kernels on CPU: every kernel against float64 and torch, in Triton's interpreter.
+
+`TRITON_INTERPRET=1` only takes effect if it is set before triton is imported, and it would change every
+later Triton user of the same pytest process, so the kernels run in one child process (this file run as a
+script) that prints its measurements as JSON; the tests below read them. Sizes are small and odd (m=17 and
+n=45 span two tiles and a ragged reduction with the interpreter's 16 x 16 x 16 tiles), batches 1 and 3,
+fp32 and bf16, plus an aligned case (32 x 48) that takes the unmasked path.
+
+References: float64 of the same inputs (the exact answer), and torch in the same dtype (what the torch
+backend computes). Every output buffer is poisoned with NaN first, so an element the kernel never writes
+fails the test. (The GPU versions of these checks are in test_kernels_gpu.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+KELLER = (3.4445, -4.7750, 2.0315)
+# Two different triples, so a swapped or repeated coefficient would show (the second is the first step of
+# the Polar Express schedule, Amsel et al. 2025).
+TWO_STEPS = (KELLER, (8.28721201814563, -23.595886519098837, 17.300387312530933))
+SHAPES = ((1, 17, 45), (3, 17, 45), (2, 32, 48))
+DTYPES = ("float32", "bfloat16")
+KERNELS = ("gram", "polynomial", "update", "iterations")
+# Relative Frobenius error against float64: fp32 arithmetic lands near 1e-7; bf16 rounds inputs and outputs
+# to 8 bits of mantissa (unit roundoff 2^-9 = 2e-3).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2}
+
+
+# ---------------------------------------------------------------- the child process (runs the kernels)
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value = value.double()
+    if not torch.isfinite(value).all():
+        return float("inf")
+    return ((value - reference.double()).norm() / reference.double().norm()).item()
+
+
+def _torch_iterations(X: torch.Tensor, coefficients) -> torch.Tensor:
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X
+
+
+def _exactly_symmetric(S: torch.Tensor) -> torch.Tensor:
+    return torch.triu(S) + torch.triu(S, 1).mT
+
+
+def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dict:
+    from muon_recipes.optim.kernels import fused_update, ns_iterations_triton, symmetric_gram, symmetric_polynomial
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, m, n, generator=generator)
+    X = (X / X.norm(dim=(-2, -1), keepdim=True)).to(dtype)
+    a, b, c = KELLER
+    results = {}
+
+    out = torch.full((batch, m, m), float("nan"), dtype=dtype)
+    symmetric_gram(X, out=out)
+    results["gram"] = {"ours": _relative_error(out, X.double() @ X.double().mT),
+                       "torch": _relative_error(X @ X.mT, X.double() @ X.double().mT),
+                       "symmetric": bool(torch.equal(out, out.mT))}
+
+    S = _exactly_symmetric((X.float() @ X.float().mT).to(dtype))
+    out = torch.full((batch, m, m), float("nan"), dtype=dtype)
+    symmetric_polynomial(S, b, c, out=out)
+    exact = b * S.double() + c * S.double() @ S.double()
+    results["polynomial"] = {"ours": _relative_error(out, exact),
+                             "torch": _relative_error(b * S + c * (S @ S), exact),
+                             "symmetric": bool(torch.equal(out, out.mT))}
+
+    B = _exactly_symmetric(torch.randn(batch, m, m, generator=generator) / m).to(dtype)
+    out = torch.full((batch, m, n), float("nan"), dtype=dtype)
+    fused_update(X, B, a, out=out)
+    exact = a * X.double() + B.double() @ X.double()
+    results["update"] = {"ours": _relative_error(out, a * X.double() + B.double() @ X.double()),
+                         "torch": _relative_error(a * X + B @ X, exact)}
+
+    before = X.clone()
+    ours = ns_iterations_triton(X, TWO_STEPS)
+    exact = _torch_iterations(X.double(), TWO_STEPS)
+    results["iterations"] = {"ours": _relative_error(ours, exact),
+                             "torch": _relative_error(_torch_iterations(X, TWO_STEPS), exact),
+                             "input_untouched": bool(torch.equal(X, before)),
+                             "dtype_kept": ours.dtype == dtype and tuple(ours.shape) == (batch, m, n)}
+    return results
+
+
+def _interpreter_main() -> None:
+    measurements = {}
+    for seed, (batch, m, n) in enumerate(SHAPES):
+        for dtype_name in DTYPES:
+            measurements[f"{batch}x{m}x{n}-{dtype_name}"] = _measure_case(batch, m, n, dtype_name, seed)
+    print(json.dumps(measurements))
+
+
+# ---------------------------------------------------------------- the tests (parent process)
+
+def _case_id(shape, dtype_name) -> str:
+    return "{}x{}x{}-{}".format(*shape, dtype_name)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, "--interpreter-checks"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name, kernel):
+    result = interpreter_results[_case_id(shape, dtype_name)][kernel]
+    tolerance = TOLERANCE[dtype_name]
+    assert result["ours"] <= tolerance, f"{kernel}: relative error {result['ours']:.3g} > {tolerance}"
+    # No accuracy traded away: at most a little worse than torch in the same dtype (one rounding per
+    # product instead of one per operation usually makes it better).
+    assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
+    for flag in ("symmetric", "input_untouched", "dtype_kept"):
+        if flag in result:
+            assert result[flag], f"{kernel}: {flag} is False"
+
+
+# ---------------------------------------------------------------- argument checks (no kernel launch)
+
+def _kernels():
+    pytest.importorskip("triton")
+    from muon_recipes.optim import kernels
+    return kernels
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda: torch.zeros(4, 8), "expected a batch of matrices"),
+    (lambda: torch.zeros(1, 9, 8), "needs m <= n"),
+    (lambda: torch.zeros(1, 4, 8, dtype=torch.float16), "must be torch.bfloat16 or torch.float32"),
+    (lambda: torch.zeros(1, 8, 4).mT, "must be contiguous"),
+])
+def test_bad_input_is_named(make_input, message):
+    kernels = _kernels()
+    with pytest.raises(ValueError, match=message):
+        kernels.ns_iterations_triton(make_input(), [KELLER])
+
+
+def test_bad_coefficients_are_named():
+    kernels = _kernels()
+    with pytest.raises(ValueError, match="coefficients=.*triples"):
+        kernels.ns_iterations_triton(torch.zeros(1, 4, 8, device="cuda" if torch.cuda.is_available() else "cpu"),
+                                     [(1.0, 2.0)])
+
+
+def test_cpu_tensor_without_interpreter_is_refused():
+    kernels = _kernels()
+    from muon_recipes.optim.kernels.tuning import interpreting
+    if interpreting():
+        pytest.skip("TRITON_INTERPRET is set for this process: CPU tensors are valid here")
+    with pytest.raises(ValueError, match="X.device=cpu"):
+        kernels.ns_iterations_triton(torch.zeros(1, 4, 8), [KELLER])
+
+
+def test_prefer_triton_only_on_cuda():
+    from muon_recipes.optim.kernels import prefer_triton, triton_available
+    assert prefer_triton(torch.zeros(1, 1024, 4096)) is False
+    assert isinstance(triton_available(), bool)
+    if torch.cuda.is_available() and triton_available():
+        assert prefer_triton(torch.zeros(8, 1024, 4096, device="cuda", dtype=torch.bfloat16)) is True
+
+
+if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
+    _interpreter_main()
