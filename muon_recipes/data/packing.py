@@ -31,9 +31,9 @@ def _token_features(window: int = -1) -> Features:
     return Features({TOKENS: List(Value("int32"), length=window)})
 
 
-def _encode_with_eos(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _encode_with_eos(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
     eos = tokenizer.eos_id
-    return [ids + [eos] for ids in tokenizer.encode_batch(texts)]
+    return [np.append(np.asarray(ids, dtype=np.int32), np.int32(eos)) for ids in tokenizer.encode_batch(texts)]
 
 
 def tokenize_documents(docs: Dataset, tokenizer: Any, num_proc: int, desc: str) -> Dataset:
@@ -88,7 +88,7 @@ def pack_stream(stream: IterableDataset, tokenizer: Any, text_field: str, window
         texts = [t for t in batch[text_field] if t]
         if not texts:
             return {TOKENS: []}
-        flat = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in _encode_with_eos(tokenizer, texts)])
+        flat = np.concatenate(_encode_with_eos(tokenizer, texts))
         n = len(flat) // window
         return {TOKENS: flat[: n * window].reshape(n, window)}
 
