@@ -173,6 +173,14 @@ class LoggingConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How a job of a Hydra multirun (`python train.py -m ...`) runs; see muon_recipes/launch.py."""
+
+    # auto: one process per visible GPU (in-process on CPU); N: a torchrun world of N processes per job.
+    nproc_per_node: Any = "auto"
+
+
+@dataclass
 class ExperimentConfig:
     name: str = ""
     description: str = ""
@@ -189,6 +197,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     run_dir: str = ""  # empty: Hydra's output directory
@@ -350,6 +359,12 @@ def validate_logging(lg: LoggingConfig, prefix: str = "logging") -> None:
     _choice(f"{prefix}.wandb.mode", lg.wandb.mode, ("offline", "online", "disabled"))
 
 
+def validate_launcher(lc: LauncherConfig, prefix: str = "launcher") -> None:
+    n = lc.nproc_per_node
+    if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ConfigError(f"{prefix}.nproc_per_node", n, "must be auto or an integer >= 1")
+
+
 def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """Validate the whole run config; return the mesh's (replicate, shard) sizes."""
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -360,6 +375,7 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     validate_data(cfg.data)
     validate_train(cfg.train, cfg.model)
     validate_logging(cfg.logging)
+    validate_launcher(cfg.launcher)
     return validate_mesh(cfg.mesh, world_size)
 
 
