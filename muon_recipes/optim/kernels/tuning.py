@@ -48,6 +48,7 @@ def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int, g
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
 _GPU_TILES = (
     (128, 256, 64, 3, 8),
+    (128, 256, 64, 4, 8),
     (256, 128, 64, 3, 8),
     (128, 128, 64, 4, 8),
     (128, 128, 64, 3, 4),

@@ -1,0 +1,306 @@
+"""Benchmark: Newton-Schulz on the Triton kernels beside torch eager, torch.compile and the symmetric floor.
+
+    python recipes/bench_newton_schulz.py --out outputs/bench_ns
+
+For each shape (batch x m x n, m <= n; bf16; 5 iterations of Keller Jordan's quintic by default) it times:
+
+* torch eager: the 3-line loop `A = X X^T; B = b A + c A A; X = a X + B X`,
+* torch.compile of the same loop,
+* ours: `ns_iterations_triton` (launches from Python), and ours replayed from a CUDA graph,
+
+with CUDA events around each whole Newton-Schulz, after warm-up (compilation and autotuning excluded),
+reporting the median of several runs. The floor is the symmetric FLOP count, 3 m^2 n + m^3 per iteration
+and matrix (X X^T and A A are symmetric, so half of each suffices; B X is a full 2 m^2 n), at the bf16
+matmul peak measured in the same run with a large cuBLAS product. A per-kernel breakdown gives each kernel's
+time and rate, and cuBLAS on the same products.
+
+Orthogonality: for every schedule, the singular-value band (min, max) of the result of ours and of the torch
+loop with the same coefficients (singular values from the eigenvalues of the fp32 Gram matrix of up to
+`--band-matrices` matrices per shape).
+
+Writes `results.json` and `newton_schulz.png` to `--out` and prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KELLER = (3.4445, -4.7750, 2.0315)
+# Amsel, Persson, Musco, Gower 2025, "The Polar Express", arXiv:2505.16932 (with their 1.01 safety factor
+# applied to all but the last step); used only when muon_recipes.optim.newton_schulz does not provide it.
+_POLAR_EXPRESS = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+)
+DEFAULT_SHAPES = "1x8192x8192,1x4096x14336,1x4096x4096,64x768x2048,128x256x1024,1x512x2048"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            batch, m, n = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is not BATCHxMxN (e.g. 64x768x2048)") from None
+        if m > n:
+            raise SystemExit(f"--shapes: {item!r} has m > n; give the transposed shape (m <= n)")
+        shapes.append((batch, m, n))
+    return shapes
+
+
+def schedule_coefficients(name: str, steps: int) -> list[tuple[float, float, float]]:
+    """Coefficients from the project's schedules when available, else the two built in here."""
+    try:
+        from muon_recipes.optim.newton_schulz import coefficients
+        return [tuple(c) for c in coefficients(name, steps)]
+    except (ImportError, AttributeError):
+        pass
+    if name == "keller":
+        return [KELLER] * steps
+    if name == "polar_express":
+        table = list(_POLAR_EXPRESS)
+        scaled = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in table]
+        return (scaled + [(1.875, -1.25, 0.375)] * steps)[:steps]
+    raise SystemExit(f"--schedules: unknown schedule {name!r} (keller, polar_express)")
+
+
+def torch_iterations(X: torch.Tensor, coefficients) -> torch.Tensor:
+    """The reference loop, written out here so the benchmark depends on no other implementation."""
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X
+
+
+def torch_iterations_baddbmm(X: torch.Tensor, coefficients) -> torch.Tensor:
+    """The same loop with each scale-and-add fused into its cuBLAS product: the stronger eager baseline."""
+    for a, b, c in coefficients:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    return X
+
+
+def time_ms(fn, *, min_repeats: int = 5, max_repeats: int = 200, budget_s: float = 0.5, warmup: int = 3) -> dict:
+    """Median (and spread) of CUDA-event timings of fn(), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / estimate)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for begin, finish in events:
+        begin.record()
+        fn()
+        finish.record()
+    torch.cuda.synchronize()
+    times = sorted(b.elapsed_time(f) for b, f in events)
+    return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1], "repeats": repeats}
+
+
+def host_launch_microseconds(fn, calls: int = 50) -> float:
+    """Host time to issue one call (no synchronization inside): the Python + launch overhead per call."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def measure_peak_tflops(size: int = 8192) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    t = time_ms(lambda: torch.mm(a, b), min_repeats=20, budget_s=1.0, warmup=5)["median_ms"]
+    return 2 * size**3 / (t * 1e-3) / 1e12
+
+
+def symmetric_flops(batch: int, m: int, n: int, steps: int) -> float:
+    return steps * batch * (3 * m * m * n + m**3)
+
+
+def singular_band(Y: torch.Tensor, max_matrices: int) -> tuple[float, float]:
+    """(min, max) singular value over the first matrices of Y [B, m, n], m <= n, via the fp32 Gram matrix."""
+    Y = Y[:max_matrices].float()
+    gram = Y @ Y.mT
+    eigenvalues = torch.linalg.eigvalsh(gram.double() if Y.shape[-2] <= 2048 else gram)
+    s = eigenvalues.clamp_min(0).sqrt()
+    return s.min().item(), s.max().item()
+
+
+def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
+    """Time of each kernel of one iteration and of the cuBLAS products it replaces (ms, TFLOP/s)."""
+    from muon_recipes.optim.kernels import fused_update, symmetric_gram, symmetric_polynomial
+    from muon_recipes.optim.kernels.update import launch_update_cublas
+
+    a, b, c = coefficients[0]
+    batch, m, n = X.shape
+    A = symmetric_gram(X)
+    B = symmetric_polynomial(A, b, c)
+    out = torch.empty_like(X)
+    gram_flops, poly_flops, update_flops = batch * m * m * n, batch * m**3, 2 * batch * m * m * n
+    rows = {
+        "gram_triton": (lambda: symmetric_gram(X, out=A), gram_flops),
+        "gram_cublas": (lambda: torch.bmm(X, X.mT), gram_flops),
+        "polynomial_triton": (lambda: symmetric_polynomial(A, b, c, out=B), poly_flops),
+        "polynomial_cublas": (lambda: torch.baddbmm(A, A, A, beta=b, alpha=c), poly_flops),
+        "update_triton": (lambda: fused_update(X, B, a, out=out), update_flops),
+        "update_cublas": (lambda: launch_update_cublas(X, B, a, out), update_flops),
+    }
+    result = {}
+    for name, (fn, flops) in rows.items():
+        t = time_ms(fn, budget_s=0.2)["median_ms"]
+        # Rates use the symmetric count for every row, so cuBLAS's full products show as the same work.
+        result[name] = {"ms": t, "symmetric_tflops": flops / (t * 1e-3) / 1e12}
+    return result
+
+
+def plot(rows: list[dict], device: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [("torch_eager", "torch eager"), ("torch_baddbmm", "torch eager (baddbmm)"),
+               ("torch_compile", "torch.compile"), ("ours", "ours"),
+               ("ours_graph", "ours + CUDA graph")]
+    labels = [r["shape"] for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    width = 0.8 / len(columns)
+    for i, (key, label) in enumerate(columns):
+        values = [r[key]["median_ms"] / r["floor_ms"] if r.get(key) else float("nan") for r in rows]
+        ax.bar([x + (i - (len(columns) - 1) / 2) * width for x in range(len(rows))], values, width, label=label)
+    ax.axhline(1.0, color="black", linewidth=1, label="floor (symmetric FLOPs at measured peak)")
+    ax.axhline(1.25, color="gray", linewidth=1, linestyle="--", label="1.25x floor")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("time / floor (log)")
+    ax.set_title(f"Newton-Schulz, 5 iterations, bf16 ({device})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_newton_schulz"))
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BATCHxMxN, m <= n")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--schedules", default="keller,polar_express",
+                        help="schedules whose singular-value band is reported (the first one is timed)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown")
+    parser.add_argument("--band-matrices", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_newton_schulz: needs a CUDA device")
+    if args.steps < 1:
+        raise SystemExit(f"--steps={args.steps}: must be >= 1")
+
+    from muon_recipes.optim.kernels import clear_cuda_graphs, ns_iterations_triton, prefer_triton
+    from muon_recipes.optim.kernels.iterations import _update_choice
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = torch.cuda.get_device_name()
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    timed_coefficients = schedule_coefficients(schedules[0], args.steps)
+    peak = measure_peak_tflops()
+    print(f"{device}: cuBLAS bf16 peak {peak:.0f} TFLOP/s (8192^3 torch.mm, median)", flush=True)
+    compiled = None if args.no_compile else torch.compile(torch_iterations, dynamic=False)
+
+    rows = []
+    for batch, m, n in parse_shapes(args.shapes):
+        label = f"{batch}x{m}x{n}"
+        t0 = time.time()
+        X = torch.randn(batch, m, n, device="cuda")
+        X = (X / X.norm(dim=(-2, -1), keepdim=True)).to(torch.bfloat16)
+        floor = symmetric_flops(batch, m, n, args.steps) / (peak * 1e12) * 1e3
+        row = {"shape": label, "batch": batch, "m": m, "n": n, "floor_ms": floor,
+               "prefer_triton": prefer_triton(X)}
+        row["torch_eager"] = time_ms(lambda: torch_iterations(X, timed_coefficients))
+        row["torch_baddbmm"] = time_ms(lambda: torch_iterations_baddbmm(X, timed_coefficients))
+        if compiled is not None:
+            try:
+                compiled(X, timed_coefficients)   # compile outside the timing
+                row["torch_compile"] = time_ms(lambda: compiled(X, timed_coefficients))
+            except Exception as error:   # report and go on: the other columns still mean something
+                row["torch_compile_error"] = f"{type(error).__name__}: {error}"[:500]
+                print(f"{label}: torch.compile failed: {row['torch_compile_error']}", flush=True)
+        row["ours"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=False))
+        row["ours_graph"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=True))
+        row["launch_us"] = host_launch_microseconds(lambda: ns_iterations_triton(X, timed_coefficients))
+        row["update_backend"] = {str(k): v for k, v in _update_choice.items() if tuple(k[1:4]) == (batch, m, n)}
+        if not args.no_breakdown:
+            row["breakdown"] = kernel_breakdown(X, timed_coefficients)
+        row["band"] = {}
+        for name in schedules:
+            coefficients = schedule_coefficients(name, args.steps)
+            row["band"][name] = {
+                "ours": singular_band(ns_iterations_triton(X, coefficients), args.band_matrices),
+                "torch": singular_band(torch_iterations(X, coefficients), args.band_matrices),
+            }
+        best = min(row["ours"]["median_ms"], row["ours_graph"]["median_ms"])
+        print(f"{label}: floor {floor:.3f} ms | eager {row['torch_eager']['median_ms']:.3f} | baddbmm "
+              f"{row['torch_baddbmm']['median_ms']:.3f} | compile "
+              f"{row.get('torch_compile', {}).get('median_ms', float('nan')):.3f} | ours {row['ours']['median_ms']:.3f}"
+              f" | graph {row['ours_graph']['median_ms']:.3f} | {best / floor:.2f}x floor | host "
+              f"{row['launch_us']:.0f} us/call | {time.time() - t0:.0f}s",
+              flush=True)
+        if "breakdown" in row:
+            print("   " + "  ".join(f"{k} {v['ms']:.3f}ms/{v['symmetric_tflops']:.0f}TF"
+                                    for k, v in row["breakdown"].items()), flush=True)
+        rows.append(row)
+        result = {
+            "device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "peak_bf16_tflops": peak, "steps": args.steps,
+            "timed_schedule": schedules[0], "coefficients": timed_coefficients,
+            "command": " ".join(["python"] + sys.argv), "rows": rows,
+        }
+        (args.out / "results.json").write_text(json.dumps(result, indent=1))   # after every shape
+        del X
+        clear_cuda_graphs()
+        torch.cuda.empty_cache()
+
+    plot(rows, device, args.out / "newton_schulz.png")
+
+    print(f"\n{device}, bf16, {args.steps} iterations ({schedules[0]}), peak {peak:.0f} TFLOP/s; times in ms (median)")
+    header = "| shape | floor | torch eager | torch baddbmm | torch.compile | ours | ours + graph | best / floor |"
+    band_header = " | ".join(f"band {s} (ours / torch)" for s in schedules)
+    print(header[:-1] + "| " + band_header + " |")
+    print("|" + "---|" * (8 + len(schedules)))
+    for r in rows:
+        best = min(r["ours"]["median_ms"], r["ours_graph"]["median_ms"])
+        compile_ms = f"{r['torch_compile']['median_ms']:.3f}" if "torch_compile" in r else "-"
+        bands = " | ".join("[{:.3f}, {:.3f}] / [{:.3f}, {:.3f}]".format(*r["band"][s]["ours"], *r["band"][s]["torch"])
+                           for s in schedules)
+        print(f"| {r['shape']} | {r['floor_ms']:.3f} | {r['torch_eager']['median_ms']:.3f} | "
+              f"{r['torch_baddbmm']['median_ms']:.3f} | {compile_ms} | "
+              f"{r['ours']['median_ms']:.3f} | {r['ours_graph']['median_ms']:.3f} | {best / r['floor_ms']:.2f}x | "
+              f"{bands} |")
+
+
+if __name__ == "__main__":
+    main()

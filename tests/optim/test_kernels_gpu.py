@@ -1,0 +1,132 @@
+"""The Triton Newton-Schulz kernels on a GPU, at real sizes: the interpreter checks of test_kernels.py again,
+then the whole 5-step iteration against the torch loop and float64 by its singular-value band.
+
+References: float64 of the same inputs, and the torch loop in the same dtype (`A = X X^T; B = b A + c A A;
+X = a X + B X`, written here so the tests depend on no other implementation). Outputs are poisoned with NaN
+first so an unwritten element fails. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+KELLER = (3.4445, -4.7750, 2.0315)
+# (batch, m, n): aligned, odd (ragged tiles and reduction), and single large.
+SHAPES = ((8, 512, 1536), (3, 300, 1000), (1, 2048, 4096))
+# fp32 runs as true fp32 (torch's default "highest" matmul precision), bf16 with fp32 accumulation.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+
+
+def _relative_error(value, reference) -> float:
+    value = value.double()
+    if not torch.isfinite(value).all():
+        return float("inf")
+    return ((value - reference.double()).norm() / reference.double().norm()).item()
+
+
+def _torch_iterations(X, coefficients):
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X
+
+
+def _normalized(batch, m, n, dtype, seed=0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    X = torch.randn(batch, m, n, device="cuda", generator=generator)
+    return (X / X.norm(dim=(-2, -1), keepdim=True)).to(dtype)
+
+
+def _singular_band(X) -> tuple[float, float]:
+    s = torch.linalg.svdvals(X.double())
+    return s.min().item(), s.max().item()
+
+
+@pytest.fixture(autouse=True)
+def _true_fp32():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernels_match_float64_and_torch(shape, dtype):
+    from muon_recipes.optim.kernels import fused_update, symmetric_gram, symmetric_polynomial
+
+    batch, m, n = shape
+    X = _normalized(batch, m, n, dtype)
+    a, b, c = KELLER
+    tolerance = TOLERANCE[dtype]
+
+    A = torch.full((batch, m, m), float("nan"), dtype=dtype, device="cuda")
+    symmetric_gram(X, out=A)
+    exact = X.double() @ X.double().mT
+    assert torch.equal(A, A.mT)
+    assert _relative_error(A, exact) <= min(tolerance, 1.25 * _relative_error(X @ X.mT, exact) + 1e-6)
+
+    S = A
+    B = torch.full_like(S, float("nan"))
+    symmetric_polynomial(S, b, c, out=B)
+    exact = b * S.double() + c * S.double() @ S.double()
+    assert torch.equal(B, B.mT)
+    assert _relative_error(B, exact) <= min(tolerance, 1.25 * _relative_error(b * S + c * (S @ S), exact) + 1e-6)
+
+    Y = torch.full_like(X, float("nan"))
+    fused_update(X, B, a, out=Y)
+    exact = a * X.double() + B.double() @ X.double()
+    assert _relative_error(Y, exact) <= min(tolerance, 1.25 * _relative_error(a * X + B @ X, exact) + 1e-6)
+
+
+@pytest.mark.parametrize("update", ["triton", "cublas", "auto"])
+def test_one_iteration_matches_float64(update):
+    from muon_recipes.optim.kernels import ns_iterations_triton
+
+    X = _normalized(3, 300, 1000, torch.bfloat16, seed=1)
+    before = X.clone()
+    ours = ns_iterations_triton(X, [KELLER], update=update)
+    exact = _torch_iterations(X.double(), [KELLER])
+    torch_error = _relative_error(_torch_iterations(X, [KELLER]), exact)
+    assert _relative_error(ours, exact) <= 1.25 * torch_error + 1e-4
+    assert torch.equal(X, before)
+
+
+@pytest.mark.parametrize("shape", [(16, 256, 1024), (2, 1024, 3072), (1, 2048, 4096)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_newton_schulz_band_matches_torch_and_float64(shape):
+    """5 Keller steps in bf16: same singular-value band as the torch loop and as float64 arithmetic."""
+    from muon_recipes.optim.kernels import ns_iterations_triton
+
+    X = _normalized(*shape, torch.bfloat16, seed=2)
+    coefficients = [KELLER] * 5
+    ours = ns_iterations_triton(X, coefficients)
+    reference = _torch_iterations(X, coefficients)
+    exact = _torch_iterations(X.double(), coefficients)
+    ours_band, torch_band, exact_band = _singular_band(ours), _singular_band(reference), _singular_band(exact)
+    for ours_edge, torch_edge, exact_edge in zip(ours_band, torch_band, exact_band):
+        assert abs(ours_edge - exact_edge) <= max(0.02, 1.25 * abs(torch_edge - exact_edge)), \
+            (ours_band, torch_band, exact_band)
+    assert _relative_error(ours, exact) <= 1.25 * _relative_error(reference, exact) + 1e-3
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 512), (1, 512, 2048)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_graph_replay_equals_eager(shape):
+    from muon_recipes.optim.kernels import clear_cuda_graphs, ns_iterations_triton
+
+    coefficients = [KELLER] * 5
+    first, second = _normalized(*shape, torch.bfloat16, seed=3), _normalized(*shape, torch.bfloat16, seed=4)
+    run = dict(update="triton")   # the same kernels and tiles in both paths: equal bit for bit
+    eager_first = ns_iterations_triton(first, coefficients, cuda_graph=False, **run)
+    eager_second = ns_iterations_triton(second, coefficients, cuda_graph=False, **run)
+    graph_first = ns_iterations_triton(first, coefficients, cuda_graph=True, **run)    # captures
+    graph_second = ns_iterations_triton(second, coefficients, cuda_graph=True, **run)  # replays on new data
+    assert torch.equal(graph_first, eager_first)
+    assert torch.equal(graph_second, eager_second)
+    assert graph_first.data_ptr() != graph_second.data_ptr()
+    clear_cuda_graphs()
