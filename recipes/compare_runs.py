@@ -547,14 +547,13 @@ def _zoom_to_tail(ax, c: Comparison, key: str) -> None:
         ax.set_xlim(s_min + 0.5 * (s_max - s_min), s_max)
 
 
-def _finish(fig, ax, path: Path, title: str) -> None:
-    fig.suptitle(title)
+def _finish(fig, title: str):
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    return fig
 
 
-def plot_loss_vs_step(c: Comparison, path: Path) -> None:
+def plot_loss_vs_step(c: Comparison):
     plt, colors = _pyplot(), arm_colors(c)
     fig, (ax_all, ax_tail) = plt.subplots(1, 2, figsize=(13, 4.8))
     _curves(c, ax_all, "loss", colors)
@@ -566,10 +565,10 @@ def plot_loss_vs_step(c: Comparison, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax_all.legend(fontsize=8)
-    _finish(fig, ax_all, path, "Training loss vs step (thin: seeds, thick: mean over seeds)")
+    return _finish(fig, "Training loss vs step (thin: seeds, thick: mean over seeds)")
 
 
-def plot_loss_vs_wall_time(c: Comparison, path: Path) -> None:
+def plot_loss_vs_wall_time(c: Comparison):
     plt, colors = _pyplot(), arm_colors(c)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     _curves(c, ax, "loss", colors, x="wall_time")
@@ -577,10 +576,10 @@ def plot_loss_vs_wall_time(c: Comparison, path: Path) -> None:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _finish(fig, ax, path, "Training loss vs wall time (thin: seeds, thick: mean over seeds)")
+    return _finish(fig, "Training loss vs wall time (thin: seeds, thick: mean over seeds)")
 
 
-def plot_eval_loss(c: Comparison, path: Path) -> None:
+def plot_eval_loss(c: Comparison):
     plt, colors = _pyplot(), arm_colors(c)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     if not _curves(c, ax, "eval_loss", colors, markers=True):
@@ -591,15 +590,15 @@ def plot_eval_loss(c: Comparison, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss (held-out)")
     ax.grid(alpha=0.3)
-    _finish(fig, ax, path, "Eval loss vs step (thin: seeds, thick: mean over seeds)")
+    return _finish(fig, "Eval loss vs step (thin: seeds, thick: mean over seeds)")
 
 
-def plot_step_time_breakdown(c: Comparison, path: Path) -> None:
+def plot_step_time_breakdown(c: Comparison):
     """Stacked bars: median step time per run split into its parts, averaged over the arm's seeds."""
     plt = _pyplot()
     parts = list(step_time_breakdown(c.runs[0]).keys())
     part_colors = dict(zip(parts, ("#9ecae1", "#e6550d", "#756bb1", "#fdae6b", "#bdbdbd")))
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(c.arms) + 3), 4.8))
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.6 * len(c.arms) + 3), 5.2))
     x = np.arange(len(c.arms))
     bottom = np.zeros(len(c.arms))
     for part in parts:
@@ -618,10 +617,11 @@ def plot_step_time_breakdown(c: Comparison, path: Path) -> None:
     ax.set_ylabel("median time per step (ms)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    _finish(fig, ax, path, "Step-time breakdown (Newton-Schulz and communication from the optimizer's timers)")
+    return _finish(fig, "Step-time breakdown per arm\n(medians per run, mean over seeds; Newton-Schulz and "
+                        "communication from the optimizer's timers)")
 
 
-def plot_tokens_per_s(c: Comparison, path: Path) -> None:
+def plot_tokens_per_s(c: Comparison):
     plt, colors = _pyplot(), arm_colors(c)
     fig, (ax_line, ax_bar) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 1]})
     for arm in c.arms:
@@ -649,7 +649,24 @@ def plot_tokens_per_s(c: Comparison, path: Path) -> None:
     ax_bar.set_ylabel("median tokens/s")
     ax_bar.set_title("per run (dots) and arm mean ± std")
     ax_bar.grid(alpha=0.3, axis="y")
-    _finish(fig, ax_line, path, "Throughput")
+    return _finish(fig, "Throughput")
+
+
+def plot_metric(c: Comparison, key: str, x: str = "step"):
+    """Any logged column (`grad_norm`, `lr`, `optim_ns_s`, `expert_load_max_over_mean`, ...) against step or
+    wall time, in the same style; for exploring a sweep in the notebook."""
+    if x not in ("step", "wall_time"):
+        raise ValueError(f"x={x!r}: must be step or wall_time")
+    plt, colors = _pyplot(), arm_colors(c)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    if not _curves(c, ax, key, colors, x=x):
+        known = sorted({k for r in c.runs for row in r.rows for k in row})
+        raise ValueError(f"key={key!r}: no run logged it; logged keys: {', '.join(known)}")
+    ax.set_xlabel("step" if x == "step" else "wall time since training start (s)")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, f"{key} (thin: seeds, thick: mean over seeds)")
 
 
 def _wrap(label: str, width: int = 22) -> str:
@@ -663,7 +680,9 @@ def write_report(c: Comparison, out: Path) -> list[Path]:
                              plot_tokens_per_s)))
     written = []
     for name, fn in plots.items():
-        fn(c, out / name)
+        fig = fn(c)
+        fig.savefig(out / name, dpi=110)
+        _pyplot().close(fig)
         written.append(out / name)
     (out / "summary.md").write_text(summary_markdown(c))
     (out / "summary.json").write_text(json.dumps(summary_dict(c), indent=1))
