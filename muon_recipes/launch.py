@@ -194,8 +194,8 @@ class _Progress:
 
     def start(self, job: SweepJob, how: str) -> float:
         where = os.path.relpath(job.output_dir, job.cwd) if job.output_dir.startswith(job.cwd) else job.output_dir
-        print(f"[sweep] job {self._of(job)} started: {job.arm or 'all'} seed={job.value('seed') or '-'} "
-              f"-> {where} ({how})", flush=True)
+        what = " ".join(x for x in (job.arm, f"seed={job.value('seed')}" if job.value("seed") else "") if x)
+        print(f"[sweep] job {self._of(job)} started: {what or 'no swept keys'} -> {where} ({how})", flush=True)
         return time.perf_counter()
 
     def end(self, job: SweepJob, started: float, ok: bool) -> None:
