@@ -22,10 +22,15 @@ ALLOWED = {"qkv_split": ("optim.split.qkv",), "gate_up_split": ("optim.split.gat
            "lr_sweep": ("optim.lr",), "muon_vs_adamw": ("optim.",)}
 
 
-def _compose(overrides: list) -> tuple[dict, dict]:
+@pytest.fixture(scope="module", autouse=True)
+def hydra_conf():
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        yield
+
+
+def _compose(overrides: list) -> tuple[dict, dict]:
+    cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     hydra_cfg = OmegaConf.to_container(cfg.hydra, resolve=False)
     with open_dict(cfg):
         del cfg["hydra"]

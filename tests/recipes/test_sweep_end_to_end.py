@@ -140,15 +140,16 @@ def test_notebook_runs_headless_on_the_sweep(sweep, tmp_path, monkeypatch):
 
 
 def test_sweep_job_as_torchrun_world(tmp_path):
-    """launcher.nproc_per_node=2: each job is a 2-process torchrun run in its job dir. Job 0 trains; job 1 fails in
-    its children (a missing data file), which fails the sweep after the other jobs ran, naming the job dir."""
+    """launcher.nproc_per_node=2: each job is a 2-process torchrun run in its job dir (wandb offline, as by
+    default). Job 0 trains; job 1 fails in its children (a vocabulary smaller than the tokenizer's, which only the
+    trainer checks), which fails the sweep after the other jobs ran, naming the job dir."""
     sweep_dir = tmp_path / "sweep"
-    proc = multirun(sweep_dir, "launcher.nproc_per_node=2", "data=embedded,files", "data.paths=[/nonexistent.txt]",
+    proc = multirun(sweep_dir, "launcher.nproc_per_node=2", "model.vocab_size=320,64",
                     "experiment=qkv_split", "optim.split.qkv=split", "seed=0", "train.steps=3",
-                    *[o for o in TINY if not o.startswith("train.steps")])
+                    "logging.wandb.mode=offline", *[o for o in TINY if not o.startswith(("train.steps", "logging"))])
     assert proc.returncode != 0
     assert "[sweep] job 1/2 done" in proc.stdout and "(torchrun, 2 processes)" in proc.stdout
-    assert "[sweep] job 2/2 FAILED" in proc.stdout
+    assert "[sweep] job 2/2 FAILED" in proc.stdout and "error: invalid config: model.vocab_size=64" in proc.stderr
     assert "sweep job 1 " in proc.stderr and str(sweep_dir / "1") in proc.stderr
     job = sweep_dir / "0"
     r = rows(job)
@@ -158,7 +159,11 @@ def test_sweep_job_as_torchrun_world(tmp_path):
     assert "launcher.nproc_per_node=2" in overrides and "hydra" not in overrides  # the job's overrides only
     cfg = json.loads((job / "config.json").read_text())
     assert cfg["logging"]["wandb"]["group"] == f"qkv_split-{tmp_path.name}_sweep"
-    assert cfg["logging"]["wandb"]["name"] == "qkv_split-data=embedded-s0"  # identity handed to the children
+    assert cfg["logging"]["wandb"]["name"] == "qkv_split-model.vocab_size=320-s0"  # identity handed to the children
+    # ... and it reached wandb: the offline run (synced later with `wandb sync`) carries the group and the name.
+    (record,) = (job / "wandb").glob("offline-run-*/run-*.wandb")
+    assert f"qkv_split-{tmp_path.name}_sweep".encode() in record.read_bytes()
+    assert b"qkv_split-model.vocab_size=320-s0" in record.read_bytes()
 
 
 def test_bad_config_fails_before_any_process_starts(tmp_path):
