@@ -21,6 +21,7 @@ their shard group first (`distributed.py`), every other one is done in place -- 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -34,10 +35,11 @@ from muon_recipes.optim.orthogonalize import ADJUST_LR, EXPERT_MODES, BlockPlan,
 ALGORITHMS = ("muon", "adamw")
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)
 
-try:  # DTensor is public from torch 2.5 on; keep the import soft for builds without distributed
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment,misc]
+def is_dtensor(t: Tensor) -> bool:
+    """Whether `t` is a DTensor, without importing torch.distributed.tensor (seconds) when nobody else has:
+    a process that never imported it cannot hold DTensors."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -46,7 +48,7 @@ def local(t: Tensor) -> Tensor:
     Elementwise work (momentum, AdamW, weight decay, the final update) runs on local shards: it needs no
     communication and skips DTensor dispatch overhead. In-place ops on the local shard update the DTensor.
     """
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -115,6 +117,7 @@ class Muon(torch.optim.Optimizer):
         self.bucket_mb = 256.0
         self.replica_spread = "auto"
         self._plans: dict[Tensor, tuple] = {}
+        self._dist_cache: dict = {}  # process-group maps and the sharded step plan, reused between steps
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -128,6 +131,7 @@ class Muon(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_dist_cache", {})
         self.__dict__.setdefault("profile", False)
         self.__dict__.setdefault("last_step_timings", {})
         self.__dict__.setdefault("bucket_mb", 256.0)
@@ -182,7 +186,7 @@ class Muon(torch.optim.Optimizer):
         if cached is None or cached[0] != key:
             plan = BlockPlan.build(p.shape, group["split_sizes"], group["experts"])
             scale = plan.row_scale(group["adjust_lr"])
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
                 from muon_recipes.optim.distributed import local_slice
                 scale = local_slice(scale, p)
             cached = (key, plan, scale.to(local(p).device))
@@ -192,22 +196,14 @@ class Muon(torch.optim.Optimizer):
     # (2) orthogonalize ----------------------------------------------------------------------------------------
     def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer) -> list[Tensor]:
         """Orthogonalized local update of every item; sharded parameters go through `distributed.py`."""
-        sharded = [i for i, item in enumerate(items) if isinstance(item.param, DTensor)]
-        results: list[Optional[Tensor]] = [None] * len(items)
-        if sharded:
+        if any(is_dtensor(item.param) for item in items):
             from muon_recipes.optim.distributed import orthogonalize_sharded
-            outs = orthogonalize_sharded([items[i] for i in sharded], timer, bucket_mb=self.bucket_mb,
+            return orthogonalize_sharded(items, timer, self._dist_cache, bucket_mb=self.bucket_mb,
                                          replica_spread=self.replica_spread)
-            for i, out in zip(sharded, outs):
-                results[i] = out
-        plain = [i for i in range(len(items)) if results[i] is None]
-        if plain:
-            start = timer.now()
-            outs = orthogonalize([(items[i].update, items[i].plan, items[i].ns) for i in plain])
-            timer.add("ns", start)
-            for i, out in zip(plain, outs):
-                results[i] = out
-        return results  # type: ignore[return-value]
+        start = timer.now()
+        results = orthogonalize([(item.update, item.plan, item.ns) for item in items])
+        timer.add("ns", start)
+        return results
 
     # (3) scale and apply --------------------------------------------------------------------------------------
     def _apply(self, item: MatrixUpdate, ortho: Tensor) -> None:

@@ -1,0 +1,274 @@
+"""Benchmark: the whole optimizer step on a model's real parameter set, ours beside torch's optimizers.
+
+    python recipes/bench_optimizer.py --out outputs/bench_optimizer/1gpu.json                  # 1 GPU
+    torchrun --standalone --nproc_per_node=4 recipes/bench_optimizer.py --out outputs/bench_optimizer/4gpu.json
+    python recipes/bench_optimizer.py --model dense_tiny --device cpu --out /tmp/bench.json   # CPU check
+
+For each model (`--model`, names of conf/model/*.yaml; default dense_1b and moe_small) it builds the model's
+parameters (meta device, then sharded with FSDP2 when the world has several ranks, then materialized: the
+same layout as training), gives every parameter a random gradient, and times `optimizer.step()` for:
+
+* `muon`: ours with the `--optim` config (default muon_split: per-block Newton-Schulz, AdamW for the rest),
+  Newton-Schulz backend `auto` (the Triton kernels where they win); `muon_torch`: the same with the torch
+  backend; with `--breakdown`, ours again with `profile=True` for the NS / communication / other split;
+* `adamw_foreach`, `adamw_fused`: torch.optim.AdamW over every parameter (the cost floor of any optimizer);
+* `torch_muon`: torch.optim.Muon (torch >= 2.9) on the 2-D hidden matrices + AdamW (foreach) on the rest;
+  not applicable when the model has 3-D expert weights, which torch.optim.Muon rejects.
+
+Timing: `--warmup` untimed steps (compilation, autotuning, plan building), then `--steps` steps each
+bracketed by CUDA events (wall clock on CPU) after a device synchronize; the table shows the median and the
+10th/90th percentiles, the maximum over ranks (the step is as slow as its slowest rank). Prints a markdown
+table and writes everything to `--out` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OPTIMIZERS = ("muon", "muon_torch", "adamw_foreach", "adamw_fused", "torch_muon")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dense_1b,moe_small", help="comma-separated conf/model names")
+    p.add_argument("--optim", default="muon_split", help="conf/optim name for ours (default muon_split)")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"subset of {','.join(OPTIMIZERS)}")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--mesh", default="auto", choices=("auto", "single", "fsdp", "hsdp"),
+                   help="auto: single on one rank, fsdp on several")
+    p.add_argument("--replicate", type=int, default=2, help="hsdp: replicas (shard = world / replicate)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the extra profiled pass of ours (NS / comm / other)")
+    p.add_argument("--out", required=True, help="path of the JSON file to write")
+    args = p.parse_args(argv)
+    unknown = set(args.optimizers.split(",")) - set(OPTIMIZERS)
+    if unknown:
+        p.error(f"--optimizers: unknown {sorted(unknown)}; valid: {', '.join(OPTIMIZERS)}")
+    for name in args.model.split(","):
+        if not (ROOT / "conf" / "model" / f"{name}.yaml").exists():
+            p.error(f"--model: {name!r} is not in conf/model ({', '.join(sorted(f.stem for f in (ROOT / 'conf' / 'model').glob('*.yaml')))})")
+    if not (ROOT / "conf" / "optim" / f"{args.optim}.yaml").exists():
+        p.error(f"--optim: {args.optim!r} is not in conf/optim")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def load_config(group: str, name: str):
+    from omegaconf import OmegaConf
+
+    from muon_recipes.config import to_dataclass
+
+    return getattr(to_dataclass({group: OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml")}), group)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------------------
+def setup(args):
+    from muon_recipes.parallel.distributed import init_distributed, resolve_device_type
+
+    device_type = resolve_device_type(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mesh_kind = args.mesh if args.mesh != "auto" else ("single" if world == 1 else "fsdp")
+    replicate = args.replicate if mesh_kind == "hsdp" else 1
+    if mesh_kind == "hsdp" and world % replicate:
+        raise SystemExit(f"--replicate={replicate} must divide the world size {world}")
+    return init_distributed(device_type, mesh_kind, replicate, world // replicate), mesh_kind
+
+
+def build_model(name: str, ctx):
+    """The model's parameters, sharded like training, with random gradients."""
+    from muon_recipes.models import build_model as build
+    from muon_recipes.parallel.fsdp import parallelize
+
+    cfg = load_config("model", name)
+    with torch.device("meta"):
+        model = build(cfg)
+    parallelize(model, ctx.mesh, bf16=False, compile=False, activation_checkpointing=False)
+    model.to_empty(device=ctx.device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+            p.grad = torch.randn_like(p) * 1e-3
+    return model
+
+
+def make_optimizer(kind: str, model, optim_cfg):
+    """(step function, optimizer or None, reason it cannot run or None)."""
+    from muon_recipes.optim import build_optimizer
+    from muon_recipes.optim.param_groups import build_param_groups
+
+    adamw = optim_cfg.adamw
+    params = list(model.parameters())
+    common = dict(lr=adamw.lr, betas=tuple(adamw.betas), eps=adamw.eps, weight_decay=adamw.weight_decay)
+    if kind in ("muon", "muon_torch"):
+        cfg = optim_cfg
+        if kind == "muon_torch":
+            import dataclasses
+
+            cfg = dataclasses.replace(optim_cfg, backend="torch")
+        opt = build_optimizer(model, cfg)
+        return opt.step, opt, None
+    if kind == "adamw_foreach":
+        opt = torch.optim.AdamW(params, foreach=True, **common)
+        return opt.step, opt, None
+    if kind == "adamw_fused":
+        opt = torch.optim.AdamW(params, fused=True, **common)
+        return opt.step, opt, None
+    if kind == "torch_muon":
+        if not hasattr(torch.optim, "Muon"):
+            return None, None, f"torch {torch.__version__} has no torch.optim.Muon"
+        groups = build_param_groups(model, optim_cfg)
+        matrices = [p for g in groups if g["algorithm"] == "muon" for _, p in g["params"]]
+        if any(p.ndim != 2 for p in matrices):
+            return None, None, "3-D expert weights (torch.optim.Muon takes 2-D only)"
+        rest = [p for g in groups if g["algorithm"] == "adamw" for _, p in g["params"]]
+        muon = torch.optim.Muon(matrices, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                                nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay)
+        rest_opt = torch.optim.AdamW(rest, foreach=True, **common)
+
+        def step():
+            muon.step()
+            rest_opt.step()
+
+        return step, muon, None
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------
+def time_steps(step, device, warmup: int, steps: int) -> list[float]:
+    """Seconds per step: CUDA events on GPUs (device synchronized before each step), wall clock on CPU."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def worst_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def bench_one(kind: str, model, optim_cfg, ctx, args) -> dict:
+    try:
+        step, opt, reason = make_optimizer(kind, model, optim_cfg)
+    except Exception as e:  # e.g. fused AdamW on a device or DTensor layout it does not support
+        step, opt, reason = None, None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    if step is None:
+        return {"optimizer": kind, "skipped": reason}
+    try:
+        times = time_steps(step, ctx.device, args.warmup, args.steps)
+    except Exception as e:
+        return {"optimizer": kind, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    stats = worst_over_ranks({"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * percentile(times, 0.1),
+                              "p90_ms": 1e3 * percentile(times, 0.9)}, ctx.device)
+    row = {"optimizer": kind, **stats}
+    if kind.startswith("muon") and args.breakdown and hasattr(opt, "last_step_timings"):
+        opt.profile = True
+        parts: dict[str, list[float]] = {}
+        for _ in range(args.steps):
+            step()
+            for k, v in opt.last_step_timings.items():
+                parts.setdefault(k, []).append(v)
+        opt.profile = False
+        row["profiled_ms"] = worst_over_ranks({k: 1e3 * statistics.median(v) for k, v in parts.items()}, ctx.device)
+    del opt
+    return row
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    lines = [f"device: {report['device']} x {report['world_size']} ({report['mesh']}), torch {report['torch']}, "
+             f"{report['date']}", "",
+             "| model | optimizer | median ms | p10 | p90 | NS ms | comm ms | other ms | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for model in report["models"]:
+        for r in model["results"]:
+            if "skipped" in r:
+                lines.append(f"| {model['model']} | {r['optimizer']} | | | | | | | n/a: {r['skipped']} |")
+                continue
+            prof = r.get("profiled_ms", {})
+            cells = [f"{prof[k]:.2f}" if k in prof else "" for k in ("ns", "comm", "other")]
+            note = f"profiled total {prof['total']:.2f} ms" if "total" in prof else ""
+            lines.append(f"| {model['model']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | "
+                         f"{r['p90_ms']:.2f} | {' | '.join(cells)} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ctx, mesh_kind = setup(args)
+    optim_cfg = load_config("optim", args.optim)
+    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or "cpu"
+    report = {"device": device_name, "world_size": ctx.world_size, "mesh": mesh_kind, "torch": torch.__version__,
+              "optim_config": args.optim, "steps": args.steps, "warmup": args.warmup,
+              "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "models": []}
+    try:
+        for name in args.model.split(","):
+            model = build_model(name, ctx)
+            counts = {"total": sum(p.numel() for p in model.parameters())}
+            results = [bench_one(kind, model, optim_cfg, ctx, args) for kind in args.optimizers.split(",")]
+            report["models"].append({"model": name, "params": counts, "results": results})
+            del model
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if ctx.is_main:
+            text = markdown(report)
+            print(text, flush=True)
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({**report, "table": text}, indent=1))
+            print(f"wrote {out}", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return report
+
+
+if __name__ == "__main__":
+    main()
