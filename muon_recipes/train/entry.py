@@ -1,8 +1,13 @@
 """`run(cfg)`: from a composed Hydra config to a finished run.
 
 Everything that can be checked without a process group is checked first (config values, mesh vs world size,
-device, tokenizer vs vocabulary, run directory); a bad value ends every rank with one line and exit code 2
-before NCCL/gloo or a GPU is touched.
+device, tokenizer vs vocabulary, run directory, the checkpoint `train.resume` names); a bad value ends every rank
+with one line and exit code 2 before NCCL/gloo or a GPU is touched. What can only be checked once the model
+exists (does the checkpoint fit it?) or the data is read fails the same way on every rank, after start-up.
+A non-finite loss under `train.nonfinite=abort` ends the run with one line and exit code 3.
+
+Resuming (see docs/checkpoints.md): the checkpoint is loaded and checked before anything in the run directory
+is written, so a resume that fails leaves config.json, metrics.jsonl and the checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -11,22 +16,25 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from muon_recipes.config import ConfigError, RunConfig, to_dataclass, validate
 from muon_recipes.parallel.distributed import (broadcast_object, init_distributed, rank_from_env,
                                                resolve_device_type, shutdown_distributed, world_size_from_env)
+from muon_recipes.train.checkpoint import CheckpointError
+from muon_recipes.train.trainer import NonFiniteError
 
 EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
 
 
-def _fail(message: str) -> None:
-    """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit code 2 on every rank."""
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit `code` on every rank."""
     if rank_from_env() == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code)
 
 
 def _hydra_run_dir() -> str:
@@ -39,14 +47,29 @@ def _hydra_run_dir() -> str:
 
 
 def _check_run_dir(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
+        os.makedirs(path, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise ConfigError("run_dir", path, f"must be a writable directory ({e.strerror})") from None
+
+
+def check_run_dir(rc: RunConfig, run_dir: Optional[str]) -> None:
+    """The run directory is writable and `train.resume` names a usable checkpoint (ConfigError otherwise).
+
+    `run_dir` None: this rank does not know it before the process group exists (Hydra's directory is rank 0's);
+    then only a checkpoint path given in `train.resume` is checked.
+    """
+    from muon_recipes.train.checkpoint import read_extras, resolve_resume
+
+    if run_dir is not None:
+        _check_run_dir(run_dir)
+    path = resolve_resume(rc.train.resume, run_dir)
+    if path is not None:
+        read_extras(path)  # readable trainer state; the model/optimizer fit is checked once they exist
 
 
 def prepare(cfg: Any) -> tuple[RunConfig, str, int, int]:
@@ -77,7 +100,7 @@ def _run_name(rc: RunConfig) -> str:
     return "-".join(parts + [rc.model.name, rc.optim.name, f"s{rc.seed}"])
 
 
-def build_loggers(rc: RunConfig, run_dir: str, config_dict: dict):
+def build_loggers(rc: RunConfig, run_dir: str, config_dict: dict, wandb_run_id: Optional[str] = None):
     from muon_recipes.train.loggers import ConsoleLogger, JsonlLogger, Loggers, WandbLogger
 
     loggers = []
@@ -89,7 +112,7 @@ def build_loggers(rc: RunConfig, run_dir: str, config_dict: dict):
     if w.enabled and w.mode != "disabled":
         loggers.append(WandbLogger(run_dir=run_dir, mode=w.mode, project=w.project, entity=w.entity,
                                    group=w.group or rc.experiment.name, tags=w.tags, name=_run_name(rc),
-                                   config=config_dict))
+                                   config=config_dict, resume_id=wandb_run_id))
     return Loggers(loggers)
 
 
@@ -105,14 +128,17 @@ def run(cfg: Any) -> list[dict]:
                               f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer="
                               f"{rc.data.tokenizer})")
         run_dir = rc.run_dir or _hydra_run_dir()
-        if rank_from_env() == 0:
-            _check_run_dir(run_dir)
-    except ConfigError as e:
+        check_run_dir(rc, run_dir if (rc.run_dir or rank_from_env() == 0) else None)
+    except (ConfigError, CheckpointError) as e:
         _fail(str(e))
     config_dict = _resolved_config(cfg)
     ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard)
     try:
         return _train(rc, ctx, broadcast_object(run_dir), tokenizer, config_dict)
+    except (ConfigError, CheckpointError) as e:  # raised alike on every rank (same files, same model)
+        _fail(str(e))
+    except NonFiniteError as e:  # every rank sees the same all-reduced loss and global gradient norm
+        _fail(str(e), EXIT_NONFINITE)
     finally:
         shutdown_distributed()
 
@@ -122,12 +148,10 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
     from muon_recipes.models import build_model
     from muon_recipes.optim.param_groups import build_optimizer, describe_param_groups
     from muon_recipes.parallel.fsdp import parallelize
+    from muon_recipes.train.checkpoint import Checkpointer, discard_newer, resolve_resume, trim_metrics
     from muon_recipes.train.trainer import Trainer
 
     torch.manual_seed(rc.seed)
-    if ctx.is_main:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=1)
     # Build whole on the device with the run's seed on every rank, then shard: the initial weights are identical
     # for any world size (the 1- vs 2-process test relies on it), at the cost of one unsharded copy at start-up.
     with torch.device(ctx.device):
@@ -136,18 +160,40 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
     parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
                 activation_checkpointing=rc.train.activation_checkpointing)
     optimizer = build_optimizer(model, rc.optim)
-    train_ds, eval_ds = build_datasets(rc.data, tokenizer, rc.train.seq_len, rc.seed)
+    train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
     loader = DistributedLoader(train_ds, batch_size=rc.train.batch_size, rank=ctx.dp_rank,
                                world_size=ctx.dp_world_size, seed=rc.seed)
-    loggers = build_loggers(rc, run_dir, config_dict) if ctx.is_main else None
-    trainer = Trainer(rc, ctx, run_dir, model, optimizer, tokenizer, iter(loader), eval_ds, loggers)
-    trainer.loader = loader
+    ck = rc.train.checkpoint
+    checkpointer = Checkpointer(run_dir, ck.every, ck.keep, ck.async_save, ctx.device.type)
+    trainer = Trainer(rc, ctx, run_dir, model, optimizer, tokenizer, loader, eval_ds, None, checkpointer=checkpointer,
+                      config_dict=config_dict)
+
+    # Resume before anything in the run directory is written: a checkpoint that does not fit fails here.
+    resume_from = resolve_resume(rc.train.resume, run_dir)
+    if resume_from is not None:
+        extras, rank_extras = checkpointer.load(resume_from, model, optimizer, config_dict)
+        trainer.load_checkpoint_extras(extras, rank_extras, int(extras.get("world_size", ctx.world_size)))
+    loggers = None
     if ctx.is_main:
+        # The run continues from step `trainer.step`: what was logged or saved after it belongs to a trajectory
+        # that died (or was abandoned for an older checkpoint); it is moved aside, not deleted.
+        discarded = discard_newer(run_dir, trainer.step)
+        moved_rows = trim_metrics(os.path.join(run_dir, "metrics.jsonl"), trainer.step)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=1)
+        loggers = build_loggers(rc, run_dir, config_dict, wandb_run_id=trainer.wandb_run_id)
+        trainer.wandb_run_id = _wandb_run_id(loggers)
+        trainer.loggers = loggers
         n_params = sum(p.numel() for p in model.parameters())
         print(f"run dir {run_dir} | world {ctx.world_size} ({rc.mesh.kind} {ctx.replicate}x{ctx.shard}) on "
               f"{ctx.device.type} | model {rc.model.name} {n_params / 1e6:.2f}M params | "
               f"{trainer.tokens_per_step} tokens/step | peak {trainer.peak_source}", flush=True)
         print(describe_param_groups(optimizer), flush=True)
+        if resume_from is not None:
+            print(f"resumed from {resume_from} at step {trainer.step} ({trainer.tokens_seen:,} tokens)"
+                  + (f"; {moved_rows} metrics rows after it moved to metrics.discarded.jsonl" if moved_rows else "")
+                  + (f"; newer checkpoints moved to {os.path.dirname(discarded[0])}" if discarded else ""),
+                  flush=True)
     trainer.start_time = time.perf_counter()
     try:
         history = trainer.fit()
@@ -155,3 +201,25 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
         if loggers is not None:
             loggers.close()
     return history
+
+
+def _build_data(build_datasets, rc: RunConfig, tokenizer):
+    """The packed train/eval datasets; a file that cannot be read becomes a one-line error naming data.paths."""
+    try:
+        return build_datasets(rc.data, tokenizer, rc.train.seq_len, rc.seed)
+    except ConfigError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        key, value = (("data.paths", list(rc.data.paths)) if rc.data.source == "files"
+                      else ("data.source", rc.data.source))
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(key, value, f"could not be read ({type(e).__name__}: {message})") from None
+
+
+def _wandb_run_id(loggers) -> Optional[str]:
+    """The id of the wandb run among `loggers`, if any (stored in checkpoints to resume the same wandb run)."""
+    for logger in loggers.loggers:
+        run = getattr(logger, "run", None)
+        if run is not None:
+            return run.id
+    return None

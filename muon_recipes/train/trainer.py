@@ -2,7 +2,12 @@
 
 Order of start-up (see DESIGN.md): config validated (before any process group) -> process group + mesh ->
 model built whole on the device with the run's seed, then sharded with FSDP2 (so the initial weights are the same
-for every world size) -> optimizer from the model's declared parameter layouts -> data -> loop.
+for every world size) -> optimizer from the model's declared parameter layouts -> data -> resume -> loop.
+
+What a checkpoint must hold for a resumed run to repeat the straight run's losses bit for bit is listed in
+`checkpoint_extras` (counters, LR schedule, data position, RNG states); model and optimizer go through DCP
+(`checkpoint.py`). Non-finite loss or gradients are caught the step they appear, before the optimizer or the
+LR schedule moves (`train.nonfinite`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,21 @@ from muon_recipes.train.metrics import Stopwatch, device_peak_flops, peak_memory
 
 
 class NonFiniteError(RuntimeError):
-    """Loss or gradient norm is NaN/inf and the policy says stop."""
+    """Loss, gradient norm or parameters are NaN/inf and the policy says stop."""
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's torch RNG states as plain lists of byte values (JSON, no pickle)."""
+    state = {"cpu": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
 
 
 def _grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
@@ -42,8 +61,11 @@ def _grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ctx: DistributedContext, run_dir: str, model, optimizer, tokenizer,
-                 train_loader, eval_dataset, loggers: Loggers):
+                 train_loader, eval_dataset, loggers: Optional[Loggers], checkpointer=None,
+                 config_dict: Optional[dict] = None):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.checkpointer = checkpointer  # a checkpoint.Checkpointer, or None (no saving)
+        self.config_dict = config_dict or {}  # the resolved config, stored with each checkpoint
         self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
         self.train_loader, self.eval_dataset, self.loggers = train_loader, eval_dataset, loggers
         t = cfg.train
@@ -54,6 +76,8 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self.wall_time_offset = 0.0  # seconds trained before the checkpoint this run resumed from
+        self.wandb_run_id: Optional[str] = None  # stored in checkpoints so a resumed run logs to the same run
         self.tokens_per_step = ctx.dp_world_size * t.batch_size * t.grad_accum * t.seq_len
         from muon_recipes.models.flops import flops_per_token
 
@@ -113,6 +137,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
+            for moe in getattr(self.model, "moe_layers", lambda: ())():
+                moe.load_counts.zero_()  # the dropped step's expert loads must not steer the router biases
             self._on_nonfinite(float(loss_mean), float(grad_norm))
             return {"skipped": True}
         self.skipped_in_a_row = 0
@@ -142,10 +168,10 @@ class Trainer:
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         t = self.cfg.train
-        where = f"step {self.step}: loss={loss} grad_norm={grad_norm}"
+        where = f"step {self.step + 1}: loss={loss} grad_norm={grad_norm}"
         if t.nonfinite == "abort":
-            raise NonFiniteError(f"non-finite {where}; stopping (train.nonfinite=abort), no checkpoint written "
-                                 f"from this state")
+            raise NonFiniteError(f"non-finite {where}; stopped before the optimizer step (train.nonfinite=abort); "
+                                 f"no checkpoint is written from this state")
         self.skipped_in_a_row += 1
         self.skipped_total += 1
         if self.ctx.is_main:
@@ -180,6 +206,21 @@ class Trainer:
         progress = None
         if self.ctx.is_main and self.cfg.logging.progress and not self.cfg.logging.console:
             progress = _progress_bar(t.steps, self.step)
+        try:
+            self._loop(progress)
+        except NonFiniteError:
+            if self.checkpointer is not None:
+                self.checkpointer.finish()  # a pending asynchronous save holds an earlier, finite state
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        if self.checkpointer is not None:
+            self.checkpointer.finish()
+        return self.history
+
+    def _loop(self, progress) -> None:
+        t = self.cfg.train
         window_start, window_tokens = time.perf_counter(), 0
         while not self.done():
             log_now = (self.step + 1) % t.log_every == 0 or self.step == 0 or self.step + 1 == t.steps
@@ -200,7 +241,7 @@ class Trainer:
                 elapsed = now - window_start
                 tokens_per_s = window_tokens / elapsed
                 metrics.update(step=self.step, tokens=self.tokens_seen, step_time_s=now - step_start,
-                               tokens_per_s=tokens_per_s, wall_time_s=now - self.start_time,
+                               tokens_per_s=tokens_per_s, wall_time_s=self._wall_time(now),
                                skipped_steps=self.skipped_total)
                 if self.peak_flops:
                     metrics["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size)
@@ -211,11 +252,73 @@ class Trainer:
                     self.loggers.log(metrics)
                 self.history.append(metrics)
                 window_start, window_tokens = time.perf_counter(), 0
-        if progress is not None:
-            progress.close()
-        return self.history
+            if self.checkpointer is not None and self.checkpointer.due(self.step, final=self.done()):
+                self.save_checkpoint()
+                window_start, window_tokens = time.perf_counter(), 0  # saving is not training throughput
 
     start_time: float = 0.0
+
+    def _wall_time(self, now: float) -> float:
+        return self.wall_time_offset + now - self.start_time
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ---------------------------------------------------------------------------------------------------------
+    def checkpoint_extras(self) -> tuple[dict, dict]:
+        """Everything besides model and optimizer that the next step depends on, as plain JSON data:
+        (the run's, this rank's). The data position is global (the loader counts rows of all ranks), so any
+        world size can continue from it; RNG states are per rank."""
+        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        extras = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_total": self.skipped_total,
+                  "skipped_in_a_row": self.skipped_in_a_row, "scheduler": scheduler,
+                  "loader": self.train_loader.state_dict(), "wandb_run_id": self.wandb_run_id,
+                  "wall_time_s": self._wall_time(time.perf_counter())}
+        rank_extras = {"rng": rng_state(self.ctx.device), "loader": self.train_loader.state_dict()}
+        return extras, rank_extras
+
+    def load_checkpoint_extras(self, extras: dict, rank_extras: Optional[dict], saved_world_size: int) -> None:
+        """Restore what `checkpoint_extras` saved. The LR schedule continues at the saved step with this run's base
+        learning rates (unchanged config: exactly the saved ones)."""
+        from muon_recipes.config import ConfigError
+        from muon_recipes.data.loader import StreamingLoader
+
+        self.step, self.tokens_seen = int(extras["step"]), int(extras["tokens_seen"])
+        self.skipped_total = int(extras.get("skipped_total", 0))
+        self.skipped_in_a_row = int(extras.get("skipped_in_a_row", 0))
+        self.wall_time_offset = float(extras.get("wall_time_s", 0.0))
+        self.wandb_run_id = extras.get("wandb_run_id")
+        self.scheduler.load_state_dict(dict(extras["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups)))
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(self.scheduler.last_epoch)  # as LambdaLR.get_lr computes it
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if isinstance(self.train_loader, StreamingLoader):
+            # A stream's position is per rank and its split depends on the world size.
+            if saved_world_size != self.ctx.world_size or rank_extras is None:
+                raise ConfigError("data.source", self.cfg.data.source,
+                                  f"a streamed dataset resumes only on the world size it was saved with "
+                                  f"({saved_world_size}, this run {self.ctx.world_size})")
+            self.train_loader.load_state_dict(rank_extras["loader"])
+        else:
+            self.train_loader.load_state_dict(extras["loader"])
+        if rank_extras is not None:
+            set_rng_state(rank_extras["rng"], self.ctx.device)
+
+    def _parameters_finite(self) -> bool:
+        from muon_recipes.optim.muon import local
+
+        flags = [torch.isfinite(local(p.detach())).all() for p in self.params]
+        bad = (~torch.stack(flags)).sum().float() if flags else torch.zeros((), device=self.ctx.device)
+        return float(all_reduce_sum(bad)) == 0  # one host sync, whatever the number of parameters
+
+    def save_checkpoint(self) -> None:
+        """Save the state after step `self.step` -- never a non-finite one (the check costs one pass over the
+        local shards, small next to writing them)."""
+        if not self._parameters_finite():
+            raise NonFiniteError(f"non-finite parameters after step {self.step} (the losses and gradients were "
+                                 f"finite); no checkpoint is written from this state")
+        extras, rank_extras = self.checkpoint_extras()
+        self.checkpointer.save(self.step, self.model, self.optimizer, extras, rank_extras, self.config_dict)
 
 
 def _progress_bar(total: int, initial: int):
