@@ -206,6 +206,11 @@ def bench_one(kind: str, model, optim_cfg, ctx, args) -> dict:
     stats = worst_over_ranks({"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * percentile(times, 0.1),
                               "p90_ms": 1e3 * percentile(times, 0.9)}, ctx.device)
     row = {"optimizer": kind, **stats}
+    if kind.startswith("muon"):
+        from muon_recipes.optim import describe_param_groups
+
+        row["groups"] = describe_param_groups(opt)
+        row["bucket_mb"], row["backend"] = opt.bucket_mb, opt.param_groups[0].get("backend")
     if kind.startswith("muon") and args.breakdown and hasattr(opt, "last_step_timings"):
         opt.profile = True
         parts: dict[str, list[float]] = {}

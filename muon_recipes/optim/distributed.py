@@ -14,14 +14,16 @@ so it must neither run on shards nor be repeated on every rank. Per step:
    copy of its share, the minimum); the owner concatenates them, splits the full matrix into its blocks
    (split after assembly, so any `split_sizes` work with any world size), orthogonalizes all its blocks of
    equal shape in one batched call, and a second all-to-all returns each rank its rows.
-4. The buckets form a pipeline: the gather of bucket k+1 and the scatter of bucket k are in flight while
-   bucket k+1 is orthogonalized (asynchronous collectives; on GPUs NCCL runs on its own stream).
+4. The buckets form a pipeline: all gathers are issued at once (asynchronous collectives; on GPUs NCCL
+   runs on its own stream), bucket k is orthogonalized as soon as its gather lands, its scatter is issued
+   right after, and the AdamW groups and the local work run while the first messages are in flight.
 
 HSDP (mesh `(replicate, shard)`): gradients are already identical on the replicas. With `replica_spread`
 the owners are drawn from the whole mesh (each replica gathers only its owners' matrices within its shard
 group) and the second all-to-all sends results to every rank of every replica, so each rank does 1/(R*S)
 of the work and replicas receive the same bytes; without it each replica orthogonalizes the same matrices
-within its shard group. "auto" spreads when there are at least as many matrices as mesh ranks.
+within its shard group. "auto" spreads when there are at least as many matrices as mesh ranks. Local work
+(step 1) is done by every replica on its own copy.
 
 Communication runs in the Newton-Schulz dtype (bf16 by default: half the bytes of float32; the iteration
 rounds to it anyway). The single-process path rounds to the same dtype before normalizing, so sharded and
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -210,6 +212,7 @@ class Bucket:
 
 @dataclass
 class StepPlan:
+    layouts: list[Optional[ShardLayout]]  # per item; None for plain tensors
     local: list[tuple[int, Optional[BlockPlan]]]  # (item index, plan of its local tensor; None = empty shard)
     buckets: list[Bucket]
 
@@ -255,7 +258,7 @@ def build_step_plan(items, cache: dict, bucket_mb: float, replica_spread) -> Ste
         loads = [local_cost[key][o % topo.S] for o in range(P)]
         for bucket in _bucket_members(items, members, P, bucket_mb * 2**20):
             buckets.append(_make_bucket(items, layouts, topo, spread, bucket, loads))
-    return StepPlan(local, buckets)
+    return StepPlan(layouts, local, buckets)
 
 
 def _bucket_members(items, members: list[int], owners: int, cap: float) -> list[list[int]]:
@@ -363,30 +366,33 @@ def _scatter(b: Bucket, results: dict[int, Tensor], layouts, device):
     return work, recv
 
 
-def orthogonalize_sharded(items, timer, cache: dict, bucket_mb: float = 256.0, replica_spread="auto") -> list[Tensor]:
+def orthogonalize_sharded(items, timer, cache: dict, bucket_mb: float = 256.0, replica_spread="auto",
+                          overlap: Optional[Callable[[], None]] = None) -> list[Tensor]:
     """Orthogonalized local update of every item (plain or DTensor parameters), see the module docstring.
 
-    `cache` (owned by the optimizer) keeps process-group maps and the step plan between steps.
+    `cache` (owned by the optimizer) keeps process-group maps and the step plan between steps. `overlap` is
+    independent work (the AdamW groups) run while the first messages are in flight.
     """
     if replica_spread not in REPLICA_SPREAD:
         raise ValueError(f"replica_spread={replica_spread!r}: must be one of {REPLICA_SPREAD}")
-    key = ("plan", bucket_mb, replica_spread,
-           tuple((id(it.param), it.plan, it.ns) for it in items))
+    key = (bucket_mb, replica_spread, tuple((id(it.param), it.plan, it.ns) for it in items))
     if cache.get("plan_key") != key:
         cache["plan_key"], cache["plan"] = key, build_step_plan(items, cache, bucket_mb, replica_spread)
     plan: StepPlan = cache["plan"]
-    layouts = [ShardLayout.of(it.param) if isinstance(it.param, DTensor) else None for it in items]
-    device = items[0].update.device
+    layouts, device = plan.layouts, items[0].update.device
     outputs: list[Optional[Tensor]] = [None] * len(items)
 
+    # Every gather goes out at once: their inputs are ready, and on GPUs they queue on the communication
+    # stream and run while the compute stream orthogonalizes (bucket k waits only for gather k).
     start = timer.now()
-    in_flight = _gather(plan.buckets[0], items, layouts, device) if plan.buckets else None
+    gathers = [_gather(b, items, layouts, device) for b in plan.buckets]
     start = timer.add("comm", start)
+    if overlap is not None:
+        overlap()
+        start = timer.now()
 
-    # Local work first: it overlaps the first gather.
     jobs = [(i, p) for i, p in plan.local if p is not None]
-    results = orthogonalize([(items[i].update, p, items[i].ns) for i, p in jobs])
-    for (i, _), out in zip(jobs, results):
+    for (i, _), out in zip(jobs, orthogonalize([(items[i].update, p, items[i].ns) for i, p in jobs])):
         outputs[i] = out
     for i, p in plan.local:
         if p is None:  # an empty shard
@@ -394,19 +400,17 @@ def orthogonalize_sharded(items, timer, cache: dict, bucket_mb: float = 256.0, r
     start = timer.add("ns", start)
 
     scatters = []
-    for n, b in enumerate(plan.buckets):
-        work, recv = in_flight
-        in_flight = _gather(plan.buckets[n + 1], items, layouts, device) if n + 1 < len(plan.buckets) else None
+    for b, (work, recv) in zip(plan.buckets, gathers):
         work.wait()
         start = timer.add("comm", start)
         fulls = _assemble(b, recv, layouts)
         owned = orthogonalize([(full, items[b.members[k]].plan, items[b.members[k]].ns)
                                for k, full in zip(b.mine, fulls)])
         start = timer.add("ns", start)
-        scatters.append((b, _scatter(b, dict(zip(b.mine, owned)), layouts, device)))
+        scatters.append(_scatter(b, dict(zip(b.mine, owned)), layouts, device))
         start = timer.add("comm", start)
 
-    for b, (work, recv) in scatters:
+    for b, (work, recv) in zip(plan.buckets, scatters):
         work.wait()
         sizes = [layouts[b.members[k]].numel(b.topo.shard) for k in b.recv2_members]
         for k, flat in zip(b.recv2_members, torch.split(recv, sizes)):

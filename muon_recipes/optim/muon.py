@@ -16,7 +16,7 @@ optimizer, so LR schedulers, `state_dict()` and DCP checkpoints see one object. 
 A step has three phases, each over all groups at once so blocks of equal shape share one batched call:
 (1) momentum on the local gradients, (2) orthogonalize -- parameters sharded by FSDP2 are assembled across
 their shard group first (`distributed.py`), every other one is done in place -- and (3) scale and apply.
-`last_step_timings` reports the seconds spent in Newton-Schulz, in communication and in the rest.
+The AdamW groups run during (2), while the sharded path's messages are in flight. `last_step_timings` reports the seconds spent in Newton-Schulz, in communication and in the rest.
 """
 
 from __future__ import annotations
@@ -110,7 +110,10 @@ class Muon(torch.optim.Optimizer):
                         weight_decay=weight_decay, adjust_lr=adjust_lr, ns_steps=ns_steps,
                         ns_schedule=ns_schedule, ns_dtype=ns_dtype, backend=backend, betas=tuple(betas),
                         eps=eps, split_sizes=None, experts="per_expert")
-        self.profile = False  # the trainer sets it on logging steps: exact (synchronized) timings
+        # The trainer sets `profile` on logging steps: CUDA is synchronized between phases so each second is
+        # attributed to NS, communication or the rest (overlap is lost, so that step runs a little slower).
+        # Without it `last_step_timings` holds host-side times, which under-count asynchronous GPU work.
+        self.profile = False
         self.last_step_timings: dict[str, float] = {}
         # Sharded (FSDP2) parameters: target size of one communication bucket, and whether HSDP replicas
         # share the Newton-Schulz work ("auto": when every rank of the mesh still gets a matrix).
@@ -148,14 +151,13 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         device = next((p.device for g in self.param_groups for p in g["params"]), None)
         timer = _StepTimer(self.profile, device)
-        for group in self.param_groups:
-            if group["algorithm"] == "adamw":
-                self._adamw(group)
         items = [item for group in self.param_groups if group["algorithm"] == "muon"
                  for item in self._momentum(group)]
         if items:
-            for item, ortho in zip(items, self._orthogonalize(items, timer)):
+            for item, ortho in zip(items, self._orthogonalize(items, timer, overlap=self._adamw_groups)):
                 self._apply(item, ortho)
+        else:
+            self._adamw_groups()
         self.last_step_timings = timer.finish()
         return loss
 
@@ -194,12 +196,15 @@ class Muon(torch.optim.Optimizer):
         return cached[1], cached[2]
 
     # (2) orthogonalize ----------------------------------------------------------------------------------------
-    def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer) -> list[Tensor]:
-        """Orthogonalized local update of every item; sharded parameters go through `distributed.py`."""
+    def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer, overlap) -> list[Tensor]:
+        """Orthogonalized local update of every item; sharded parameters go through `distributed.py`.
+
+        `overlap` (the AdamW groups) runs while the sharded path's first messages are in flight."""
         if any(is_dtensor(item.param) for item in items):
             from muon_recipes.optim.distributed import orthogonalize_sharded
             return orthogonalize_sharded(items, timer, self._dist_cache, bucket_mb=self.bucket_mb,
-                                         replica_spread=self.replica_spread)
+                                         replica_spread=self.replica_spread, overlap=overlap)
+        overlap()
         start = timer.now()
         results = orthogonalize([(item.update, item.plan, item.ns) for item in items])
         timer.add("ns", start)
@@ -215,6 +220,11 @@ class Muon(torch.optim.Optimizer):
         p.addcmul_(ortho, scale, value=-lr)
 
     # AdamW ----------------------------------------------------------------------------------------------------
+    def _adamw_groups(self) -> None:
+        for group in self.param_groups:
+            if group["algorithm"] == "adamw":
+                self._adamw(group)
+
     def _adamw(self, group: dict) -> None:
         """torch.optim.AdamW's multi-tensor update (decoupled weight decay, bias correction), on local shards."""
         beta1, beta2 = group["betas"]
