@@ -6,7 +6,9 @@ For each shape (batch x m x n, m <= n; bf16; 5 iterations of Keller Jordan's qui
 
 * torch eager: the 3-line loop `A = X X^T; B = b A + c A A; X = a X + B X`,
 * torch.compile of the same loop,
-* ours: `ns_iterations_triton` (launches from Python), and ours replayed from a CUDA graph,
+* ours: `ns_iterations_triton` (kernels="auto": each product on the Triton kernel or cuBLAS, whichever was
+  faster for the shape), launched from Python and replayed from a CUDA graph; and with every product on the
+  Triton kernels (kernels="triton"),
 
 with CUDA events around each whole Newton-Schulz, after warm-up (compilation and autotuning excluded),
 reporting the median of several runs. The floor is the symmetric FLOP count, 3 m^2 n + m^3 per iteration
@@ -219,7 +221,7 @@ def main() -> None:
         raise SystemExit(f"--steps={args.steps}: must be >= 1")
 
     from muon_recipes.optim.kernels import clear_cuda_graphs, ns_iterations_triton, prefer_triton
-    from muon_recipes.optim.kernels.iterations import _update_choice
+    from muon_recipes.optim.kernels.iterations import _plans
     import triton
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -251,8 +253,9 @@ def main() -> None:
                 print(f"{label}: torch.compile failed: {row['torch_compile_error']}", flush=True)
         row["ours"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=False))
         row["ours_graph"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=True))
+        row["ours_all_triton"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, kernels="triton"))
         row["launch_us"] = host_launch_microseconds(lambda: ns_iterations_triton(X, timed_coefficients))
-        row["update_backend"] = {str(k): v for k, v in _update_choice.items() if tuple(k[1:4]) == (batch, m, n)}
+        row["plan"] = [vars(plan) for key, plan in _plans.items() if tuple(key[1:4]) == (batch, m, n)]
         if not args.no_breakdown:
             row["breakdown"] = kernel_breakdown(X, timed_coefficients)
         row["band"] = {}
@@ -266,8 +269,9 @@ def main() -> None:
         print(f"{label}: floor {floor:.3f} ms | eager {row['torch_eager']['median_ms']:.3f} | baddbmm "
               f"{row['torch_baddbmm']['median_ms']:.3f} | compile "
               f"{row.get('torch_compile', {}).get('median_ms', float('nan')):.3f} | ours {row['ours']['median_ms']:.3f}"
-              f" | graph {row['ours_graph']['median_ms']:.3f} | {best / floor:.2f}x floor | host "
-              f"{row['launch_us']:.0f} us/call | {time.time() - t0:.0f}s",
+              f" | graph {row['ours_graph']['median_ms']:.3f} | all-triton {row['ours_all_triton']['median_ms']:.3f}"
+              f" | {best / floor:.2f}x floor | host {row['launch_us']:.0f} us/call | plan {row['plan']} | "
+              f"{time.time() - t0:.0f}s",
               flush=True)
         if "breakdown" in row:
             print("   " + "  ".join(f"{k} {v['ms']:.3f}ms/{v['symmetric_tflops']:.0f}TF"
@@ -287,10 +291,11 @@ def main() -> None:
     plot(rows, device, args.out / "newton_schulz.png")
 
     print(f"\n{device}, bf16, {args.steps} iterations ({schedules[0]}), peak {peak:.0f} TFLOP/s; times in ms (median)")
-    header = "| shape | floor | torch eager | torch baddbmm | torch.compile | ours | ours + graph | best / floor |"
+    header = ("| shape | floor | torch eager | torch baddbmm | torch.compile | ours | ours + graph | ours all-Triton "
+              "| best / floor |")
     band_header = " | ".join(f"band {s} (ours / torch)" for s in schedules)
     print(header[:-1] + "| " + band_header + " |")
-    print("|" + "---|" * (8 + len(schedules)))
+    print("|" + "---|" * (9 + len(schedules)))
     for r in rows:
         best = min(r["ours"]["median_ms"], r["ours_graph"]["median_ms"])
         compile_ms = f"{r['torch_compile']['median_ms']:.3f}" if "torch_compile" in r else "-"
@@ -298,7 +303,8 @@ def main() -> None:
                            for s in schedules)
         print(f"| {r['shape']} | {r['floor_ms']:.3f} | {r['torch_eager']['median_ms']:.3f} | "
               f"{r['torch_baddbmm']['median_ms']:.3f} | {compile_ms} | "
-              f"{r['ours']['median_ms']:.3f} | {r['ours_graph']['median_ms']:.3f} | {best / r['floor_ms']:.2f}x | "
+              f"{r['ours']['median_ms']:.3f} | {r['ours_graph']['median_ms']:.3f} | "
+              f"{r['ours_all_triton']['median_ms']:.3f} | {best / r['floor_ms']:.2f}x | "
               f"{bands} |")
 
 

@@ -87,7 +87,7 @@ def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dic
                          "torch": _relative_error(a * X + B @ X, exact)}
 
     before = X.clone()
-    ours = ns_iterations_triton(X, TWO_STEPS)
+    ours = ns_iterations_triton(X, TWO_STEPS, kernels="triton")
     exact = _torch_iterations(X.double(), TWO_STEPS)
     results["iterations"] = {"ours": _relative_error(ours, exact),
                              "torch": _relative_error(_torch_iterations(X, TWO_STEPS), exact),

@@ -1,21 +1,28 @@
 """The Newton-Schulz loop on the Triton kernels, with an optional CUDA graph per (shape, dtype, schedule).
 
-One iteration (Keller Jordan's Muon; the polynomial X <- a X + b (X X^T) X + c (X X^T)^2 X) is three launches:
+One iteration (Keller Jordan's Muon; the polynomial X <- a X + b (X X^T) X + c (X X^T)^2 X) is three products:
 
     A  = X X^T              symmetric: upper-triangle tiles, mirrored        (symmetric.py)
     B  = b A + c A A        symmetric again, b A fused into the epilogue      (symmetric.py)
-    X' = a X + B X          a X fused into the epilogue (Triton or cuBLAS)    (update.py)
+    X' = a X + B X          a X fused into the epilogue                       (update.py)
+
+With `kernels="auto"` (the default) each of the three products runs on whichever of the Triton kernel and
+the cuBLAS product with the same fused epilogue (`bmm`, `baddbmm`) measured faster for this shape, timed once
+per (device, shape, dtype, precision) on the first call. Halving the FLOPs of the symmetric products wins
+for large matrices; for small batched ones cuBLAS's batched kernels are sometimes faster per FLOP than the
+halved work is cheap (see docs/benchmarks.md). `kernels="triton"` always uses the Triton kernels.
 
 Buffers are allocated once per call and X ping-pongs between two of them, so the caller's tensor is never
 written. Small matrices are bound by launch latency (15 launches for 5 iterations, each a few microseconds
-of GPU work): `cuda_graph=True` captures the whole loop once per (device, shape, dtype, coefficients,
-precision) and replays it, which leaves one graph launch, one copy in and one copy out per call.
+of GPU work): `cuda_graph=True` captures the whole loop once per (device, shape, dtype, coefficients, kernel
+choice) and replays it, which leaves one graph launch, one copy in and one copy out per call.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,12 +30,44 @@ from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision, interpreting
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
 
-UPDATE_BACKENDS = ("auto", "triton", "cublas")
+KERNEL_CHOICES = ("auto", "triton")
 
-# (device, batch, m, n, dtype, precision) -> "triton" | "cublas", measured once per process.
-_update_choice: dict[tuple, str] = {}
-# (device, shape, dtype, coefficients, update, precision) -> captured loop
+
+@dataclass(frozen=True)
+class Plan:
+    """Which implementation runs each product of an iteration: "triton" or "cublas"."""
+    gram: str = "triton"
+    polynomial: str = "triton"
+    update: str = "triton"
+
+
+ALL_TRITON = Plan()
+
+# (device, batch, m, n, dtype, precision) -> Plan, measured once per process.
+_plans: dict[tuple, Plan] = {}
+# (device, shape, dtype, coefficients, kernels, precision) -> captured loop
 _graphs: dict[tuple, "_CapturedNewtonSchulz"] = {}
+
+
+def _gram_cublas(X, A):
+    torch.bmm(X, X.mT, out=A)
+
+
+def _polynomial_cublas(A, B, b, c):
+    torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+
+
+def _gram_triton(X, A):
+    launch_symmetric_matmul(X, A)
+
+
+def _polynomial_triton(A, B, b, c):
+    launch_symmetric_matmul(A, B, alpha=c, beta=b, c=A)
+
+
+_GRAM = {"triton": _gram_triton, "cublas": _gram_cublas}
+_POLYNOMIAL = {"triton": _polynomial_triton, "cublas": _polynomial_cublas}
+_UPDATE = {"triton": launch_update, "cublas": launch_update_cublas}
 
 
 def _check_input(X: torch.Tensor) -> None:
@@ -58,73 +97,75 @@ def _check_coefficients(coefficients: Sequence) -> tuple[tuple[float, float, flo
     return coeffs
 
 
-def _resolve_update(X: torch.Tensor, A: torch.Tensor, update: str, a: float) -> str:
-    """Which backend runs X' = a X + B X for this shape: the caller's choice or the one measured faster."""
-    if update not in UPDATE_BACKENDS:
-        raise ValueError(f"update={update!r}: must be one of {', '.join(UPDATE_BACKENDS)}")
-    if update != "auto":
-        return update
-    if not X.is_cuda:
-        return "triton"
+def _median_ms(fn: Callable[[], None], repeats: int = 5) -> float:
+    fn()   # compiles and autotunes on the first call of a Triton kernel
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2]
+
+
+def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float]) -> Plan:
+    """Time each product with the Triton kernel and with cuBLAS on this shape; keep the faster of each."""
+    a, b, c = coefficient
+    A = torch.empty((X.shape[0], X.shape[1], X.shape[1]), dtype=X.dtype, device=X.device)
+    B, out = torch.empty_like(A), torch.empty_like(X)
+    _gram_triton(X, A)   # a realistic A (symmetric, the spectrum of X X^T) for the next products
+    choices = {}
+    for product, table, run in (("gram", _GRAM, lambda f: f(X, A)),
+                                ("polynomial", _POLYNOMIAL, lambda f: f(A, B, b, c)),
+                                ("update", _UPDATE, lambda f: f(X, B, a, out))):
+        times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items()}
+        choices[product] = min(times, key=times.get)
+    return Plan(**choices)
+
+
+def _plan_for(X: torch.Tensor, coeffs, kernels: str) -> Plan:
+    if kernels == "triton" or not X.is_cuda:
+        return ALL_TRITON
     key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype))
-    choice = _update_choice.get(key)
-    if choice is None:
+    plan = _plans.get(key)
+    if plan is None:
         if torch.cuda.is_current_stream_capturing():
-            return "triton"   # cannot time inside a capture; the graph runner measures before capturing
-        choice = _update_choice[key] = _measure_update(X, A, a)
-    return choice
+            return ALL_TRITON   # cannot time inside a capture; the graph runner plans before capturing
+        plan = _plans[key] = _measure_plan(X, coeffs[0])
+    return plan
 
 
-def _measure_update(X: torch.Tensor, B: torch.Tensor, a: float, repeats: int = 5) -> str:
-    out = torch.empty_like(X)
-    times = {}
-    for name, launch in (("triton", launch_update), ("cublas", launch_update_cublas)):
-        launch(X, B, a, out)   # compiles and autotunes on the first call
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            launch(X, B, a, out)
-            end.record()
-        torch.cuda.synchronize()
-        times[name] = sorted(s.elapsed_time(e) for s, e in events)[repeats // 2]
-    return min(times, key=times.get)
-
-
-def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], update: str) -> torch.Tensor:
+def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan) -> torch.Tensor:
     batch, m, n = X.shape
     A = torch.empty((batch, m, m), dtype=X.dtype, device=X.device)
     B = torch.empty_like(A)
-    # The Gram matrix must exist before the update backend can be timed on a realistic B.
-    launch_symmetric_matmul(X, A)
-    backend = _resolve_update(X, A, update, coeffs[0][0])
-    launch_update_fn = launch_update if backend == "triton" else launch_update_cublas
-    buffers = [torch.empty_like(X), torch.empty_like(X) if len(coeffs) > 1 else None]
+    gram, polynomial, update = _GRAM[plan.gram], _POLYNOMIAL[plan.polynomial], _UPDATE[plan.update]
+    buffers = (torch.empty_like(X), torch.empty_like(X) if len(coeffs) > 1 else None)
     current = X
     for step, (a, b, c) in enumerate(coeffs):
-        if step > 0:
-            launch_symmetric_matmul(current, A)
-        launch_symmetric_matmul(A, B, alpha=c, beta=b, c=A)
+        gram(current, A)
+        polynomial(A, B, b, c)
         target = buffers[step % 2]
-        launch_update_fn(current, B, a, target)
+        update(current, B, a, target)
         current = target
     return current
 
 
 class _CapturedNewtonSchulz:
-    """The whole loop for one (shape, dtype, coefficients), captured in a CUDA graph and replayed."""
+    """The whole loop for one (shape, dtype, coefficients, plan), captured in a CUDA graph and replayed."""
 
-    def __init__(self, X: torch.Tensor, coeffs, update: str):
+    def __init__(self, X: torch.Tensor, coeffs, plan: Plan):
         self.input = X.clone()
-        # Compile, autotune and choose the update backend outside the capture (none of it can be captured).
+        # Compile and autotune outside the capture (neither can be captured).
         side = torch.cuda.Stream(device=X.device)
         side.wait_stream(torch.cuda.current_stream(X.device))
         with torch.cuda.stream(side):
-            _iterate(self.input, coeffs, update)
+            _iterate(self.input, coeffs, plan)
         torch.cuda.current_stream(X.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = _iterate(self.input, coeffs, update)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.output = _iterate(self.input, coeffs, plan)
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
         self.input.copy_(X)
@@ -138,30 +179,31 @@ def clear_cuda_graphs() -> None:
 
 
 def ns_iterations_triton(X: torch.Tensor, coefficients: Sequence, *, cuda_graph: bool | None = None,
-                         update: str = "auto") -> torch.Tensor:
+                         kernels: str = "auto") -> torch.Tensor:
     """Newton-Schulz iterations on a normalized batch X [B, m, n] (m <= n, contiguous, bf16 or fp32).
 
     Per (a, b, c) of `coefficients`: A = X X^T; B = b A + c A A; X = a X + B X, the same arithmetic as the
     torch loop, with fp32 accumulation and one rounding per product. Returns a new tensor; X is not written.
 
+    kernels: "auto" runs each product on the Triton kernel or on cuBLAS, whichever measured faster for this
+        shape (timed once per shape); "triton" always on the Triton kernels.
     cuda_graph: capture the loop per (shape, dtype, coefficients) and replay it (pays off for small,
-        launch-bound matrices; costs the graph's buffers for the life of the process). None reads the
-        environment variable MUON_NS_CUDA_GRAPH ("1" to enable), default off.
-    update: backend of the X' = a X + B X product: "triton" (fused kernel), "cublas" (baddbmm) or "auto"
-        (time both once per shape and keep the faster).
+        launch-bound matrices; keeps the graph's buffers for the life of the process, see
+        `clear_cuda_graphs`). None reads the environment variable MUON_NS_CUDA_GRAPH ("1" enables it).
     """
     coeffs = _check_coefficients(coefficients)
     _check_input(X)
-    if update not in UPDATE_BACKENDS:
-        raise ValueError(f"update={update!r}: must be one of {', '.join(UPDATE_BACKENDS)}")
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={kernels!r}: must be one of {', '.join(KERNEL_CHOICES)}")
     if not coeffs:
         return X.clone()
+    plan = _plan_for(X, coeffs, kernels)
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
     if cuda_graph and X.is_cuda and not torch.cuda.is_current_stream_capturing():
-        key = (X.device.index, tuple(X.shape), X.dtype, coeffs, update, input_precision(X.dtype))
+        key = (X.device.index, tuple(X.shape), X.dtype, coeffs, plan, input_precision(X.dtype))
         runner = _graphs.get(key)
         if runner is None:
-            runner = _graphs[key] = _CapturedNewtonSchulz(X, coeffs, update)
+            runner = _graphs[key] = _CapturedNewtonSchulz(X, coeffs, plan)
         return runner(X)
-    return _iterate(X, coeffs, update)
+    return _iterate(X, coeffs, plan)

@@ -17,43 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from muon_recipes.optim.kernels.launch import FastLaunch
+from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
+                                                 round_to_output)
 from muon_recipes.optim.kernels.tuning import input_precision, interpreting, matmul_configs, prune_configs
-
-
-@triton.jit
-def multiply_accumulate(acc, left, right, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
-    """acc + left @ right, accumulated in fp32."""
-    if INTERPRETED_BF16:
-        # Triton's CPU interpreter multiplies bf16 tiles as their raw 16-bit integers. The upcast is exact,
-        # and a tensor-core bf16 product is exact in fp32 too, so the result is the same.
-        left = left.to(tl.float32)
-        right = right.to(tl.float32)
-    if INPUT_PRECISION == "ieee":
-        acc = tl.dot(left, right, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(left, right, acc)
-    return acc
-
-
-@triton.jit
-def round_to_output(value, out_ptr, INTERPRETED_BF16: tl.constexpr):
-    """Round an fp32 tile to the element type of `out_ptr`, to nearest even as the GPU's cast does."""
-    if INTERPRETED_BF16:
-        # The CPU interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return value.to(out_ptr.dtype.element_ty)
-
-
-def interpreted_bf16(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "K", "BATCH", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_configs})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "K_TILES": k_tiles_heuristic})
 @triton.jit
 def _symmetric_matmul_kernel(
     x_ptr, c_ptr, out_ptr,
@@ -62,9 +34,9 @@ def _symmetric_matmul_kernel(
     stride_cb, stride_cm,   # c: [BATCH, M, M], unit stride along the last dim
     stride_ob, stride_om,   # out: [BATCH, M, M], unit stride along the last dim
     alpha, beta,
-    HAS_C: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+    HAS_C: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, K_TILES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -93,7 +65,7 @@ def _symmetric_matmul_kernel(
     right_ptrs = x_batch + cols_in[None, :] * stride_xm + offs_k[:, None]    # X[cols, k]^T    [BK, BN]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, reduction_tiles(K, BLOCK_K, K_TILES, INTERPRETED)):
         if EVEN_K:
             left = tl.load(left_ptrs)
             right = tl.load(right_ptrs)
@@ -101,7 +73,7 @@ def _symmetric_matmul_kernel(
             k_left = K - k * BLOCK_K
             left = tl.load(left_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             right = tl.load(right_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = multiply_accumulate(acc, left, right, INPUT_PRECISION, INTERPRETED_BF16)
+        acc = multiply_accumulate(acc, left, right, INPUT_PRECISION, INTERPRETED)
         left_ptrs += BLOCK_K
         right_ptrs += BLOCK_K
 
@@ -111,13 +83,23 @@ def _symmetric_matmul_kernel(
         c_tile = tl.load(c_ptr + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :], mask=in_bounds,
                          other=0.0)
         result += beta * c_tile.to(tl.float32)
-    result = round_to_output(result, out_ptr, INTERPRETED_BF16)
+    result = round_to_output(result, out_ptr, INTERPRETED)
 
     out_batch = out_ptr + batch * stride_ob
-    upper = in_bounds & (cols[None, :] >= rows[:, None])
-    tl.store(out_batch + rows[:, None] * stride_om + cols[None, :], result, mask=upper)
-    strictly_upper = in_bounds & (cols[None, :] > rows[:, None])
-    tl.store(out_batch + cols[None, :] * stride_om + rows[:, None], result, mask=strictly_upper)
+    direct_ptrs = out_batch + rows[:, None] * stride_om + cols[None, :]
+    mirror_ptrs = out_batch + cols[None, :] * stride_om + rows[:, None]
+    if pid_n * BLOCK_N >= (pid_m + 1) * BLOCK_M:
+        # Entirely above the diagonal (most tiles): only the matrix edge masks the stores, so they stay
+        # vectorized (a per-element triangle mask would split them into 2-byte stores).
+        tl.store(direct_ptrs, result, mask=in_bounds)
+        tl.store(mirror_ptrs, result, mask=in_bounds)
+    else:
+        # Crossing the diagonal: the upper triangle in place, the strictly upper part mirrored.
+        tl.store(direct_ptrs, result, mask=in_bounds & (cols[None, :] >= rows[:, None]))
+        tl.store(mirror_ptrs, result, mask=in_bounds & (cols[None, :] > rows[:, None]))
+
+
+_launch_symmetric = FastLaunch(_symmetric_matmul_kernel)
 
 
 def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, beta: float = 0.0,
@@ -127,14 +109,12 @@ def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1
     has_c = c is not None
     c_arg = c if has_c else out
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]), batch)
-
-    _symmetric_matmul_kernel[grid](
-        x, c_arg, out, m, k, batch,
-        x.stride(0), x.stride(1), c_arg.stride(0), c_arg.stride(1), out.stride(0), out.stride(1),
-        alpha, beta, HAS_C=has_c, INPUT_PRECISION=input_precision(x.dtype),
-        INTERPRETED_BF16=interpreted_bf16(x.dtype))
+    _launch_symmetric(
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]), batch, 1),
+        (x, c_arg, out, m, k, batch,
+         x.stride(0), x.stride(1), c_arg.stride(0), c_arg.stride(1), out.stride(0), out.stride(1),
+         alpha, beta),
+        {"HAS_C": has_c, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
     return out
 
 

@@ -6,7 +6,7 @@ scale-and-add pass over it) and rounds once. X' must not alias X: every output t
 block of X.
 
 cuBLAS is also at its best on this plain product and fuses the same epilogue (`baddbmm` with beta = a), so
-`ns_iterations_triton` times both once per shape and keeps the faster ("fused as far as it pays").
+`ns_iterations_triton(kernels="auto")` times both once per shape and keeps the faster.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.kernels.symmetric import (_check_batched, _output, interpreted_bf16, multiply_accumulate,
-                                                  round_to_output)
-from muon_recipes.optim.kernels.tuning import input_precision, matmul_configs, prune_configs
+from muon_recipes.optim.kernels.launch import FastLaunch
+from muon_recipes.optim.kernels.symmetric import _check_batched, _output
+from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
+                                                 round_to_output)
+from muon_recipes.optim.kernels.tuning import input_precision, interpreting, matmul_configs, prune_configs
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "N", "BATCH", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+                    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0, "K_TILES": k_tiles_heuristic})
 @triton.jit
 def _update_kernel(
     b_ptr, x_ptr, out_ptr,
@@ -32,9 +34,9 @@ def _update_kernel(
     stride_xb, stride_xm,
     stride_ob, stride_om,
     alpha,
-    INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, K_TILES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -57,7 +59,7 @@ def _update_kernel(
     col_ok = cols[None, :] < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, reduction_tiles(K, BLOCK_K, K_TILES, INTERPRETED)):
         if EVEN_K:
             b_tile = tl.load(b_ptrs)
             if EVEN_N:
@@ -68,7 +70,7 @@ def _update_kernel(
             k_left = K - k * BLOCK_K
             b_tile = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             x_tile = tl.load(x_ptrs, mask=(offs_k[:, None] < k_left) & col_ok, other=0.0)
-        acc = multiply_accumulate(acc, b_tile, x_tile, INPUT_PRECISION, INTERPRETED_BF16)
+        acc = multiply_accumulate(acc, b_tile, x_tile, INPUT_PRECISION, INTERPRETED)
         b_ptrs += BLOCK_K
         x_ptrs += BLOCK_K * stride_xm
 
@@ -76,20 +78,21 @@ def _update_kernel(
     x_own = tl.load(x_batch + rows[:, None] * stride_xm + cols[None, :], mask=in_bounds, other=0.0)
     result = acc + alpha * x_own.to(tl.float32)
     tl.store(out_ptr + batch * stride_ob + rows[:, None] * stride_om + cols[None, :],
-             round_to_output(result, out_ptr, INTERPRETED_BF16), mask=in_bounds)
+             round_to_output(result, out_ptr, INTERPRETED), mask=in_bounds)
+
+
+_launch_update = FastLaunch(_update_kernel)
 
 
 def launch_update(x: torch.Tensor, b: torch.Tensor, a: float, out: torch.Tensor) -> torch.Tensor:
     """out = a * x + b @ x for contiguous x [B, M, N], b [B, M, M]; out must not alias x; no checks."""
     batch, m, n = x.shape
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch)
-
-    _update_kernel[grid](
-        b, x, out, m, n, m, batch,
-        b.stride(0), b.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        a, INPUT_PRECISION=input_precision(x.dtype), INTERPRETED_BF16=interpreted_bf16(x.dtype))
+    _launch_update(
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch, 1),
+        (b, x, out, m, n, m, batch,
+         b.stride(0), b.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), a),
+        {"INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
     return out
 
 

@@ -1,0 +1,60 @@
+"""Pieces shared by the kernels' inner loops and epilogues, with the CPU interpreter's quirks handled.
+
+The kernels are tested on CPU under `TRITON_INTERPRET=1`. The interpreter differs from the GPU in three
+places that matter here, each handled under the compile-time flag `INTERPRETED` (False on the GPU, where the
+branches vanish at compile time):
+
+* it multiplies bf16 tiles as their raw 16-bit integers: upcast to fp32 first (exact, and a tensor-core
+  bf16 product is exact in fp32 too, so the result is the same);
+* it truncates fp32 -> bf16 instead of rounding to nearest even: round on the bits;
+* some versions (3.6 with numpy 2) cannot loop up to a run-time bound: the trip count comes in as a
+  constant (`k_tiles`, from a heuristic that is 0 on the GPU).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from muon_recipes.optim.kernels.tuning import interpreting
+
+
+@triton.jit
+def multiply_accumulate(acc, left, right, INPUT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + left @ right, accumulated in fp32 (true fp32 when INPUT_PRECISION is "ieee", else TF32/bf16)."""
+    if INTERPRETED:
+        left = left.to(tl.float32)
+        right = right.to(tl.float32)
+    if INPUT_PRECISION == "ieee":
+        acc = tl.dot(left, right, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(left, right, acc)
+    return acc
+
+
+@triton.jit
+def round_to_output(value, out_ptr, INTERPRETED: tl.constexpr):
+    """Round an fp32 tile to the element type of `out_ptr`, to nearest even as the GPU's cast does."""
+    if INTERPRETED:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return value.to(out_ptr.dtype.element_ty)
+    else:
+        return value.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def reduction_tiles(K, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Trip count of the loop over the reduction dimension."""
+    if INTERPRETED:
+        return K_TILES
+    else:
+        return tl.cdiv(K, BLOCK_K)
+
+
+def k_tiles_heuristic(args) -> int:
+    """K_TILES for the interpreter; a constant 0 on the GPU so it never causes a recompilation."""
+    return triton.cdiv(args["K"], args["BLOCK_K"]) if interpreting() else 0
