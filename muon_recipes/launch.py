@@ -233,8 +233,10 @@ def _validate_before_spawn(cfg: Any, nproc: int) -> None:
     try:
         validate(to_dataclass(cfg), nproc)
     except ConfigError as e:
+        from muon_recipes.train.entry import EXIT_BAD_INPUT
+
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def run_job(cfg: Any, train: Callable[[Any], Any]) -> Any:
@@ -261,6 +263,19 @@ def run_job(cfg: Any, train: Callable[[Any], Any]) -> Any:
             result = train(cfg)
             ok = True
             return result
+        except SystemExit as e:
+            # The trainer ends a run with sys.exit: 2 for a bad config (stop the sweep, as the torchrun path does
+            # before spawning), other codes for a run that failed (e.g. 3, non-finite loss at a too-high lr): only
+            # this job failed; Hydra records it and goes on with the next, as for a torchrun job.
+            if e.code in (0, None):
+                ok = True
+                return None
+            from muon_recipes.train.entry import EXIT_BAD_INPUT
+
+            if e.code == EXIT_BAD_INPUT:
+                raise
+            raise SweepJobError(f"sweep job {job.num} ({' '.join(job.overrides)}) failed: the run exited with "
+                                f"code {e.code}; its output is in {job.output_dir}") from None
         finally:
             for k, v in saved.items():  # undo the world of one that the trainer set up for itself
                 if v is None:

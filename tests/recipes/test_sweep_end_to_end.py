@@ -172,3 +172,15 @@ def test_bad_config_fails_before_any_process_starts(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "mesh.kind" in errors[0] and "world size is 2" in errors[0]
     assert not (tmp_path / "sweep" / "0" / "metrics.jsonl").exists()
+
+
+def test_diverged_job_fails_alone(tmp_path):
+    """In process, a run that ends itself (non-finite loss at an absurd lr: exit code 3) fails only its job; the
+    next job still trains and the sweep exits non-zero naming the failed job."""
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "optim=adamw", "optim.adamw.lr=1e30,0.003", "train.steps=3",
+                    *[o for o in TINY if not o.startswith("train.steps")])
+    assert proc.returncode == 1
+    assert "[sweep] job 1/2 FAILED" in proc.stdout and "[sweep] job 2/2 done" in proc.stdout
+    assert "exited with code 3" in proc.stderr and str(sweep_dir / "0") in proc.stderr
+    assert [x["step"] for x in rows(sweep_dir / "1")] == [1, 2, 3]
