@@ -126,10 +126,11 @@ class NSSettings:
 def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) -> list[torch.Tensor]:
     """Orthogonalize the blocks of many full updates; returns one tensor per job (its shape, `settings.dtype`).
 
-    Blocks of equal shape, device and settings are concatenated into one batch, so e.g. the k and v blocks
-    of every layer's fused QKV go through a single batched call.
+    Blocks of equal shape up to transposition (NS(G^T) = NS(G)^T), device and settings are concatenated into
+    one batch: e.g. the k and v blocks of every layer's fused QKV, or every gate, up (transposed) and down
+    matrix of a dense MLP, go through a single batched call.
     """
-    buckets: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    buckets: dict[tuple, list[tuple[int, int, bool, torch.Tensor]]] = {}
     outputs, plans_pieces = [], []
     for j, (update, plan, ns) in enumerate(jobs):
         outputs.append(torch.empty(update.shape, dtype=ns.dtype, device=update.device))
@@ -139,15 +140,16 @@ def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) ->
             if piece.numel() == 0:
                 plans_pieces[j][b] = piece
                 continue
-            key = (tuple(piece.shape[-2:]), piece.device, ns)
-            buckets.setdefault(key, []).append((j, b, piece))
+            tall = piece.shape[-2] > piece.shape[-1]
+            wide = piece.mT if tall else piece
+            buckets.setdefault((tuple(wide.shape[-2:]), piece.device, ns), []).append((j, b, tall, wide))
     for (_, _, ns), members in buckets.items():
-        batch = torch.cat([piece.to(ns.dtype) for _, _, piece in members]) if len(members) > 1 else members[0][2]
+        pieces = [wide for *_, wide in members]
+        batch = torch.cat([p.to(ns.dtype) for p in pieces]) if len(pieces) > 1 else pieces[0]
         result = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
                                backend=ns.backend, eps=ns.eps)
-        counts = [piece.shape[0] for _, _, piece in members]
-        for (j, b, _), out in zip(members, torch.split(result, counts)):
-            plans_pieces[j][b] = out
+        for (j, b, tall, _), out in zip(members, torch.split(result, [p.shape[0] for p in pieces])):
+            plans_pieces[j][b] = out.mT if tall else out
     for (_, plan, _), out, pieces in zip(jobs, outputs, plans_pieces):
         plan.assemble(pieces, out)
     return outputs

@@ -145,14 +145,15 @@ def test_equal_block_shapes_share_one_batched_call(monkeypatch):
 
     monkeypatch.setattr(orthogonalize_module, "newton_schulz", counting)
     qkv = [nn.Parameter(torch.randn(20, 16)) for _ in range(2)]  # blocks 12x16, 4x16, 4x16
-    square = [nn.Parameter(torch.randn(4, 16)) for _ in range(3)]  # same shape as the k/v blocks
+    small = [nn.Parameter(torch.randn(4, 16)) for _ in range(3)]  # same shape as the k/v blocks
+    tall = nn.Parameter(torch.randn(16, 4))  # the transpose of a k/v block: joins their batch
     experts = nn.Parameter(torch.randn(3, 12, 16))  # 3 blocks of 12x16, like q
-    opt = Muon([dict(params=qkv, split_sizes=(12, 4, 4)), dict(params=square), dict(params=[experts])],
+    opt = Muon([dict(params=qkv, split_sizes=(12, 4, 4)), dict(params=small + [tall]), dict(params=[experts])],
                backend="torch")
-    for p in qkv + square + [experts]:
+    for p in qkv + small + [tall, experts]:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert sorted(calls) == [(5, 12, 16), (7, 4, 16)]
+    assert sorted(calls) == [(5, 12, 16), (8, 4, 16)]
 
 
 # --------------------------------------------------------------------------------------------------------------
