@@ -184,3 +184,17 @@ def test_diverged_job_fails_alone(tmp_path):
     assert "[sweep] job 1/2 FAILED" in proc.stdout and "[sweep] job 2/2 done" in proc.stdout
     assert "exited with code 3" in proc.stderr and str(sweep_dir / "0") in proc.stderr
     assert [x["step"] for x in rows(sweep_dir / "1")] == [1, 2, 3]
+
+
+@pytest.mark.distributed
+def test_submitit_tasks_are_ranks(tmp_path):
+    """hydra/launcher=submitit_local with 2 tasks: the path `hydra/launcher=slurm` takes on a cluster (one task per
+    GPU, ranks exported from the submitit job environment), here with gloo on CPU."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                    "hydra.launcher.timeout_min=10", "train.steps=2",
+                    *[o for o in TINY if not o.startswith("train.steps")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = rows(sweep_dir / "0")
+    assert [x["step"] for x in r] == [1, 2] and r[0]["tokens"] == 2 * 4 * 32  # world size 2
