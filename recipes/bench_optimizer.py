@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.optimizers.split(",")) - set(OPTIMIZERS)
     if unknown:
         p.error(f"--optimizers: unknown {sorted(unknown)}; valid: {', '.join(OPTIMIZERS)}")
+    models = sorted(f.stem for f in (ROOT / "conf" / "model").glob("*.yaml"))
     for name in args.model.split(","):
-        if not (ROOT / "conf" / "model" / f"{name}.yaml").exists():
-            p.error(f"--model: {name!r} is not in conf/model ({', '.join(sorted(f.stem for f in (ROOT / 'conf' / 'model').glob('*.yaml')))})")
+        if name not in models:
+            p.error(f"--model: {name!r} is not in conf/model ({', '.join(models)})")
     if not (ROOT / "conf" / "optim" / f"{args.optim}.yaml").exists():
         p.error(f"--optim: {args.optim!r} is not in conf/optim")
     if args.steps < 1 or args.warmup < 0:

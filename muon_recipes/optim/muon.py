@@ -16,7 +16,8 @@ optimizer, so LR schedulers, `state_dict()` and DCP checkpoints see one object. 
 A step has three phases, each over all groups at once so blocks of equal shape share one batched call:
 (1) momentum on the local gradients, (2) orthogonalize -- parameters sharded by FSDP2 are assembled across
 their shard group first (`distributed.py`), every other one is done in place -- and (3) scale and apply.
-The AdamW groups run during (2), while the sharded path's messages are in flight. `last_step_timings` reports the seconds spent in Newton-Schulz, in communication and in the rest.
+The AdamW groups run during (2), while the sharded path's messages are in flight. `last_step_timings`
+reports the seconds spent in Newton-Schulz, in communication and in the rest.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ class BlockPlan:
         rows = shape[-2]
         blocks = tuple(int(s) for s in split_sizes) if split_sizes else (rows,)
         if sum(blocks) != rows or any(s <= 0 for s in blocks):
-            raise ValueError(f"split_sizes={tuple(blocks)}: must be positive and sum to the {rows} rows of shape {shape}")
+            raise ValueError(f"split_sizes={tuple(blocks)}: must be positive and sum to the {rows} rows "
+                             f"of shape {shape}")
         return cls(shape, blocks, fuse_experts=len(shape) == 3 and experts == "fused")
 
     @property
