@@ -179,6 +179,7 @@ def test_prefer_triton_only_on_cuda():
     assert isinstance(triton_available(), bool)
     if torch.cuda.is_available() and triton_available():
         assert prefer_triton(torch.zeros(8, 1024, 4096, device="cuda", dtype=torch.bfloat16)) is True
+        assert prefer_triton(torch.zeros(8, 64, 128, device="cuda", dtype=torch.bfloat16)) is False
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:

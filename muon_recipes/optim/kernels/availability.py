@@ -1,8 +1,11 @@
 """Whether the Triton Newton-Schulz kernels can run here, and for which shapes they beat torch.
 
 `prefer_triton` is what `newton_schulz(..., backend="auto")` asks. The rule is measured, not assumed: it
-comes from `recipes/bench_newton_schulz.py` on an H100 (bf16, 5 iterations; docs/benchmarks.md holds the
-table). Shapes outside the measured range fall back to torch, whose cuBLAS products are never far off.
+comes from `recipes/bench_newton_schulz.py` on an H100 (bf16, 5 iterations, 2026-11-22; docs/benchmarks.md
+holds the table). There `ns_iterations_triton` (kernels="auto") was faster than or level with the torch loop,
+its baddbmm form and torch.compile for every measured shape, m from 256 (128 x 256 x 1024: 0.71 ms against
+0.99 ms at best) to 8192 (17.8 ms against 25.1 ms). Shapes outside that range (m < 256) and fp32 (not
+benchmarked) stay on torch.
 """
 
 from __future__ import annotations
@@ -35,17 +38,15 @@ def triton_available() -> bool:
 def prefer_triton(X: torch.Tensor) -> bool:
     """True when the Triton kernels measured faster than torch for a batch X [B, m, n] (or [m, n]).
 
-    Only on CUDA with Triton importable, for bf16 and fp32 matrices whose small side m is at least
-    `MIN_SIDE` (below it every product is a few microseconds of GPU work and the launch count, the same
-    for both backends, dominates).
+    Only on CUDA with Triton importable, for bf16 matrices whose small side m is at least `MIN_SIDE`.
     """
     if not isinstance(X, torch.Tensor) or not X.is_cuda or X.ndim not in (2, 3):
         return False
-    if X.dtype not in (torch.bfloat16, torch.float32) or not _triton_imports():
+    if X.dtype != torch.bfloat16 or not _triton_imports():
         return False
     m = min(X.shape[-2], X.shape[-1])
     return m >= MIN_SIDE
 
 
-# Smallest m (the Gram side) at which the kernels beat torch eager; set from the benchmark (see module doc).
+# Smallest m (the Gram side) measured faster than torch; set from the benchmark (see the module doc).
 MIN_SIDE = 256
