@@ -474,7 +474,8 @@ class Checkpointer:
             dcp.load(state, storage_reader=_SafeReader(path), planner=_WeightsOnlyLoadPlanner(),
                      process_group=self.group)
         except (Exception, CheckpointException) as e:  # truncated shard, unsafe pickle, ...
-            raise CheckpointError(f"checkpoint {path} could not be read: {_describe_failure(e)}") from None
+            raise CheckpointError(f"checkpoint {path} could not be read ({_describe_failure(e)}): its .distcp files "
+                                  "are truncated or corrupt; resume from an older one with train.resume=<path>") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         for group, h in zip(optimizer.param_groups, hyper):
             group.update(h)

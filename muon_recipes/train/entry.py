@@ -46,6 +46,22 @@ def _hydra_run_dir() -> str:
         return os.path.join("outputs", time.strftime("%Y-%m-%d/%H-%M-%S"))
 
 
+def _warn_if_restart_lost_its_run_dir(rc: RunConfig) -> None:
+    """torchrun restarted this job, but Hydra's run directory is a new timestamped one: resume=auto finds nothing."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or rc.run_dir or rank_from_env() != 0:
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        fixed = any(str(o).startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
+    except Exception:  # not under Hydra
+        return
+    if not fixed:
+        print(f"warning: torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']} starts in a new run directory "
+              "(Hydra's timestamp), so train.resume=auto cannot see the first attempt's checkpoints; pass run_dir=... "
+              "or hydra.run.dir=... to resume on restarts", file=sys.stderr, flush=True)
+
+
 def _check_run_dir(path: str) -> None:
     probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
@@ -128,6 +144,7 @@ def run(cfg: Any) -> list[dict]:
                               f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer="
                               f"{rc.data.tokenizer})")
         run_dir = rc.run_dir or _hydra_run_dir()
+        _warn_if_restart_lost_its_run_dir(rc)
         check_run_dir(rc, run_dir if (rc.run_dir or rank_from_env() == 0) else None)
     except (ConfigError, CheckpointError) as e:
         _fail(str(e))
@@ -194,6 +211,9 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
                   + (f"; {moved_rows} metrics rows after it moved to metrics.discarded.jsonl" if moved_rows else "")
                   + (f"; newer checkpoints moved to {os.path.dirname(discarded[0])}" if discarded else ""),
                   flush=True)
+            if trainer.done():
+                print(f"nothing left to train: step {trainer.step} reaches train.steps={rc.train.steps}"
+                      + (f" or train.tokens={rc.train.tokens}" if rc.train.tokens else ""), flush=True)
     trainer.start_time = time.perf_counter()
     try:
         history = trainer.fit()

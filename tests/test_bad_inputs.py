@@ -1,0 +1,343 @@
+"""The catalogue of bad inputs: each gets one line naming the key or path, the value and what is valid, a
+non-zero exit on every rank, and leaves what is already on disk as it was.
+
+Three ways in, by where the failure happens:
+
+* Hydra composition (unknown group option, wrong type, unknown key): `python train.py` subprocesses; Hydra's own
+  message, which names the override and lists the valid options or the expected type (no torch import: <1 s).
+* Checks before any process group (config values, mesh vs world size, run directory, the checkpoint
+  `train.resume` names): `muon_recipes.train.run` in this process, which exits via `SystemExit(2)` with the
+  line on stderr -- exactly what `python train.py` does with it.
+* Failures after start-up (data files, a checkpoint that does not fit the model or is corrupt): a 2-rank gloo
+  world (`torch.multiprocessing.spawn`) runs them all; each rank records its own exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["device=cpu", "logging.wandb.mode=disabled", "logging.console=false", "logging.progress=false",
+          "train.seq_len=64", "train.batch_size=4", "data.max_chars=100000", "train.eval_every=0",
+          "train.steps=2", "train.warmup_steps=1"]
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _compose(overrides: list):
+    from hydra import compose, initialize_config_dir
+
+    from muon_recipes.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("config", overrides=COMMON + overrides)
+
+
+def run_in_process(overrides: list) -> tuple[int, str]:
+    """(exit code, stderr) of `muon_recipes.train.run` on the composed config; the environment is restored."""
+    from muon_recipes.train.entry import run
+
+    cfg = _compose(overrides)
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            run(cfg)
+        return 0, err.getvalue()
+    except SystemExit as e:
+        return int(e.code), err.getvalue()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Error lines and traceback starts (stderr also carries the data pipeline's progress bars)."""
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+
+
+def assert_one_line(code: int, stderr: str, *fragments: str, exit_code: int = 2) -> None:
+    lines = error_lines(stderr)
+    assert code == exit_code and len(lines) == 1, (code, stderr)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def fingerprint(path: Path) -> dict:
+    """Every file below `path` with its size and content hash."""
+    return {str(p.relative_to(path)): (p.stat().st_size, hashlib.sha1(p.read_bytes()).hexdigest())
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A real 2-step run with a checkpoint at step 2 (muon_split, gqa_tiny), trained in this process."""
+    run_dir = tmp_path_factory.mktemp("bad-inputs") / "base"
+    code, err = run_in_process(["optim=muon_split", "train.checkpoint.every=2", f"run_dir={run_dir}"])
+    assert code == 0, err
+    assert (run_dir / "checkpoints" / "step-000002" / "COMPLETE").exists()
+    return run_dir
+
+
+def copy_run(base: Path, dst: Path) -> Path:
+    shutil.copytree(base, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Hydra composition
+# ----------------------------------------------------------------------------------------------------------------
+HYDRA_CASES = [
+    ("model=nonexistent", ["model/nonexistent", "Available options in 'model'", "gqa_tiny", "moe_tiny"]),
+    ("optim=sgd", ["optim/sgd", "Available options in 'optim'", "adamw", "muon_split"]),
+    ("train.steps=abc", ["train.steps=abc", "Value 'abc'", "could not be converted to Integer"]),
+    ("train.checkpoint.async_save=maybe", ["train.checkpoint.async_save", "'maybe' is not a valid bool"]),
+    ("train.stepz=3", ["train.stepz", "Key 'stepz' not in 'TrainConfig'"]),
+]
+
+
+def test_hydra_rejects_unknown_options_types_and_keys(tmp_path):
+    """Hydra fails at composition, before train.py's code runs: its message names the option and what is valid."""
+    procs = [(o, want, subprocess.Popen([sys.executable, "train.py", o, f"run_dir={tmp_path / 'never'}"], cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             for o, want in HYDRA_CASES]
+    for override, want, proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0, override
+        for fragment in want:
+            assert fragment in err, (override, fragment, err)
+    assert not (tmp_path / "never").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Before any process group: in this process
+# ----------------------------------------------------------------------------------------------------------------
+CONFIG_CASES = [
+    (["optim.lr=-0.1"], 1, ["optim.lr=-0.1", "must be a finite number > 0"]),
+    (["optim.momentum=1.0"], 1, ["optim.momentum=1.0", "[0, 1)"]),
+    (["optim.adamw.betas=[0.9]"], 1, ["optim.adamw.betas=[0.9]", "two numbers in [0, 1)"]),
+    (["optim.ns_schedule=cubic"], 1, ["optim.ns_schedule='cubic'", "keller, polar_express"]),
+    (["optim.split.qkv=halves"], 1, ["optim.split.qkv='halves'", "split, fused"]),
+    (["train.steps=0"], 1, ["train.steps=0", "integer >= 1"]),
+    (["train.tokens=-1"], 1, ["train.tokens=-1", "integer >= 0"]),
+    (["train.batch_size=0"], 1, ["train.batch_size=0", "integer >= 1"]),
+    (["train.checkpoint.every=-5"], 1, ["train.checkpoint.every=-5", "integer >= 0"]),
+    (["train.checkpoint.keep=0"], 1, ["train.checkpoint.keep=0", "integer >= 1"]),
+    (["train.nonfinite=ignore"], 1, ["train.nonfinite='ignore'", "abort, skip"]),
+    (["train.max_skipped_steps=0"], 1, ["train.max_skipped_steps=0", "integer >= 1"]),
+    (["train.seq_len=512"], 1, ["train.seq_len=512", "model.max_seq_len=256"]),
+    (["train.lr_schedule=linear"], 1, ["train.lr_schedule='linear'", "cosine, wsd, constant"]),
+    (["data.eval_fraction=1.5"], 1, ["data.eval_fraction=1.5", "[0, 1)"]),
+    (["data=files", "data.paths=[]"], 1, ["data.paths=[]", "at least one file"]),
+    (["device=tpu"], 1, ["device='tpu'", "auto, cpu, cuda"]),
+    (["model.n_heads=5"], 1, ["model.n_heads=5", "must divide model.d_model=128"]),
+    (["model.n_kv_heads=3"], 1, ["model.n_kv_heads=3", "must divide model.n_heads=4"]),
+    (["model.n_heads=128", "model.n_kv_heads=1"], 1, ["model.n_heads=128", "head_dim", "must be even"]),
+    (["model=moe_tiny", "model.top_k=9"], 1, ["model.top_k=9", "model.n_experts=4"]),
+    (["model.vocab_size=100"], 1, ["model.vocab_size=100", "tokenizer's vocabulary"]),
+    (["mesh=hsdp", "mesh.replicate=3"], 2, ["mesh.replicate='3x0'", "world size 2"]),
+    (["mesh=single"], 2, ["mesh.kind='single'", "world size is 2"]),
+    (["mesh=fsdp", "mesh.shard=3"], 2, ["mesh.shard=3", "0 or 2"]),
+]
+
+
+@pytest.mark.parametrize("overrides,world,fragments", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
+def test_bad_config_value(tmp_path, monkeypatch, overrides, world, fragments):
+    monkeypatch.setenv("WORLD_SIZE", str(world))  # what torchrun sets: the mesh is checked against it
+    code, err = run_in_process([*overrides, f"run_dir={tmp_path / 'run'}"])
+    assert_one_line(code, err, "error: invalid config: ", *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_sizes_that_do_not_sum_to_the_rows():
+    """The optimizer used directly: a param group's split_sizes must tile the weight's rows."""
+    import torch
+
+    from muon_recipes.optim import Muon
+
+    with pytest.raises(ValueError) as e:
+        Muon([{"params": [torch.nn.Parameter(torch.zeros(384, 128))], "split_sizes": (128, 128), "name": "qkv"}])
+    line = str(e.value)
+    assert "\n" not in line and "param_groups[0] (qkv)" in line and "(384, 128)" in line
+    assert "split_sizes=(128, 128)" in line and "sum to the 384 rows" in line
+
+
+def _not_writable_dirs(tmp_path: Path) -> list[tuple[Path, str]]:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [(blocker / "run", "Not a directory"), (Path("/sys/muon-recipes-test-run"), "not permitted")]
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "run", "Permission denied"))
+    return cases
+
+
+def test_run_dir_not_writable(tmp_path):
+    for run_dir, reason in _not_writable_dirs(tmp_path):
+        code, err = run_in_process([f"run_dir={run_dir}"])
+        assert_one_line(code, err, f"error: invalid config: run_dir='{run_dir}'", "must be a writable directory",
+                        reason)
+
+
+def test_resume_path_missing_or_incomplete(tmp_path, base_run):
+    code, err = run_in_process([f"train.resume={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}"])
+    assert_one_line(code, err, f"train.resume='{tmp_path / 'nowhere'}'", "no such checkpoint directory",
+                    "auto, never")
+    # A save that was interrupted: the directory exists but was never marked complete.
+    partial = tmp_path / "ckpts" / ".tmp-step-000004"
+    shutil.copytree(base_run / "checkpoints" / "step-000002", partial)
+    (partial / "COMPLETE").unlink()
+    code, err = run_in_process([f"train.resume={partial}", f"run_dir={tmp_path / 'run'}"])
+    assert_one_line(code, err, f"train.resume='{partial}'", "is not a complete checkpoint")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path, base_run):
+    run_dir = copy_run(base_run, tmp_path / "run")
+    before = fingerprint(run_dir)
+    code, err = run_in_process(["train.resume=never", f"run_dir={run_dir}"])
+    assert_one_line(code, err, "train.resume='never'", "already holds checkpoints up to step 2", "another run_dir")
+    assert fingerprint(run_dir) == before
+
+
+def test_corrupt_trainer_state_of_the_latest_checkpoint(tmp_path, base_run):
+    run_dir = copy_run(base_run, tmp_path / "run")
+    extras = run_dir / "checkpoints" / "step-000002" / "extras.json"
+    extras.write_text(extras.read_text()[:40])
+    before = fingerprint(run_dir)
+    code, err = run_in_process(["optim=muon_split", f"run_dir={run_dir}"])  # resume=auto finds it
+    assert_one_line(code, err, f"checkpoint {run_dir / 'checkpoints' / 'step-000002'}", "extras.json is corrupt",
+                    "JSONDecodeError")
+    assert fingerprint(run_dir) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. After start-up: a 2-rank world, every rank's exit code
+# ----------------------------------------------------------------------------------------------------------------
+def _worker(rank: int, world: int, jobs: list, ports: list, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    results = {}
+    for (name, overrides), port in zip(jobs, ports):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        results[name] = run_in_process(overrides)
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(results))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class _RunsShellCommand:
+    """A pickle that would run a shell command when unpickled: what a tampered checkpoint could carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _corrupt_copies(base: Path, root: Path) -> dict:
+    """Run dirs whose latest checkpoint is damaged in one way each (resume=auto finds them)."""
+    ckpt = "checkpoints/step-000002"
+    made = {}
+    d = copy_run(base, root / "metadata-garbage")
+    (d / ckpt / ".metadata").write_bytes(b"\x80\x04not a pickle at all")
+    made["metadata-garbage"] = d
+    d = copy_run(base, root / "metadata-evil")
+    (d / ckpt / ".metadata").write_bytes(pickle.dumps(_RunsShellCommand(str(root / "PWNED"))))
+    made["metadata-evil"] = d
+    d = copy_run(base, root / "shard-truncated")
+    shard = sorted((d / ckpt).glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    made["shard-truncated"] = d
+    return made
+
+
+@pytest.fixture(scope="module")
+def after_startup(base_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("after-startup")
+    parquet = root / "corrupt.parquet"
+    parquet.write_bytes(b"PAR1 this is not a parquet file")
+    jsonl = root / "broken.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"text": broken\n')
+    ckpt = base_run / "checkpoints" / "step-000002"
+    corrupt = _corrupt_copies(base_run, root)
+    base_before = fingerprint(base_run)
+    fresh = lambda name: f"run_dir={root / 'fresh' / name}"  # noqa: E731
+    jobs = [
+        ("missing-file", ["data=files", f"data.paths=[{root / 'missing.txt'}]", fresh("missing-file")]),
+        ("corrupt-parquet", ["data=files", f"data.paths=[{parquet}]", fresh("corrupt-parquet")]),
+        ("broken-jsonl", ["data=files", f"data.paths=[{jsonl}]", fresh("broken-jsonl")]),
+        ("more-layers", ["optim=muon_split", "model.n_layers=3", f"train.resume={ckpt}", fresh("more-layers")]),
+        ("wider", ["optim=muon_split", "model.d_model=192", "model.n_heads=6", "model.n_kv_heads=3",
+                   f"train.resume={ckpt}", fresh("wider")]),
+        ("other-optimizer", ["optim=adamw", f"train.resume={ckpt}", fresh("other-optimizer")]),
+        ("other-data", ["optim=muon_split", "data.max_chars=60000", f"train.resume={ckpt}", fresh("other-data")]),
+    ] + [(name, ["optim=muon_split", f"run_dir={d}"]) for name, d in corrupt.items()]
+    before = {name: fingerprint(d) for name, d in corrupt.items()}
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(2, jobs, _free_ports(len(jobs)), str(root)), nprocs=2, join=True)
+    results = [json.loads((root / f"rank-{r}.json").read_text()) for r in range(2)]
+    after = {name: fingerprint(d) for name, d in corrupt.items()}
+    return {"root": root, "results": results, "before": before, "after": after, "corrupt": corrupt,
+            "base_unchanged": fingerprint(base_run) == base_before, "ckpt": ckpt}
+
+
+AFTER_STARTUP_CASES = {
+    "missing-file": lambda r: ["data.paths=", "missing.txt", "no such file"],
+    "corrupt-parquet": lambda r: ["data.paths=", "corrupt.parquet", "could not be read", "ArrowInvalid"],
+    "broken-jsonl": lambda r: ["data.paths=", "broken.jsonl", "line 2 is not valid JSON"],
+    "more-layers": lambda r: [f"checkpoint {r['ckpt']} does not fit this run", "model.layers.2.",
+                              "is in this run but not in the checkpoint", "model.n_layers=2 in the checkpoint, 3 now"],
+    "wider": lambda r: ["does not fit this run", "has shape [", "in the checkpoint", "model.d_model=128 in the "
+                        "checkpoint, 192 now"],
+    "other-optimizer": lambda r: ["does not fit this run", ".exp_avg is in this run but not in the checkpoint",
+                                  "optim.name='muon_split' in the checkpoint, 'adamw' now"],
+    "other-data": lambda r: ["invalid config: data=", "this run's data packs into", "changed since the checkpoint"],
+    "metadata-garbage": lambda r: [".metadata is unreadable", "UnpicklingError"],
+    "metadata-evil": lambda r: [".metadata is unreadable", "posix.system is not allowed in checkpoint metadata"],
+    "shard-truncated": lambda r: ["could not be read (rank", "truncated or corrupt", "train.resume=<path>"],
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(AFTER_STARTUP_CASES))
+def test_failure_after_startup_exits_2_on_every_rank(after_startup, case):
+    (code0, err0), (code1, err1) = after_startup["results"][0][case], after_startup["results"][1][case]
+    assert code0 == 2 and code1 == 2, (code0, code1, err0, err1)
+    assert error_lines(err1) == [], "rank 1 stays quiet (one line in torchrun's output)"
+    assert_one_line(code0, err0, "error: ", *AFTER_STARTUP_CASES[case](after_startup))
+    if case in after_startup["corrupt"]:  # resume=auto in the damaged run dir: nothing in it changed
+        assert after_startup["after"][case] == after_startup["before"][case]
+    else:
+        assert not (after_startup["root"] / "fresh" / case / "metrics.jsonl").exists()
+    assert after_startup["base_unchanged"]
+    assert not (after_startup["root"] / "PWNED").exists(), "the tampered metadata ran its command"

@@ -1,0 +1,355 @@
+"""Checkpoints resume exactly, survive a rank killed mid-save, and bring an elastic torchrun job back.
+
+The reference for a resumed run is the same run trained straight through: per-step losses must be equal bit
+for bit (same world size) or within the 1- vs 2-process tolerance of tests/train/test_train.py (another world
+size). Runs go through the real entry point (`muon_recipes.train.run` on a Hydra-composed config, gloo on CPU):
+several runs share one `torch.multiprocessing.spawn` world to pay the imports once, and the straight and the
+resumed runs of a case live in different spawns, so nothing but the files on disk carries over. The fault tests
+run `torchrun` itself and kill a real rank with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = ["device=cpu", "logging.wandb.mode=disabled", "logging.console=false", "logging.progress=false",
+          "train.seq_len=64", "data.max_chars=200000", "train.log_every=1", "train.eval_every=0",
+          "train.warmup_steps=5", "optim.ns_dtype=float32"]
+STRAIGHT = ["train.steps=20", "train.checkpoint.every=10", "train.checkpoint.keep=2"]
+CASES = {
+    "adamw-dense": ["optim=adamw", "model=dense_tiny"],
+    "muon_split-dense": ["optim=muon_split", "model=dense_tiny", "train.eval_every=5", "train.eval_batches=2"],
+    "adamw-moe": ["optim=adamw", "model=moe_tiny"],
+    "muon_split-moe": ["optim=muon_split", "model=moe_tiny", "train.checkpoint.async_save=true"],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-process runs in a spawned gloo world
+# ----------------------------------------------------------------------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _worker(rank: int, world: int, jobs: list, ports: list, out: str) -> None:
+    """Run each job (a list of overrides) through `muon_recipes.train.run`; record exit codes of failed ones."""
+    import contextlib
+    import io
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from muon_recipes.config import register_configs
+    from muon_recipes.train.entry import run
+
+    torch.set_num_threads(1)
+    register_configs()
+    codes = {}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        for (name, overrides), port in zip(jobs, ports):
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            cfg = compose("config", overrides=COMMON + overrides)
+            stderr = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(stderr):
+                    run(cfg)
+                codes[name] = [0, ""]
+            except SystemExit as e:
+                codes[name] = [e.code, stderr.getvalue()]
+    Path(out, f"codes-{rank}.json").write_text(json.dumps(codes))
+
+
+def spawn_runs(world: int, jobs: list[tuple[str, list]], out: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(world, jobs, _free_ports(len(jobs)), str(out)), nprocs=world, join=True)
+    return json.loads((out / "codes-0.json").read_text())
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The trainer's error lines (stderr also carries the data pipeline's progress bars)."""
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+
+
+def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    path = run_dir / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows(run_dir, name)}
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """Straight 20-step runs (checkpoints at 10 and 20) on 2 ranks; resumes from step 10 on 2 ranks (auto, in a copy
+    of the run dir whose step-20 checkpoint is removed, as if the run had died after step 10) and on other world
+    sizes; a resume with another data seed as the control that the comparison can fail."""
+    root = tmp_path_factory.mktemp("resume")
+    straight = [(c, [*o, *STRAIGHT, "train.batch_size=4", f"run_dir={root / c / 'straight'}"]) for c, o in CASES.items()]
+    codes = spawn_runs(2, straight, root / "spawn-straight")
+    for case in CASES:
+        src, dst = root / case / "straight", root / case / "auto"
+        shutil.copytree(src, dst)
+        shutil.rmtree(dst / "checkpoints" / "step-000020")
+    adamw, moe = CASES["adamw-dense"], CASES["muon_split-moe"]
+    one_proc = [
+        ("2to1", [*adamw, *STRAIGHT, "train.batch_size=8", f"run_dir={root / 'adamw-dense' / 'one'}",
+                  f"train.resume={root / 'adamw-dense' / 'straight' / 'checkpoints' / 'step-000010'}"]),
+        ("straight1", [*moe, *STRAIGHT, "train.batch_size=8", f"run_dir={root / 'muon_split-moe' / 'one-straight'}"]),
+    ]
+    codes.update(spawn_runs(1, one_proc, root / "spawn-one"))
+    two_proc = [(c, [*o, *STRAIGHT, "train.batch_size=4", f"run_dir={root / c / 'auto'}"]) for c, o in CASES.items()]
+    two_proc += [
+        ("1to2", [*moe, *STRAIGHT, "train.batch_size=4", f"run_dir={root / 'muon_split-moe' / 'two'}",
+                  f"train.resume={root / 'muon_split-moe' / 'one-straight'}"]),  # a run dir: its latest checkpoint
+        ("seed1", [*adamw, *STRAIGHT, "train.batch_size=4", "seed=1", f"run_dir={root / 'adamw-dense' / 'seed1'}",
+                   f"train.resume={root / 'adamw-dense' / 'straight' / 'checkpoints' / 'step-000010'}"]),
+    ]
+    # The 1-process straight run ended at step 20; resume its step-10 checkpoint (the run dir form takes the
+    # latest, so remove step 20 first).
+    shutil.rmtree(root / "muon_split-moe" / "one-straight" / "checkpoints" / "step-000020")
+    codes.update(spawn_runs(2, two_proc, root / "spawn-resume"))
+    bad = {k: v for k, v in codes.items() if v[0] != 0}
+    assert not bad, bad
+    return root
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_repeats_the_straight_run_exactly(resumed, case):
+    straight, auto = resumed / case / "straight", resumed / case / "auto"
+    a, b = losses(straight), losses(auto)
+    assert sorted(a) == list(range(1, 21))
+    assert [r["step"] for r in rows(auto)] == list(range(1, 21)), "appended after the resumed step, no duplicates"
+    assert [r["step"] for r in rows(auto, "metrics.discarded.jsonl")] == list(range(11, 21))
+    assert a[20] < a[1]
+    assert [b[s] for s in range(11, 21)] == [a[s] for s in range(11, 21)]
+    evals = [(r["step"], r["eval_loss"]) for r in rows(straight) if "eval_loss" in r]
+    assert evals == [(r["step"], r["eval_loss"]) for r in rows(auto) if "eval_loss" in r]
+    assert sorted(os.listdir(auto / "checkpoints")) == ["step-000010", "step-000020"]
+
+
+def test_another_data_order_changes_the_resumed_losses(resumed):
+    """The control: same checkpoint, another data seed -- the comparison above would catch a wrong data position."""
+    a, b = losses(resumed / "adamw-dense" / "straight"), losses(resumed / "adamw-dense" / "seed1")
+    assert sorted(b) == list(range(11, 21))
+    assert all(a[s] != b[s] for s in range(11, 21))
+
+
+def _close(a: dict, b: dict, steps) -> None:
+    for s in steps:
+        assert abs(a[s] - b[s]) < 2e-4 * max(1.0, abs(a[s])), (s, a[s], b[s])
+
+
+def test_resume_on_one_process_from_two(resumed):
+    """AdamW state saved by 2 FSDP ranks, resharded by DCP onto 1 (with twice the per-rank batch)."""
+    _close(losses(resumed / "adamw-dense" / "straight"), losses(resumed / "adamw-dense" / "one"), range(11, 21))
+
+
+def test_resume_on_two_processes_from_one(resumed):
+    """Muon momentum (and AdamW moments) of a MoE model saved by 1 rank, resharded onto 2."""
+    ref, two = losses(resumed / "muon_split-moe" / "one-straight"), losses(resumed / "muon_split-moe" / "two")
+    assert sorted(two) == list(range(11, 21))
+    _close(ref, two, range(11, 21))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults: real torchrun jobs, a real SIGKILL
+# ----------------------------------------------------------------------------------------------------------------
+def _env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _torchrun(*args: str, restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            f"--max-restarts={restarts}", "--monitor-interval=0.1", "train.py", *COMMON, *args]
+
+
+def _rank_pids(root_pid: int) -> dict[int, int]:
+    """pid of each torchrun worker below `root_pid`, by its RANK environment variable (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = {}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child in (c for c, p in parents.items() if p == pid):
+            frontier.append(child)
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = child
+    return found
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float, poll: float = 0.0005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            return None
+        time.sleep(poll)
+    return None
+
+
+def _kill_rank(proc: subprocess.Popen, rank: int) -> int:
+    pid = _rank_pids(proc.pid).get(rank)
+    assert pid is not None, "no worker with RANK=%d below torchrun" % rank
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+# A model wide enough that writing a checkpoint takes a while (~50 MB of state): the kill lands inside the save.
+WIDE = ["model=dense_tiny", "model.d_model=256", "model.ffn_dim=1024", "model.n_layers=4", "optim=adamw",
+        "train.batch_size=2"]
+
+
+def test_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    cmd = _torchrun(*WIDE, f"run_dir={run_dir}", "train.steps=40", "train.checkpoint.every=2",
+                    "logging.wandb.mode=offline")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def second_save_started():  # step-000002 is complete and the save of step 4 is being written
+            if not (ckpts / "step-000002" / "COMPLETE").exists():
+                return None
+            tmp = [n for n in os.listdir(ckpts) if n.startswith(".tmp-step-")]
+            return tmp[0] if tmp else None
+
+        tmp_name = _wait_for(second_save_started, proc, timeout=120)
+        assert tmp_name, "the run ended before its second save:\n" + (proc.communicate()[0] or "")[-3000:]
+        _kill_rank(proc, 1)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, output[-2000:]
+    saved_step = int(tmp_name.rsplit("-", 1)[1])
+    complete = sorted(n for n in os.listdir(ckpts) if (ckpts / n / "COMPLETE").exists())
+    assert f"step-{saved_step:06d}" not in complete, "the kill landed after the save completed"
+    assert tmp_name in os.listdir(ckpts), "the interrupted save stays an ignored .tmp directory"
+    previous = complete[-1]
+    previous_step = int(previous.split("-")[1])
+    killed = losses(run_dir)
+    first_wandb = [p.name for p in (run_dir / "wandb").glob("offline-run-*")]
+
+    # The same command again (resume=auto): it continues from the previous checkpoint, not the partial one.
+    proc = subprocess.run(_torchrun(*WIDE, f"run_dir={run_dir}", f"train.steps={saved_step + 2}",
+                                    "train.checkpoint.every=2", "logging.wandb.mode=offline"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"resumed from {ckpts / previous} at step {previous_step}" in proc.stdout
+    resumed = losses(run_dir)
+    assert sorted(resumed) == list(range(1, saved_step + 3))
+    overlap = [s for s in killed if s > previous_step]
+    assert overlap, "the killed run logged steps after its last complete checkpoint"
+    assert [resumed[s] for s in overlap] == [killed[s] for s in overlap]
+    assert not [n for n in os.listdir(ckpts) if n.startswith(".tmp-")], "the next save removed the partial one"
+    # wandb: the resumed process logs into the same run (same id, a second offline directory of it).
+    second_wandb = [p.name for p in (run_dir / "wandb").glob("offline-run-*") if p.name not in first_wandb]
+    assert len(first_wandb) == 1 and len(second_wandb) == 1
+    assert first_wandb[0].rsplit("-", 1)[1] == second_wandb[0].rsplit("-", 1)[1]
+
+
+def test_elastic_restart_continues_from_the_latest_checkpoint(tmp_path):
+    """torchrun --max-restarts=1, Hydra's own run dir (hydra.run.dir): rank 1 is SIGKILLed once after step 6 is
+    logged; torchrun restarts both ranks, which resume from step 4 with no manual step and finish the run."""
+    run_dir = tmp_path / "hydra-run"
+    cmd = _torchrun("model=dense_tiny", "optim=muon_split", "train.batch_size=4", f"hydra.run.dir={run_dir}",
+                    "train.steps=12", "train.checkpoint.every=4", restarts=1)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        logged = _wait_for(lambda: 6 in losses(run_dir) if (run_dir / "metrics.jsonl").exists() else None,
+                           proc, timeout=120, poll=0.01)
+        assert logged, "step 6 was never logged:\n" + (proc.communicate()[0] or "")[-3000:]
+        first_attempt = _rank_pids(proc.pid)
+        _kill_rank(proc, 1)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000004'} at step 4" in output
+    final = losses(run_dir)
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, 13))
+    died = losses(run_dir, "metrics.discarded.jsonl")  # what the first attempt logged after step 4
+    assert 5 in died and 6 in died
+    assert all(final[s] == died[s] for s in died)
+    assert (run_dir / ".hydra" / "config.yaml").exists() and len(first_attempt) == 2
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-000008", "step-000012"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite loss: a real divergence, not a planted value
+# ----------------------------------------------------------------------------------------------------------------
+def test_nonfinite_loss_aborts_without_checkpointing_that_state(tmp_path):
+    """lr = 1e30: step 1 is finite, its update blows the weights up, step 2's loss is NaN."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", *COMMON, "model=dense_tiny", "optim=adamw", "train.batch_size=4",
+                           "optim.lr=1e30", "optim.adamw.lr=1e30", "train.warmup_steps=0", "train.steps=10",
+                           "train.checkpoint.every=1", f"run_dir={run_dir}"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite step 2: loss=nan"), proc.stderr
+    assert "train.nonfinite=abort" in lines[0] and "Traceback" not in proc.stderr
+    assert sorted(losses(run_dir)) == [1]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-000001"]
+
+
+def test_nonfinite_policies_skip_and_parameter_check(tmp_path):
+    """`skip` drops the diverged steps, counts them and aborts after max_skipped_steps in a row; a huge weight decay makes the
+    weights themselves infinite after a finite step -- the save of that state is refused."""
+    common = ["model=dense_tiny", "optim=adamw", "train.batch_size=4", "train.warmup_steps=0", "train.steps=10",
+              "train.checkpoint.every=1"]
+    jobs = [("skip", [*common, "optim.lr=1e30", "optim.adamw.lr=1e30", "train.nonfinite=skip",
+                      "train.max_skipped_steps=3", f"run_dir={tmp_path / 'skip'}"]),
+            # decoupled decay multiplies the weights by 1 - lr * weight_decay = -1e40: infinite, the loss still finite
+            ("params", [*common, "optim.adamw.lr=1e37", "optim.adamw.weight_decay=1000",
+                        f"run_dir={tmp_path / 'params'}"])]
+    codes = spawn_runs(1, jobs, tmp_path / "spawn")
+    code, err = codes["skip"]
+    assert code == 3 and len(error_lines(err)) == 1, err
+    assert "non-finite loss/gradients in 3 steps in a row (train.max_skipped_steps=3); last at step 2" in err
+    assert sorted(losses(tmp_path / "skip")) == [1]
+    code, err = codes["params"]
+    assert code == 3 and error_lines(err)[0].startswith("error: non-finite parameters after step 1"), err
+    assert sorted(losses(tmp_path / "params")) == [1]
+    assert not (tmp_path / "params" / "checkpoints").exists() or not [
+        n for n in os.listdir(tmp_path / "params" / "checkpoints") if n.startswith("step-")]
