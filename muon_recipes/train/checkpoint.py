@@ -482,6 +482,10 @@ class Checkpointer:
         rank_path = os.path.join(path, rank_file_name(self.rank))
         rank_extras = read_json(rank_path, "rank state") if os.path.exists(rank_path) else None
         if self.rank == 0:
+            saved_world = extras.get("world_size", self.world_size)
+            if saved_world != self.world_size:
+                print(f"resume: world size {self.world_size} in this run, {saved_world} in the checkpoint "
+                      "(DCP reshards model and optimizer state)", flush=True)
             for key, old, new in diffs:
                 print(f"resume: {key} is {new!r} in this run, {old!r} in the checkpoint", flush=True)
         return extras, rank_extras

@@ -114,6 +114,7 @@ def resumed(tmp_path_factory):
         src, dst = root / case / "straight", root / case / "auto"
         shutil.copytree(src, dst)
         shutil.rmtree(dst / "checkpoints" / "step-000020")
+    shutil.copytree(root / "adamw-dense" / "straight", root / "adamw-dense" / "rollback")
     adamw, moe = CASES["adamw-dense"], CASES["muon_split-moe"]
     one_proc = [
         ("2to1", [*adamw, *STRAIGHT, "train.batch_size=8", f"run_dir={root / 'adamw-dense' / 'one'}",
@@ -127,6 +128,9 @@ def resumed(tmp_path_factory):
                   f"train.resume={root / 'muon_split-moe' / 'one-straight'}"]),  # a run dir: its latest checkpoint
         ("seed1", [*adamw, *STRAIGHT, "train.batch_size=4", "seed=1", f"run_dir={root / 'adamw-dense' / 'seed1'}",
                    f"train.resume={root / 'adamw-dense' / 'straight' / 'checkpoints' / 'step-000010'}"]),
+        # Back to an older checkpoint of the same run dir (after a loss spike, say): step 20 is set aside.
+        ("rollback", [*adamw, *STRAIGHT, "train.batch_size=4", f"run_dir={root / 'adamw-dense' / 'rollback'}",
+                      f"train.resume={root / 'adamw-dense' / 'rollback' / 'checkpoints' / 'step-000010'}"]),
     ]
     # The 1-process straight run ended at step 20; resume its step-10 checkpoint (the run dir form takes the
     # latest, so remove step 20 first).
@@ -156,6 +160,42 @@ def test_another_data_order_changes_the_resumed_losses(resumed):
     a, b = losses(resumed / "adamw-dense" / "straight"), losses(resumed / "adamw-dense" / "seed1")
     assert sorted(b) == list(range(11, 21))
     assert all(a[s] != b[s] for s in range(11, 21))
+
+
+def test_rollback_to_an_older_checkpoint_sets_the_newer_one_aside(resumed):
+    run_dir = resumed / "adamw-dense" / "rollback"
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, 21))
+    assert losses(run_dir) == losses(resumed / "adamw-dense" / "straight")
+    set_aside = run_dir / "checkpoints" / "discarded" / "step-000020"
+    assert (set_aside / "COMPLETE").exists(), "the abandoned trajectory's checkpoint is kept, out of the way"
+    assert sorted(n for n in os.listdir(run_dir / "checkpoints") if n.startswith("step-")) == [
+        "step-000010", "step-000020"]
+
+
+def test_non_tensor_values_load_as_plain_data_only(tmp_path):
+    """The optimizer's non-tensor values go through `torch.load(weights_only=True)`: a pickled callable is refused
+    (DCP's default planner would unpickle and run it). The resume tests above load the real values through it."""
+    import io
+    import pickle
+
+    import torch
+
+    from muon_recipes.train.checkpoint import _WeightsOnlyLoadPlanner
+
+    marker = tmp_path / "ran"
+
+    class RunsShellCommand:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = io.BytesIO()
+    torch.save({"lr": 0.02, "hook": RunsShellCommand()}, evil)  # how DCP stores a non-tensor value
+    with pytest.raises(pickle.UnpicklingError):
+        _WeightsOnlyLoadPlanner().load_bytes(None, evil)
+    assert not marker.exists()
+    evil.seek(0)
+    torch.load(evil, weights_only=False)  # the control: DCP's default way of reading it runs the command
+    assert marker.exists()
 
 
 def _close(a: dict, b: dict, steps) -> None:
