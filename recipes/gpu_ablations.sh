@@ -6,13 +6,13 @@
 # per-process kernel autotuning that would dominate runs this short.
 set -u
 out=${1:-gpu_out}
-steps=${2:-300}
+steps=${2:-250}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 common="seed=0,1 train.steps=$steps train.eval_every=100 logging.wandb.mode=offline optim.backend=torch"
 for exp in qkv_split moe_per_expert muon_vs_adamw; do
   start=$(date +%s)
-  timeout 200 python train.py -m experiment=$exp $common hydra.sweep.dir=outputs/abl/$exp > "$out/$exp.log" 2>&1
+  timeout 180 python train.py -m experiment=$exp $common hydra.sweep.dir=outputs/abl/$exp > "$out/$exp.log" 2>&1
   echo "$exp: exit $? in $(( $(date +%s) - start )) s"
   python recipes/compare_runs.py outputs/abl/$exp 2>&1 | tail -3
   cat outputs/abl/$exp/summary.md 2>/dev/null | head -30
