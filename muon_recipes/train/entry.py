@@ -46,9 +46,22 @@ def _hydra_run_dir() -> str:
         return os.path.join("outputs", time.strftime("%Y-%m-%d/%H-%M-%S"))
 
 
-def _warn_if_restart_lost_its_run_dir(rc: RunConfig) -> None:
-    """torchrun restarted this job, but Hydra's run directory is a new timestamped one: resume=auto finds nothing."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or rc.run_dir or rank_from_env() != 0:
+def _warn_about_elastic_restarts(rc: RunConfig) -> None:
+    """Two ways a torchrun restart (`--max-restarts`) can fail to resume, said once on rank 0.
+
+    * torchrun >= 2.5 shares its rendezvous store with the job and keeps it across restarts, so a restarted
+      rank can read the address a dead rank published (pytorch/pytorch#135712): the restart then dies in
+      `init_process_group` ("connection refused"). `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` in torchrun's
+      environment gives every restart a fresh store.
+    * Hydra's default run directory is a new timestamp per start: resume=auto of a restart sees nothing.
+    """
+    if rank_from_env() != 0 or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        print("warning: torchrun --max-restarts with a shared rendezvous store: a restart may reuse stale "
+              "addresses and fail (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for "
+              "torchrun", file=sys.stderr, flush=True)
+    if rc.run_dir:
         return
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -57,9 +70,9 @@ def _warn_if_restart_lost_its_run_dir(rc: RunConfig) -> None:
     except Exception:  # not under Hydra
         return
     if not fixed:
-        print(f"warning: torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']} starts in a new run directory "
-              "(Hydra's timestamp), so train.resume=auto cannot see the first attempt's checkpoints; pass run_dir=... "
-              "or hydra.run.dir=... to resume on restarts", file=sys.stderr, flush=True)
+        print("warning: torchrun --max-restarts without run_dir=...: each restart gets a new Hydra run directory "
+              "(a timestamp), where train.resume=auto finds no checkpoint; pass run_dir=... or hydra.run.dir=...",
+              file=sys.stderr, flush=True)
 
 
 def _check_run_dir(path: str) -> None:
@@ -144,7 +157,7 @@ def run(cfg: Any) -> list[dict]:
                               f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer="
                               f"{rc.data.tokenizer})")
         run_dir = rc.run_dir or _hydra_run_dir()
-        _warn_if_restart_lost_its_run_dir(rc)
+        _warn_about_elastic_restarts(rc)
         check_run_dir(rc, run_dir if (rc.run_dir or rank_from_env() == 0) else None)
     except (ConfigError, CheckpointError) as e:
         _fail(str(e))
