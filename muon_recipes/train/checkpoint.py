@@ -124,8 +124,9 @@ def resolve_resume(resume: str, run_dir: Optional[str]) -> Optional[str]:
         return None
     path = os.path.abspath(os.path.expanduser(resume))
     if not os.path.isdir(path):
-        raise ConfigError("train.resume", resume, "no such checkpoint directory; use auto, never or the path of a "
-                                                  "checkpoint (<run_dir>/checkpoints/step-NNNNNN) or of a run directory")
+        raise ConfigError("train.resume", resume,
+                          "no such checkpoint directory; use auto, never or the path of a checkpoint "
+                          "(<run_dir>/checkpoints/step-NNNNNN) or of a run directory")
     if is_complete(path):
         return path
     for root in (checkpoints_dir(path), path):  # a run directory, or its checkpoints/ folder
@@ -144,7 +145,8 @@ def read_json(path: str, what: str) -> Any:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {os.path.dirname(path)}: {what} {os.path.basename(path)} is missing") from None
+        raise CheckpointError(f"checkpoint {os.path.dirname(path)}: {what} {os.path.basename(path)} "
+                              "is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {os.path.dirname(path)}: {what} {os.path.basename(path)} is corrupt "
                               f"({type(e).__name__}: {e})") from None
@@ -299,8 +301,10 @@ def check_compatible(path: str, state: dict, groups: list[dict], saved_groups: l
     for i, (old, new) in enumerate(zip(saved_groups, groups)):
         for field in ("algorithm", "params"):
             if old[field] != new[field]:
-                what = (f"algorithm {old[field]!r} in the checkpoint, {new[field]!r} in this run" if field == "algorithm"
-                        else f"parameters differ (e.g. {sorted(set(old[field]) ^ set(new[field]))[:1]})")
+                if field == "algorithm":
+                    what = f"algorithm {old[field]!r} in the checkpoint, {new[field]!r} in this run"
+                else:
+                    what = f"parameters differ (e.g. {sorted(set(old[field]) ^ set(new[field]))[:1]})"
                 raise CheckpointError(f"checkpoint {path} does not fit this run: optimizer param_groups[{i}] "
                                       f"({new['name']}): {what}{_describe_config_hint(diffs, 'optim.')}")
 
@@ -474,8 +478,9 @@ class Checkpointer:
             dcp.load(state, storage_reader=_SafeReader(path), planner=_WeightsOnlyLoadPlanner(),
                      process_group=self.group)
         except (Exception, CheckpointException) as e:  # truncated shard, unsafe pickle, ...
-            raise CheckpointError(f"checkpoint {path} could not be read ({_describe_failure(e)}): its .distcp files "
-                                  "are truncated or corrupt; resume from an older one with train.resume=<path>") from None
+            raise CheckpointError(f"checkpoint {path} could not be read ({_describe_failure(e)}): its .distcp "
+                                  "files are truncated or corrupt; resume from an older one with "
+                                  "train.resume=<path>") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         for group, h in zip(optimizer.param_groups, hyper):
             group.update(h)

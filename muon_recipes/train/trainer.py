@@ -12,8 +12,6 @@ LR schedule moves (`train.nonfinite`).
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from typing import Optional
 

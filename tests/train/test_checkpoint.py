@@ -108,7 +108,8 @@ def resumed(tmp_path_factory):
     of the run dir whose step-20 checkpoint is removed, as if the run had died after step 10) and on other world
     sizes; a resume with another data seed as the control that the comparison can fail."""
     root = tmp_path_factory.mktemp("resume")
-    straight = [(c, [*o, *STRAIGHT, "train.batch_size=4", f"run_dir={root / c / 'straight'}"]) for c, o in CASES.items()]
+    straight = [(c, [*o, *STRAIGHT, "train.batch_size=4", f"run_dir={root / c / 'straight'}"])
+                for c, o in CASES.items()]
     codes = spawn_runs(2, straight, root / "spawn-straight")
     for case in CASES:
         src, dst = root / case / "straight", root / case / "auto"
@@ -395,8 +396,8 @@ def test_nonfinite_loss_aborts_without_checkpointing_that_state(tmp_path):
 
 
 def test_nonfinite_policies_skip_and_parameter_check(tmp_path):
-    """`skip` drops the diverged steps, counts them and aborts after max_skipped_steps in a row; a huge weight decay makes the
-    weights themselves infinite after a finite step -- the save of that state is refused."""
+    """`skip` drops the diverged steps, counts them and aborts after max_skipped_steps in a row; a huge weight decay
+    makes the weights themselves infinite after a finite step -- the save of that state is refused."""
     common = ["model=dense_tiny", "optim=adamw", "train.batch_size=4", "train.warmup_steps=0", "train.steps=10",
               "train.checkpoint.every=1"]
     jobs = [("skip", [*common, "optim.lr=1e30", "optim.adamw.lr=1e30", "train.nonfinite=skip",
