@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the extra profiled pass of ours (NS / comm / other)")
+    p.add_argument("--trace", action="store_true",
+                   help="also profile 3 steps of ours with torch.profiler: kernel table (printed, and beside "
+                        "--out as .txt) and a Chrome trace (.json) per model, rank 0")
     p.add_argument("--out", required=True, help="path of the JSON file to write")
     args = p.parse_args(argv)
     unknown = set(args.optimizers.split(",")) - set(OPTIMIZERS)
@@ -193,7 +196,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def bench_one(kind: str, model, optim_cfg, ctx, args) -> dict:
+def trace_steps(step, model_name: str, ctx, args, steps: int = 3) -> None:
+    """Which kernels a step spends its time in: torch.profiler over `steps` steps, rank 0 writes the table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+    if not ctx.is_main:
+        return
+    sort_by = "self_cuda_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=90)
+    base = Path(args.out).with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{base}_trace_{model_name}.txt").write_text(f"{steps} steps of ours, {model_name}\n{table}\n")
+    prof.export_chrome_trace(f"{base}_trace_{model_name}.json")
+    print(f"{model_name}: {steps} steps of ours under torch.profiler\n{table}", flush=True)
+
+
+def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> dict:
     try:
         step, opt, reason = make_optimizer(kind, model, optim_cfg)
     except Exception as e:  # e.g. fused AdamW on a device or DTensor layout it does not support
@@ -221,6 +245,8 @@ def bench_one(kind: str, model, optim_cfg, ctx, args) -> dict:
                 parts.setdefault(k, []).append(v)
         opt.profile = False
         row["profiled_ms"] = worst_over_ranks({k: 1e3 * statistics.median(v) for k, v in parts.items()}, ctx.device)
+    if kind == "muon" and args.trace:
+        trace_steps(step, model_name, ctx, args)
     del opt
     return row
 
@@ -258,7 +284,7 @@ def main(argv=None) -> dict:
         for name in args.model.split(","):
             model = build_model(name, ctx)
             counts = {"total": sum(p.numel() for p in model.parameters())}
-            results = [bench_one(kind, model, optim_cfg, ctx, args) for kind in args.optimizers.split(",")]
+            results = [bench_one(kind, model, optim_cfg, ctx, args, name) for kind in args.optimizers.split(",")]
             report["models"].append({"model": name, "params": counts, "results": results})
             del model
             if ctx.device.type == "cuda":

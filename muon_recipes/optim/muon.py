@@ -182,8 +182,13 @@ class Muon(torch.optim.Optimizer):
                         group["backend"], NS_EPS)
         return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns) for p, u in zip(params, updates)]
 
-    def _plan(self, p: Tensor, group: dict) -> tuple[BlockPlan, Tensor]:
-        """The block plan of `p` and the lr ratio of each of its local rows (cached; groups may change keys)."""
+    def _plan(self, p: Tensor, group: dict) -> tuple[BlockPlan, Tensor, Optional[list]]:
+        """The block plan of `p`, the lr ratio of each of its local rows, and those ratios as row segments.
+
+        Cached per parameter (groups may change keys). The segments are `(start, stop, ratio)` runs along
+        dim -2 shared by every leading index (always so for FSDP2's row or expert shards); None when the
+        local rows do not have that form, and then the per-row ratios are applied as a tensor.
+        """
         key = (tuple(group["split_sizes"] or ()), group["experts"], group["adjust_lr"])
         cached = self._plans.get(p)
         if cached is None or cached[0] != key:
@@ -192,9 +197,9 @@ class Muon(torch.optim.Optimizer):
             if is_dtensor(p):
                 from muon_recipes.optim.distributed import local_slice
                 scale = local_slice(scale, p)
-            cached = (key, plan, scale.to(local(p).device))
+            cached = (key, plan, scale.to(local(p).device), _row_segments(scale))
             self._plans[p] = cached
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
 
     # (2) orthogonalize ----------------------------------------------------------------------------------------
     def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer, overlap) -> list[Tensor]:
@@ -217,8 +222,16 @@ class Muon(torch.optim.Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
             p.mul_(1 - lr * wd)
-        _, scale = self._plan(item.param, group)
-        p.addcmul_(ortho, scale, value=-lr)
+        _, scale, segments = self._plan(item.param, group)
+        if segments is None:
+            p.addcmul_(ortho, scale, value=-lr)
+            return
+        # A scalar ratio per run of rows: a plain vectorized add, no per-row tensor read or broadcast.
+        for start, stop, ratio in segments:
+            if start == 0 and stop == p.shape[-2]:
+                p.add_(ortho, alpha=-lr * ratio)
+            else:
+                p[..., start:stop, :].add_(ortho[..., start:stop, :], alpha=-lr * ratio)
 
     # AdamW ----------------------------------------------------------------------------------------------------
     def _adamw_groups(self) -> None:
@@ -267,6 +280,24 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_div_(denom, bias_correction2_sqrt)
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _row_segments(scale: Tensor) -> Optional[list[tuple[int, int, float]]]:
+    """`(start, stop, ratio)` runs of equal ratio along dim -2 of a per-row scale `[..., rows, 1]`, or None
+    when the rows differ between leading indices (then no common segments exist)."""
+    rows = scale.shape[-2]
+    if scale.numel() == 0:
+        return []
+    per_lead = scale.reshape(-1, rows)
+    if not bool((per_lead == per_lead[:1]).all()):
+        return None
+    values = per_lead[0].tolist()
+    segments, start = [], 0
+    for r in range(1, rows + 1):
+        if r == rows or values[r] != values[start]:
+            segments.append((start, r, values[start]))
+            start = r
+    return segments
 
 
 def _fused_adamw_applies(t: Tensor) -> bool:

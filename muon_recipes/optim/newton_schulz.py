@@ -98,21 +98,20 @@ def _kernels():
     return kernels
 
 
-def _iterate(X: torch.Tensor, coeffs: list[tuple[float, float, float]], backend: str) -> torch.Tensor:
+def _use_triton(X: torch.Tensor, backend: str) -> bool:
+    """Whether `backend` runs this batch on the Triton kernels (an error when it asks for them and they are
+    missing)."""
     if backend == "torch":
-        return ns_iterations_torch(X, coeffs)
+        return False
     kernels = _kernels()
     if backend == "triton":
-        fn = getattr(kernels, "ns_iterations_triton", None)
-        if fn is None:
+        if getattr(kernels, "ns_iterations_triton", None) is None:
             raise RuntimeError("backend='triton': muon_recipes.optim.kernels.ns_iterations_triton is not "
                                "available (Triton missing or kernels not built); use backend='torch' or 'auto'")
-        return fn(X, coeffs)
+        return True
     if backend == "auto":
         prefer = getattr(kernels, "prefer_triton", None)
-        if prefer is not None and prefer(X):
-            return kernels.ns_iterations_triton(X, coeffs)
-        return ns_iterations_torch(X, coeffs)
+        return prefer is not None and prefer(X)
     raise ValueError(f"backend={backend!r}: must be one of {', '.join(BACKENDS)}")
 
 
@@ -133,15 +132,23 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     X = G.reshape(-1, rows, cols).to(dtype)
     if X.numel() == 0:
         return X.reshape(G.shape)
+    triton = _use_triton(X, backend)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    X = (X / (norm * _NORM_SAFETY[schedule] + eps)).to(dtype)
+    divisor = norm * _NORM_SAFETY[schedule] + eps
+    # One pass: the division runs in float32 and rounds once into a fresh `dtype` buffer (a plain `X / norm`
+    # would write a float32 copy first and convert it in a second pass). G itself is never written.
+    if triton and X.is_contiguous() and dtype in (torch.bfloat16, torch.float32):
+        X = _kernels().divide_matrices(X, divisor)   # the same numbers, vectorized (kernels/normalize.py)
+    else:
+        X = torch.div(X, divisor, out=torch.empty_like(X))
     transpose = rows > cols
     if transpose:
         X = X.mT
     # CPUs without bf16 matrix units emulate bf16 products (about 10x slower than float32 on the AVX2 test
     # machines), so on CPU the iterations run in float32 on the same dtype-rounded input.
     compute = torch.float32 if X.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
-    X = _iterate(X.to(compute).contiguous(), coeffs, backend).to(dtype)
+    X = X.to(compute).contiguous()
+    X = (_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)).to(dtype)
     if transpose:
         X = X.mT
     return X.reshape(*lead, rows, cols)

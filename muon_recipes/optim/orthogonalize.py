@@ -130,27 +130,37 @@ def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) ->
     Blocks of equal shape up to transposition (NS(G^T) = NS(G)^T), device and settings are concatenated into
     one batch: e.g. the k and v blocks of every layer's fused QKV, or every gate, up (transposed) and down
     matrix of a dense MLP, go through a single batched call.
+
+    Memory traffic matters as much as the products here (on a 0.85B-parameter model every pass over the
+    updates costs about as much as a Newton-Schulz product of a small bucket): each block is copied once,
+    cast and transposed in the same pass, into its bucket's batch, and a job made of one block gets a view of
+    the result instead of a copy.
     """
     buckets: dict[tuple, list[tuple[int, int, bool, torch.Tensor]]] = {}
-    outputs, plans_pieces = [], []
+    plans_pieces = []
     for j, (update, plan, ns) in enumerate(jobs):
-        outputs.append(torch.empty(update.shape, dtype=ns.dtype, device=update.device))
         pieces = plan.matrices(update)
         plans_pieces.append([None] * len(pieces))
         for b, piece in enumerate(pieces):
             if piece.numel() == 0:
-                plans_pieces[j][b] = piece
+                plans_pieces[j][b] = piece.to(ns.dtype)
                 continue
             tall = piece.shape[-2] > piece.shape[-1]
             wide = piece.mT if tall else piece
             buckets.setdefault((tuple(wide.shape[-2:]), piece.device, ns), []).append((j, b, tall, wide))
-    for (_, _, ns), members in buckets.items():
-        pieces = [wide for *_, wide in members]
-        batch = torch.cat([p.to(ns.dtype) for p in pieces]) if len(pieces) > 1 else pieces[0]
+    for ((m, n), device, ns), members in buckets.items():
+        counts = [wide.shape[0] for *_, wide in members]
+        batch = torch.empty((sum(counts), m, n), dtype=ns.dtype, device=device)
+        for dst, (*_, wide) in zip(torch.split(batch, counts), members):
+            dst.copy_(wide)
         result = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
                                backend=ns.backend, eps=ns.eps)
-        for (j, b, tall, _), out in zip(members, torch.split(result, [p.shape[0] for p in pieces])):
+        for (j, b, tall, _), out in zip(members, torch.split(result, counts)):
             plans_pieces[j][b] = out.mT if tall else out
-    for (_, plan, _), out, pieces in zip(jobs, outputs, plans_pieces):
-        plan.assemble(pieces, out)
+    outputs = []
+    for (update, plan, ns), pieces in zip(jobs, plans_pieces):
+        if len(pieces) == 1 and not plan.fuse_experts:
+            outputs.append(pieces[0].reshape(update.shape) if update.ndim == 3 else pieces[0][0])
+        else:
+            outputs.append(plan.assemble(pieces, torch.empty(update.shape, dtype=ns.dtype, device=update.device)))
     return outputs

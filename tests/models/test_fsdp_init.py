@@ -16,17 +16,20 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2
 
 
 def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        # An explicit CPU mesh: without one, fully_shard takes the accelerator's device type on GPU machines.
+        mesh = init_device_mesh("cpu", (world,))
         with torch.device("meta"):
             model = build_model(CFG)
         for block in model.layers:
             block.activation_checkpointing = True
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         model.to_empty(device="cpu")
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):

@@ -157,3 +157,16 @@ def test_auto_plan_runs_every_product_correctly():
     assert any(key[1:4] == (64, 128, 512) for key in _plans)
     exact = _torch_iterations(X.double(), [KELLER] * 2)
     assert _relative_error(ours, exact) <= 1.25 * _relative_error(_torch_iterations(X, [KELLER] * 2), exact) + 1e-3
+
+
+@pytest.mark.parametrize("shape", [(48, 2048, 5632), (3, 17, 45)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_divide_matrices_equals_torch(shape, dtype):
+    """The normalization kernel gives torch's one-pass division bit for bit (one fp32 division, one rounding)."""
+    from muon_recipes.optim.kernels import divide_matrices
+
+    generator = torch.Generator(device="cuda").manual_seed(8)
+    x = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+    divisors = torch.rand(shape[0], device="cuda", generator=generator) * 300 + 1e-3
+    expected = torch.div(x, divisors.view(-1, 1, 1), out=torch.empty_like(x))
+    assert torch.equal(divide_matrices(x, divisors), expected)

@@ -3,8 +3,8 @@
 `ns_iterations_triton(X, coefficients)` runs the iterations on a normalized, batched X [B, m, n] with m <= n
 (the caller normalizes and transposes: `muon_recipes.optim.newton_schulz`). `prefer_triton(X)` says whether
 the kernels measured faster than torch for that shape on this machine; `triton_available()` whether they
-can run here at all. The kernels themselves (`symmetric_gram`, `symmetric_polynomial`, `fused_update`) are
-exported for tests and benchmarks.
+can run here at all. The kernels themselves (`symmetric_gram`, `symmetric_polynomial`, `fused_update`, and the
+normalization `divide_matrices`) are exported for tests and benchmarks.
 
 Nothing here imports Triton until it is known to import, so the package loads on machines without it
 (then only `triton_available`/`prefer_triton` exist and both answer False).
@@ -16,8 +16,9 @@ __all__ = ["prefer_triton", "triton_available"]
 
 if _triton_imports():
     from muon_recipes.optim.kernels.iterations import clear_cuda_graphs, ns_iterations_triton
+    from muon_recipes.optim.kernels.normalize import divide_matrices
     from muon_recipes.optim.kernels.symmetric import symmetric_gram, symmetric_polynomial
     from muon_recipes.optim.kernels.update import fused_update
 
     __all__ += ["ns_iterations_triton", "symmetric_gram", "symmetric_polynomial", "fused_update",
-                "clear_cuda_graphs"]
+                "divide_matrices", "clear_cuda_graphs"]
