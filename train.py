@@ -11,11 +11,17 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from muon_recipes.config import register_configs
+from muon_recipes.config import check_group_overrides, register_configs
 
 if int(os.environ.get("RANK", "0")) != 0 and not any(a in ("-m", "--multirun") for a in sys.argv):
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
                  "hydra.run.dir=."]
+
+if __name__ == "__main__":
+    _error = check_group_overrides(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
+    if _error:  # one line on stderr and exit code 2 on every rank, as for every other bad config value
+        print(f"error: {_error}", file=sys.stderr)
+        sys.exit(2)
 
 register_configs()
 

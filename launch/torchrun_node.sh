@@ -10,4 +10,6 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 NPROC=${NPROC_PER_NODE:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Elastic restarts (--max-restarts) need a private store per world (pytorch/pytorch#135712; docs/checkpoints.md).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py "$@"

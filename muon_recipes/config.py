@@ -218,6 +218,32 @@ def register_configs() -> None:
     cs.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
 
 
+def check_group_overrides(overrides: list, conf_dir: str) -> Optional[str]:
+    """A one-line error for the first `group=option` override naming an option that `conf_dir` lacks, or None.
+
+    Hydra reports an unknown option over several lines (with the schema names mixed into the list of options)
+    and exits with 1; this check runs first, on the command line alone, so the answer is one line naming the
+    key, the value and the valid options. Comma lists of a sweep are checked item by item; sweep functions
+    (`choice(...)`, `range(...)`, globs), interpolations and Hydra's own groups (`hydra/...`, whose options may
+    come from installed plugins) are left to Hydra.
+    """
+    import os
+
+    for override in overrides:
+        key, sep, value = str(override).lstrip("+").partition("=")
+        if not sep or key.startswith(("hydra", "~")) or any(c in value for c in "()*$[]{}"):
+            continue
+        group_dir = os.path.join(conf_dir, key)
+        if "." in key or not os.path.isdir(group_dir):
+            continue
+        options = sorted(f[:-5] for f in os.listdir(group_dir) if f.endswith(".yaml"))
+        for option in value.split(","):
+            if option not in options and option != "null":
+                return (f"invalid config: {key}={option!r}: must be one of {', '.join(options)} "
+                        f"(files in conf/{key}/)")
+    return None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------------------

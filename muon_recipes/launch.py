@@ -288,6 +288,9 @@ def run_job(cfg: Any, train: Callable[[Any], Any]) -> Any:
     _validate_before_spawn(cfg, nproc)
     cmd = torchrun_command(job, nproc, _script_path(job.cwd))
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    # torchrun >= 2.5 shares its rendezvous store with the workers, which breaks their process group after
+    # an elastic restart (pytorch/pytorch#135712, see docs/checkpoints.md); a private store per world avoids it.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     env[SWEEP_IDENTITY_ENV] = json.dumps({"group": cfg.logging.wandb.group, "name": cfg.logging.wandb.name,
                                           "tags": list(cfg.logging.wandb.tags)})
     started = _PROGRESS.start(job, f"torchrun, {nproc} processes")

@@ -77,6 +77,13 @@ class Trainer:
         self.wall_time_offset = 0.0  # seconds trained before the checkpoint this run resumed from
         self.wandb_run_id: Optional[str] = None  # stored in checkpoints so a resumed run logs to the same run
         self.tokens_per_step = ctx.dp_world_size * t.batch_size * t.grad_accum * t.seq_len
+        # An empty held-out split (data.eval_fraction=0, or a corpus too small for one eval window) turns
+        # periodic evaluation off, said once here rather than failing at the first eval step mid-run.
+        self.can_evaluate = eval_dataset is not None and len(eval_dataset) > 0
+        if t.eval_every and not self.can_evaluate and ctx.is_main:
+            print(f"note: train.eval_every={t.eval_every} but the held-out split holds no window of "
+                  f"{t.seq_len + 1} tokens (data.eval_fraction={cfg.data.eval_fraction}): no evaluation",
+                  flush=True)
         from muon_recipes.models.flops import flops_per_token
 
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
@@ -231,7 +238,7 @@ class Trainer:
             window_tokens += self.tokens_per_step
             if progress is not None:
                 progress.update(1)
-            eval_now = t.eval_every and (self.step % t.eval_every == 0 or self.done())
+            eval_now = t.eval_every and self.can_evaluate and (self.step % t.eval_every == 0 or self.done())
             if eval_now:
                 metrics["eval_loss"] = self.evaluate()
             if log_now or eval_now:

@@ -92,3 +92,18 @@ def test_bad_mesh_fails_on_every_rank(tmp_path):
     assert proc.stderr.count("error: invalid config: mesh.replicate") == 1
     # torchrun reports each failed rank with our exit code 2
     assert proc.stderr.count("exitcode  : 2") >= 1 or "exit code: 2" in proc.stderr or "exitcode: 2" in proc.stderr
+
+
+def test_periodic_eval_and_empty_held_out_split(tmp_path):
+    """eval_loss is logged at every eval_every-th step and the last; with no held-out data (eval_fraction=0)
+    the run says so once and trains to the end instead of failing at its first evaluation."""
+    evaluated = tmp_path / "eval"
+    train(evaluated, "model=dense_tiny", "train.steps=5", "train.eval_every=2", "train.eval_batches=1")
+    rows = [json.loads(line) for line in (evaluated / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 5]
+
+    empty = tmp_path / "no_eval"
+    proc = train(empty, "model=dense_tiny", "train.steps=3", "train.eval_every=2", "data.eval_fraction=0")
+    rows = [json.loads(line) for line in (empty / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and not any("eval_loss" in r for r in rows)
+    assert "no evaluation" in proc.stdout
