@@ -3,6 +3,7 @@
 # two more AdamW learning rates for the muon_vs_adamw baseline (its 1e-3 was not tuned); then compare_runs on
 # each sweep, everything packed into OUT_DIR/ablation_followup.tgz.
 # Usage: bash recipes/gpu_ablation_followup.sh OUT_DIR [STEPS]
+#   SWEEPS="moe adamw" (default: both), ADAMW_LRS=0.002,0.004 (default) choose what runs.
 set -u
 out=${1:-gpu_out}
 steps=${2:-250}
@@ -17,6 +18,8 @@ run() {  # name, timeout, overrides...
   python recipes/compare_runs.py outputs/abl/$name 2>&1 | tail -2
   head -30 outputs/abl/$name/summary.md 2>/dev/null
 }
-run moe_per_expert_4seeds 340 experiment=moe_per_expert seed=0,1,2,3
-run adamw_lr 140 experiment=lr_sweep optim=adamw optim.lr=0.02 optim.adamw.lr=0.002,0.004 seed=0
+sweeps=${SWEEPS:-moe adamw}
+lrs=${ADAMW_LRS:-0.002,0.004}
+[[ $sweeps == *moe* ]] && run moe_per_expert_4seeds 340 experiment=moe_per_expert seed=0,1,2,3
+[[ $sweeps == *adamw* ]] && run adamw_lr_${lrs//,/_} 140 experiment=lr_sweep optim=adamw optim.lr=0.02 optim.adamw.lr=$lrs seed=0
 tar czf "$out/ablation_followup.tgz" --exclude='wandb' --exclude='*.log' outputs/abl
