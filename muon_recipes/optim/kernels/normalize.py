@@ -30,6 +30,7 @@ def _divide_kernel(x_ptr, d_ptr, out_ptr, per_matrix, BLOCK: tl.constexpr, INTER
     base = matrix * per_matrix
     x = tl.load(x_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32)
     divisor = tl.load(d_ptr + matrix)
+    # div_rn takes two tensors of one shape: broadcast the matrix's divisor over the block first.
     quotient = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * divisor)
     tl.store(out_ptr + base + offsets, round_to_output(quotient, out_ptr, INTERPRETED), mask=inside)
 
