@@ -94,7 +94,7 @@ class BlockPlan:
         """Write orthogonalized blocks (as returned by `matrices`, same order) back into `out` (full shape)."""
         o3 = out if out.ndim == 3 else out.unsqueeze(0)
         for dst, src in zip(torch.split(o3, list(self.row_blocks), dim=-2), pieces):
-            dst.copy_(src.reshape(dst.shape))
+            copy_block(dst, src.reshape(dst.shape))
         return out
 
     def row_scale(self, adjust_lr: str, device=None) -> torch.Tensor:
@@ -111,6 +111,30 @@ class BlockPlan:
             m, n = min(rows, cols), max(rows, cols)
             total += count * steps * (2 * m * m * n + m ** 3)
         return total
+
+
+def copy_block(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)`; a transposed `src` on a GPU goes through the tiled Triton copy (kernels/transpose.py),
+    which reads and writes coalesced where torch's elementwise copy reads with a large stride."""
+    if src.is_cuda and dst.stride(-1) == 1 and src.dtype in _TILED_DTYPES and dst.dtype in _TILED_DTYPES:
+        kernels = _transpose_kernels()
+        if kernels is not None and kernels.is_transposed_view(src):
+            kernels.copy_transposed(dst, src)
+            return
+    dst.copy_(src)
+
+
+_TILED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _transpose_kernels():
+    """The Triton transpose-copy module, or None without Triton."""
+    from muon_recipes.optim.kernels.availability import _triton_imports
+
+    if not _triton_imports():
+        return None
+    from muon_recipes.optim.kernels import transpose
+    return transpose
 
 
 @dataclass(frozen=True)
@@ -133,8 +157,8 @@ def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) ->
 
     Memory traffic matters as much as the products here (on a 0.85B-parameter model every pass over the
     updates costs about as much as a Newton-Schulz product of a small bucket): each block is copied once,
-    cast and transposed in the same pass, into its bucket's batch, and a job made of one block gets a view of
-    the result instead of a copy.
+    cast and transposed in the same pass, into its bucket's batch (transposes in tiles on a GPU, `copy_block`),
+    and a job made of one row-major block gets a view of the result instead of a copy.
     """
     buckets: dict[tuple, list[tuple[int, int, bool, torch.Tensor]]] = {}
     plans_pieces = []
@@ -152,14 +176,16 @@ def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) ->
         counts = [wide.shape[0] for *_, wide in members]
         batch = torch.empty((sum(counts), m, n), dtype=ns.dtype, device=device)
         for dst, (*_, wide) in zip(torch.split(batch, counts), members):
-            dst.copy_(wide)
+            copy_block(dst, wide)
         result = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
                                backend=ns.backend, eps=ns.eps)
         for (j, b, tall, _), out in zip(members, torch.split(result, counts)):
             plans_pieces[j][b] = out.mT if tall else out
     outputs = []
     for (update, plan, ns), pieces in zip(jobs, plans_pieces):
-        if len(pieces) == 1 and not plan.fuse_experts:
+        if len(pieces) == 1 and not plan.fuse_experts and pieces[0].stride(-1) == 1:
+            # A row-major view is as good as a copy for the update that follows; a transposed one (a tall block)
+            # is copied back row-major, which keeps the final update's reads coalesced.
             outputs.append(pieces[0].reshape(update.shape) if update.ndim == 3 else pieces[0][0])
         else:
             outputs.append(plan.assemble(pieces, torch.empty(update.shape, dtype=ns.dtype, device=update.device)))

@@ -28,7 +28,7 @@ KELLER = (3.4445, -4.7750, 2.0315)
 TWO_STEPS = (KELLER, (8.28721201814563, -23.595886519098837, 17.300387312530933))
 SHAPES = ((1, 17, 45), (3, 17, 45), (2, 32, 48))
 DTYPES = ("float32", "bfloat16")
-KERNELS = ("gram", "polynomial", "update", "iterations", "divide")
+KERNELS = ("gram", "polynomial", "update", "iterations", "divide", "transpose")
 # Relative Frobenius error against float64: fp32 arithmetic lands near 1e-7; bf16 rounds inputs and outputs
 # to 8 bits of mantissa (unit roundoff 2^-9 = 2e-3).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2}
@@ -99,6 +99,19 @@ def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dic
                          "equals_torch": bool(torch.equal(out, torch.div(raw, divisors.view(-1, 1, 1),
                                                                          out=torch.empty_like(raw))))}
 
+    from muon_recipes.optim.kernels.transpose import copy_transposed, is_transposed_view
+
+    # A tall block of a float32 update, copied transposed (and cast) into a row-major buffer, as into a bucket.
+    tall = torch.randn(batch, n, m, generator=generator)
+    source = tall.mT
+    out = torch.full((batch, m, n), float("nan"), dtype=dtype)
+    copy_transposed(out, source)
+    reference = torch.empty((batch, m, n), dtype=dtype).copy_(source)
+    results["transpose"] = {"ours": _relative_error(out, source.double()),
+                            "torch": _relative_error(reference, source.double()),
+                            "equals_torch": bool(torch.equal(out, reference)),
+                            "layouts_as_expected": is_transposed_view(source) and not is_transposed_view(out)}
+
     before = X.clone()
     ours = ns_iterations_triton(X, TWO_STEPS, kernels="triton")
     exact = _torch_iterations(X.double(), TWO_STEPS)
@@ -145,7 +158,7 @@ def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name
     # No accuracy traded away: at most a little worse than torch in the same dtype (one rounding per
     # product instead of one per operation usually makes it better).
     assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
-    for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch"):
+    for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected"):
         if flag in result:
             assert result[flag], f"{kernel}: {flag} is False"
 

@@ -170,3 +170,20 @@ def test_divide_matrices_equals_torch(shape, dtype):
     divisors = torch.rand(shape[0], device="cuda", generator=generator) * 300 + 1e-3
     expected = torch.div(x, divisors.view(-1, 1, 1), out=torch.empty_like(x))
     assert torch.equal(divide_matrices(x, divisors), expected)
+
+
+@pytest.mark.parametrize("shape, source_dtype, target_dtype", [
+    ((1, 2048, 5632), torch.float32, torch.bfloat16),   # a dense_1b gate block into its bucket
+    ((8, 768, 2048), torch.bfloat16, torch.bfloat16),   # expert down blocks back from their bucket
+    ((3, 17, 45), torch.float32, torch.float32),
+], ids=str)
+def test_copy_transposed_equals_torch(shape, source_dtype, target_dtype):
+    """The tiled transpose-copy gives torch's copy_ bit for bit (same round-to-nearest-even cast)."""
+    from muon_recipes.optim.kernels.transpose import copy_transposed
+
+    batch, m, n = shape
+    source = torch.randn(batch, n, m, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9))
+    source = source.to(source_dtype).mT
+    expected = torch.empty(shape, dtype=target_dtype, device="cuda").copy_(source)
+    out = torch.full(shape, float("nan"), dtype=target_dtype, device="cuda")
+    assert torch.equal(copy_transposed(out, source), expected)
