@@ -4,7 +4,8 @@
 (the caller normalizes and transposes: `muon_recipes.optim.newton_schulz`). `prefer_triton(X)` says whether
 the kernels measured faster than torch for that shape on this machine; `triton_available()` whether they
 can run here at all. The kernels themselves (`symmetric_gram`, `symmetric_polynomial`, `fused_update`, and the
-normalization `divide_matrices`) are exported for tests and benchmarks.
+normalization `divide_matrices`) are exported for tests and benchmarks; `transpose.copy_transposed` moves tall
+blocks into and out of their buckets (`muon_recipes.optim.orthogonalize.copy_block`).
 
 Nothing here imports Triton until it is known to import, so the package loads on machines without it
 (then only `triton_available`/`prefer_triton` exist and both answer False).
