@@ -89,7 +89,7 @@ def ns_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, 
     return X
 
 
-def _kernels():
+def triton_kernels():
     """The Triton kernels module, or None when it (or Triton) is not available."""
     try:
         from muon_recipes.optim import kernels
@@ -103,7 +103,7 @@ def _use_triton(X: torch.Tensor, backend: str) -> bool:
     missing)."""
     if backend == "torch":
         return False
-    kernels = _kernels()
+    kernels = triton_kernels()
     if backend == "triton":
         if getattr(kernels, "ns_iterations_triton", None) is None:
             raise RuntimeError("backend='triton': muon_recipes.optim.kernels.ns_iterations_triton is not "
@@ -138,7 +138,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     # One pass: the division runs in float32 and rounds once into a fresh `dtype` buffer (a plain `X / norm`
     # would write a float32 copy first and convert it in a second pass). G itself is never written.
     if triton and X.is_contiguous() and dtype in (torch.bfloat16, torch.float32):
-        X = _kernels().divide_matrices(X, divisor)   # the same numbers, vectorized (kernels/normalize.py)
+        X = triton_kernels().divide_matrices(X, divisor)   # the same numbers, vectorized (kernels/normalize.py)
     else:
         X = torch.div(X, divisor, out=torch.empty_like(X))
     transpose = rows > cols
@@ -148,7 +148,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     # machines), so on CPU the iterations run in float32 on the same dtype-rounded input.
     compute = torch.float32 if X.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
     X = X.to(compute).contiguous()
-    X = (_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)).to(dtype)
+    X = (triton_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)).to(dtype)
     if transpose:
         X = X.mT
     return X.reshape(*lead, rows, cols)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from muon_recipes.optim.newton_schulz import newton_schulz
+from muon_recipes.optim.newton_schulz import newton_schulz, triton_kernels
 
 ADJUST_LR = ("spectral_norm", "rms_norm", "none")
 EXPERT_MODES = ("per_expert", "fused")
@@ -116,25 +116,11 @@ class BlockPlan:
 def copy_block(dst: torch.Tensor, src: torch.Tensor) -> None:
     """`dst.copy_(src)`; a transposed `src` on a GPU goes through the tiled Triton copy (kernels/transpose.py),
     which reads and writes coalesced where torch's elementwise copy reads with a large stride."""
-    if src.is_cuda and dst.stride(-1) == 1 and src.dtype in _TILED_DTYPES and dst.dtype in _TILED_DTYPES:
-        kernels = _transpose_kernels()
-        if kernels is not None and kernels.is_transposed_view(src):
-            kernels.copy_transposed(dst, src)
-            return
-    dst.copy_(src)
-
-
-_TILED_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _transpose_kernels():
-    """The Triton transpose-copy module, or None without Triton."""
-    from muon_recipes.optim.kernels.availability import _triton_imports
-
-    if not _triton_imports():
-        return None
-    from muon_recipes.optim.kernels import transpose
-    return transpose
+    kernels = triton_kernels() if src.is_cuda else None   # the package holds no kernels without Triton
+    if getattr(kernels, "copy_transposed_applies", None) is not None and kernels.copy_transposed_applies(dst, src):
+        kernels.copy_transposed(dst, src)
+    else:
+        dst.copy_(src)
 
 
 @dataclass(frozen=True)

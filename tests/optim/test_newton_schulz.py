@@ -106,7 +106,7 @@ def test_coefficient_schedules():
 
 
 def test_triton_backend_without_kernels_is_a_clear_error():
-    kernels = ns_module._kernels()
+    kernels = ns_module.triton_kernels()
     if getattr(kernels, "ns_iterations_triton", None) is not None:
         pytest.skip("Triton kernels are available here; the error path does not apply")
     with pytest.raises(RuntimeError, match="backend='triton'"):

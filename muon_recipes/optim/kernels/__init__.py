@@ -4,8 +4,8 @@
 (the caller normalizes and transposes: `muon_recipes.optim.newton_schulz`). `prefer_triton(X)` says whether
 the kernels measured faster than torch for that shape on this machine; `triton_available()` whether they
 can run here at all. The kernels themselves (`symmetric_gram`, `symmetric_polynomial`, `fused_update`, and the
-normalization `divide_matrices`) are exported for tests and benchmarks; `transpose.copy_transposed` moves tall
-blocks into and out of their buckets (`muon_recipes.optim.orthogonalize.copy_block`).
+normalization `divide_matrices`) are exported for tests and benchmarks; `copy_transposed` moves tall blocks
+into and out of their buckets (`muon_recipes.optim.orthogonalize.copy_block`).
 
 Nothing here imports Triton until it is known to import, so the package loads on machines without it
 (then only `triton_available`/`prefer_triton` exist and both answer False).
@@ -19,7 +19,8 @@ if _triton_imports():
     from muon_recipes.optim.kernels.iterations import clear_cuda_graphs, ns_iterations_triton
     from muon_recipes.optim.kernels.normalize import divide_matrices
     from muon_recipes.optim.kernels.symmetric import symmetric_gram, symmetric_polynomial
+    from muon_recipes.optim.kernels.transpose import copy_transposed, copy_transposed_applies
     from muon_recipes.optim.kernels.update import fused_update
 
     __all__ += ["ns_iterations_triton", "symmetric_gram", "symmetric_polynomial", "fused_update",
-                "divide_matrices", "clear_cuda_graphs"]
+                "divide_matrices", "copy_transposed", "copy_transposed_applies", "clear_cuda_graphs"]
