@@ -85,6 +85,7 @@ class OptimConfig:
     adjust_lr: str = "spectral_norm"  # spectral_norm | rms_norm | none
     ns_steps: int = 5
     ns_schedule: str = "keller"  # keller | polar_express
+    ns_method: str = "gram"  # gram | standard (the same iteration; gram is its Gram form on non-square blocks)
     ns_dtype: str = "bfloat16"  # bfloat16 | float32
     backend: str = "auto"  # auto | torch | triton
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -302,6 +303,7 @@ def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
     _choice(f"{prefix}.adjust_lr", o.adjust_lr, ("spectral_norm", "rms_norm", "none"))
     _int(f"{prefix}.ns_steps", o.ns_steps)
     _choice(f"{prefix}.ns_schedule", o.ns_schedule, ("keller", "polar_express"))
+    _choice(f"{prefix}.ns_method", o.ns_method, ("gram", "standard"))
     _choice(f"{prefix}.ns_dtype", o.ns_dtype, ("bfloat16", "float32"))
     _choice(f"{prefix}.backend", o.backend, ("auto", "torch", "triton"))
     _choice(f"{prefix}.split.qkv", o.split.qkv, ("split", "fused"))

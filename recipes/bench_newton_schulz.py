@@ -9,6 +9,8 @@ For each shape (batch x m x n, m <= n; bf16; 5 iterations of Keller Jordan's qui
 * ours: `ns_iterations_triton` (kernels="auto": each product on the Triton kernel or cuBLAS, whichever was
   faster for the shape), launched from Python and replayed from a CUDA graph; and with every product on the
   Triton kernels (kernels="triton"),
+* ours, Gram form: `gram_iterations_triton` in float16 with its restarts (what `newton_schulz(method="gram")`
+  runs on non-square blocks; square shapes are skipped, they keep the standard form), eager and from a graph,
 
 with CUDA events around each whole Newton-Schulz, after warm-up (compilation and autotuning excluded),
 reporting the median of several runs. The floor is the symmetric FLOP count, 3 m^2 n + m^3 per iteration
@@ -16,8 +18,8 @@ and matrix (X X^T and A A are symmetric, so half of each suffices; B X is a full
 matmul peak measured in the same run with a large cuBLAS product. A per-kernel breakdown gives each kernel's
 time and rate, and cuBLAS on the same products.
 
-Orthogonality: for every schedule, the singular-value band (min, max) of the result of ours and of the torch
-loop with the same coefficients (singular values from the eigenvalues of the fp32 Gram matrix of up to
+Orthogonality: for every schedule, the singular-value band (min, max) of the result of ours, of ours in the
+Gram form and of the torch loop with the same coefficients (singular values from the eigenvalues of the fp32 Gram matrix of up to
 `--band-matrices` matrices per shape).
 
 Writes `results.json` and `newton_schulz.png` to `--out` and prints a markdown table last.
@@ -220,7 +222,9 @@ def main() -> None:
     if args.steps < 1:
         raise SystemExit(f"--steps={args.steps}: must be >= 1")
 
-    from muon_recipes.optim.kernels import clear_cuda_graphs, ns_iterations_triton, prefer_triton
+    from muon_recipes.optim.kernels import (clear_cuda_graphs, gram_iterations_triton, ns_iterations_triton,
+                                            prefer_triton)
+    from muon_recipes.optim.newton_schulz import gram_restarts
     from muon_recipes.optim.kernels.iterations import _plans
     import triton
 
@@ -254,6 +258,13 @@ def main() -> None:
         row["ours"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=False))
         row["ours_graph"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=True))
         row["ours_all_triton"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, kernels="triton"))
+        restarts = gram_restarts(args.steps)
+        X_half = X.to(torch.float16) if m < n else None
+        if X_half is not None:
+            row["ours_gram"] = time_ms(lambda: gram_iterations_triton(X_half, timed_coefficients, restarts,
+                                                                      cuda_graph=False))
+            row["ours_gram_graph"] = time_ms(lambda: gram_iterations_triton(X_half, timed_coefficients, restarts,
+                                                                            cuda_graph=True))
         row["launch_us"] = host_launch_microseconds(lambda: ns_iterations_triton(X, timed_coefficients))
         row["plan"] = [vars(plan) for key, plan in _plans.items() if tuple(key[1:4]) == (batch, m, n)]
         if not args.no_breakdown:
@@ -265,12 +276,18 @@ def main() -> None:
                 "ours": singular_band(ns_iterations_triton(X, coefficients), args.band_matrices),
                 "torch": singular_band(torch_iterations(X, coefficients), args.band_matrices),
             }
+            if X_half is not None:
+                row["band"][name]["ours_gram"] = singular_band(
+                    gram_iterations_triton(X_half, coefficients, restarts), args.band_matrices)
         best = min(row["ours"]["median_ms"], row["ours_graph"]["median_ms"])
+        gram_best = (min(row["ours_gram"]["median_ms"], row["ours_gram_graph"]["median_ms"])
+                     if "ours_gram" in row else None)
         print(f"{label}: floor {floor:.3f} ms | eager {row['torch_eager']['median_ms']:.3f} | baddbmm "
               f"{row['torch_baddbmm']['median_ms']:.3f} | compile "
               f"{row.get('torch_compile', {}).get('median_ms', float('nan')):.3f} | ours {row['ours']['median_ms']:.3f}"
               f" | graph {row['ours_graph']['median_ms']:.3f} | all-triton {row['ours_all_triton']['median_ms']:.3f}"
-              f" | {best / floor:.2f}x floor | host {row['launch_us']:.0f} us/call | plan {row['plan']} | "
+              f" | {best / floor:.2f}x floor | gram "
+              f"{'-' if gram_best is None else f'{gram_best:.3f} ({gram_best / floor:.2f}x floor)'} | host {row['launch_us']:.0f} us/call | plan {row['plan']} | "
               f"{time.time() - t0:.0f}s",
               flush=True)
         if "breakdown" in row:
@@ -284,7 +301,7 @@ def main() -> None:
             "command": " ".join(["python"] + sys.argv), "rows": rows,
         }
         (args.out / "results.json").write_text(json.dumps(result, indent=1))   # after every shape
-        del X
+        del X, X_half
         clear_cuda_graphs()
         torch.cuda.empty_cache()
 
@@ -292,19 +309,29 @@ def main() -> None:
 
     print(f"\n{device}, bf16, {args.steps} iterations ({schedules[0]}), peak {peak:.0f} TFLOP/s; times in ms (median)")
     header = ("| shape | floor | torch eager | torch baddbmm | torch.compile | ours | ours + graph | ours all-Triton "
-              "| best / floor |")
-    band_header = " | ".join(f"band {s} (ours / torch)" for s in schedules)
+              "| best / floor | ours Gram | ours Gram + graph | Gram best / floor |")
+    band_header = " | ".join(f"band {s} (ours / ours Gram / torch)" for s in schedules)
     print(header[:-1] + "| " + band_header + " |")
-    print("|" + "---|" * (9 + len(schedules)))
+    print("|" + "---|" * (12 + len(schedules)))
+
+    def band_text(band):
+        return "-" if band is None else "[{:.3f}, {:.3f}]".format(*band)
+
     for r in rows:
         best = min(r["ours"]["median_ms"], r["ours_graph"]["median_ms"])
         compile_ms = f"{r['torch_compile']['median_ms']:.3f}" if "torch_compile" in r else "-"
-        bands = " | ".join("[{:.3f}, {:.3f}] / [{:.3f}, {:.3f}]".format(*r["band"][s]["ours"], *r["band"][s]["torch"])
+        if "ours_gram" in r:
+            gram_best = min(r["ours_gram"]["median_ms"], r["ours_gram_graph"]["median_ms"])
+            gram = (f"{r['ours_gram']['median_ms']:.3f} | {r['ours_gram_graph']['median_ms']:.3f} | "
+                    f"{gram_best / r['floor_ms']:.2f}x")
+        else:
+            gram = "- | - | -"
+        bands = " | ".join(" / ".join(band_text(r["band"][s].get(k)) for k in ("ours", "ours_gram", "torch"))
                            for s in schedules)
         print(f"| {r['shape']} | {r['floor_ms']:.3f} | {r['torch_eager']['median_ms']:.3f} | "
               f"{r['torch_baddbmm']['median_ms']:.3f} | {compile_ms} | "
               f"{r['ours']['median_ms']:.3f} | {r['ours_graph']['median_ms']:.3f} | "
-              f"{r['ours_all_triton']['median_ms']:.3f} | {best / r['floor_ms']:.2f}x | "
+              f"{r['ours_all_triton']['median_ms']:.3f} | {best / r['floor_ms']:.2f}x | {gram} | "
               f"{bands} |")
 
 

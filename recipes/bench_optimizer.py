@@ -9,8 +9,9 @@ parameters (meta device, then sharded with FSDP2 when the world has several rank
 same layout as training), gives every parameter a random gradient, and times `optimizer.step()` for:
 
 * `muon`: ours with the `--optim` config (default muon_split: per-block Newton-Schulz, AdamW for the rest),
-  Newton-Schulz backend `auto` (the Triton kernels where they win); `muon_torch`: the same with the torch
-  backend; with `--breakdown`, ours again with `profile=True` for the NS / communication / other split;
+  Newton-Schulz backend `auto` (the Triton kernels where they win) and the config's `ns_method` (default
+  gram: the Gram form on non-square blocks); `muon_standard`: the same with `ns_method=standard`;
+  `muon_torch`: the config with the torch backend; with `--breakdown`, ours again with `profile=True` for the NS / communication / other split;
 * `adamw_foreach`, `adamw_fused`: torch.optim.AdamW over every parameter (the cost floor of any optimizer);
 * `torch_muon`: torch.optim.Muon (torch >= 2.9) on the 2-D hidden matrices + AdamW (foreach) on the rest;
   not applicable when the model has 3-D expert weights, which torch.optim.Muon rejects.
@@ -39,7 +40,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-OPTIMIZERS = ("muon", "muon_torch", "adamw_foreach", "adamw_fused", "torch_muon")
+OPTIMIZERS = ("muon", "muon_standard", "muon_torch", "adamw_foreach", "adamw_fused", "torch_muon")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,12 +124,14 @@ def make_optimizer(kind: str, model, optim_cfg):
     adamw = optim_cfg.adamw
     params = list(model.parameters())
     common = dict(lr=adamw.lr, betas=tuple(adamw.betas), eps=adamw.eps, weight_decay=adamw.weight_decay)
-    if kind in ("muon", "muon_torch"):
+    if kind in ("muon", "muon_standard", "muon_torch"):
+        import dataclasses
+
         cfg = optim_cfg
         if kind == "muon_torch":
-            import dataclasses
-
             cfg = dataclasses.replace(optim_cfg, backend="torch")
+        if kind == "muon_standard":
+            cfg = dataclasses.replace(optim_cfg, ns_method="standard")
         opt = build_optimizer(model, cfg)
         return opt.step, opt, None
     if kind == "adamw_foreach":
@@ -236,6 +239,7 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
 
         row["groups"] = describe_param_groups(opt)
         row["bucket_mb"], row["backend"] = opt.bucket_mb, opt.param_groups[0].get("backend")
+        row["ns_method"] = opt.param_groups[0].get("ns_method")
     if kind.startswith("muon") and args.breakdown and hasattr(opt, "last_step_timings"):
         opt.profile = True
         parts: dict[str, list[float]] = {}

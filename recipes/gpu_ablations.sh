@@ -3,7 +3,7 @@
 # is packed into OUT_DIR/ablations.tgz.
 # Usage: bash recipes/gpu_ablations.sh OUT_DIR [STEPS]
 #   SWEEPS picks the sweeps, default "qkv_split moe_per_expert muon_vs_adamw" (2 arms x seeds 0,1 each). Follow-ups:
-#   moe_per_expert_4seeds (seeds 0-3), adamw_lr (AdamW alone at the lrs of ADAMW_LRS, default 0.002,0.004, seed 0).
+#   ns_method (Gram form vs standard Newton-Schulz, seeds 0,1), moe_per_expert_4seeds (seeds 0-3), adamw_lr (AdamW alone at the lrs of ADAMW_LRS, default 0.002,0.004, seed 0).
 # The Newton-Schulz backend is torch here: the same math as the Triton kernels (tests compare them), without the
 # per-process kernel autotuning that would dominate runs this short.
 set -u
@@ -25,7 +25,7 @@ run() {  # sweep dir name, time limit (s), overrides...
 
 for sweep in ${SWEEPS:-qkv_split moe_per_expert muon_vs_adamw}; do
   case $sweep in
-    qkv_split|moe_per_expert|muon_vs_adamw) run "$sweep" 180 experiment=$sweep seed=0,1 ;;
+    qkv_split|moe_per_expert|muon_vs_adamw|ns_method) run "$sweep" 180 experiment=$sweep seed=0,1 ;;
     moe_per_expert_4seeds) run "$sweep" 340 experiment=moe_per_expert seed=0,1,2,3 ;;
     adamw_lr) run "adamw_lr_${lrs//,/_}" 140 experiment=lr_sweep optim=adamw optim.lr=0.02 optim.adamw.lr=$lrs seed=0 ;;
     *) echo "SWEEPS: unknown sweep '$sweep' (qkv_split, moe_per_expert, muon_vs_adamw, moe_per_expert_4seeds, adamw_lr)" >&2

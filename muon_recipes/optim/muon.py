@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from muon_recipes.optim.newton_schulz import BACKENDS, SCHEDULES, resolve_dtype
+from muon_recipes.optim.newton_schulz import BACKENDS, METHODS, SCHEDULES, resolve_dtype
 from muon_recipes.optim.orthogonalize import ADJUST_LR, EXPERT_MODES, BlockPlan, NSSettings, orthogonalize
 
 ALGORITHMS = ("muon", "adamw")
@@ -97,7 +97,8 @@ class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices and AdamW for the rest, chosen per param group by `algorithm`.
 
     Muon group keys: lr, momentum, nesterov, weight_decay, adjust_lr (spectral_norm | rms_norm | none),
-    ns_steps, ns_schedule (keller | polar_express), ns_dtype, backend (auto | torch | triton), split_sizes
+    ns_steps, ns_schedule (keller | polar_express), ns_method (gram | standard: the Gram form of the same
+    iteration on non-square blocks, or the classic loop), ns_dtype, backend (auto | torch | triton), split_sizes
     (row blocks of every weight in the group, or None), experts (per_expert | fused, for 3-D [E, out, in]).
     AdamW group keys: lr, betas, eps, weight_decay -- exactly `torch.optim.AdamW` (decoupled decay, bias
     correction). Parameters may be plain tensors or FSDP2 DTensors; the mesh comes from the parameters.
@@ -106,10 +107,12 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, adjust_lr: str = "spectral_norm", ns_steps: int = 5,
                  ns_schedule: str = "keller", ns_dtype: torch.dtype | str = torch.bfloat16,
-                 backend: str = "auto", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+                 backend: str = "auto", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 ns_method: str = "gram"):
         defaults = dict(algorithm="muon", lr=lr, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, ns_steps=ns_steps,
-                        ns_schedule=ns_schedule, ns_dtype=ns_dtype, backend=backend, betas=tuple(betas),
+                        ns_schedule=ns_schedule, ns_method=ns_method, ns_dtype=ns_dtype, backend=backend,
+                        betas=tuple(betas),
                         eps=eps, split_sizes=None, experts="per_expert")
         # The trainer sets `profile` on logging steps: CUDA is synchronized between phases so each second is
         # attributed to NS, communication or the rest (overlap is lost, so that step runs a little slower).
@@ -179,7 +182,7 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
         ns = NSSettings(group["ns_steps"], group["ns_schedule"], resolve_dtype(group["ns_dtype"]),
-                        group["backend"], NS_EPS)
+                        group["backend"], NS_EPS, group["ns_method"])
         return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns) for p, u in zip(params, updates)]
 
     def _plan(self, p: Tensor, group: dict) -> tuple[BlockPlan, Tensor, Optional[list]]:
@@ -336,6 +339,8 @@ def _validate_group(group: dict, index: int) -> None:
         raise bad("adjust_lr", "must be one of " + ", ".join(ADJUST_LR))
     if group["ns_schedule"] not in SCHEDULES:
         raise bad("ns_schedule", "must be one of " + ", ".join(SCHEDULES))
+    if group["ns_method"] not in METHODS:
+        raise bad("ns_method", "must be one of " + ", ".join(METHODS))
     if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
         raise bad("ns_steps", "must be an integer >= 1")
     if group["backend"] not in BACKENDS:

@@ -13,6 +13,23 @@ Two coefficient schedules:
   "The Polar Express: Optimal Matrix Sign Methods and Their Application to the Muon Algorithm",
   arXiv:2505.16932, Implementation 1). Converges to singular values near 1 in the same number of steps.
 
+Two forms of the same iteration (`method`):
+
+* `standard`: the loop above on X, three products per step (`ns_iterations_torch`).
+* `gram`: the Gram form (Zhang, Amsel, Chen, Dao 2026, "Gram Newton-Schulz: A Fast, Hardware-Aware
+  Newton-Schulz Algorithm for Muon", github.com/Dao-AILab/gram-newton-schulz). Every iterate is
+  X_t = Q_t X_0 with Q_t a polynomial in R_0 = X_0 X_0^T, so the loop runs on m x m matrices only:
+      Z = b R + c R^2;   Q <- Z Q + a Q;   R <- Z (Z R + a R) + a (Z R + a R)      (all symmetric, commuting)
+  and X_0 is touched twice (R_0 = X_0 X_0^T at the start, Q X_0 at the end). Per m x n block that is
+  (14 + 6 n/m) m^3 multiply-adds for 5 steps against (5 + 15 n/m) m^3 (symmetric counts, one restart),
+  a third less for the 2048 x 5632 MLP blocks of `dense_1b`; square blocks gain nothing and keep the
+  standard form. In half precision the recurrences for R drift (round-off gives R spurious negative
+  eigenvalues that the polynomials amplify), so X is re-formed as Q X and R recomputed every few steps
+  (`gram_restarts`: once in 5 steps, as in the source), and the work runs in float16 rather than
+  bfloat16: three more mantissa bits at the same speed, and a normalized X and its Gram matrices lie well
+  inside float16's range. tests/optim/test_gram_newton_schulz.py holds it to the float64 standard
+  iteration; in float16 its singular-value band matches the standard form's in bfloat16, or is tighter.
+
 Layout: each matrix with more rows than columns is transposed first so the Gram matrix X X^T is the small
 side (m <= n); the decision is per matrix shape. The per-step loop is `ns_iterations_torch`; a Triton
 implementation with the same contract lives in `muon_recipes.optim.kernels` and is chosen by `backend`.
@@ -24,6 +41,12 @@ import torch
 
 SCHEDULES = ("keller", "polar_express")
 BACKENDS = ("auto", "torch", "triton")
+METHODS = ("standard", "gram")
+# On a GPU the Gram form's extra launches (five products per step, small ones) cost more than its saved FLOPs
+# below this small side: one H200, 5 Keller steps, recipes/bench_newton_schulz.py (2026-12-01): 32 x 512 x
+# 2048 took 0.78 ms in the Gram form against 0.95 ms, 64 x 768 x 2048 3.16 against 3.46 ms, but
+# 128 x 256 x 1024 0.89 against 0.63 ms. Smaller blocks there keep the standard form.
+GRAM_MIN_SIDE_CUDA = 512
 
 # Keller Jordan's Muon (github.com/KellerJordan/Muon, muon.py): one quintic for every step.
 KELLER_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -89,6 +112,44 @@ def ns_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, 
     return X
 
 
+def gram_restarts(steps: int) -> tuple[int, ...]:
+    """Iteration indices before which the Gram form re-forms X and R: 3, 6, 9, ... (segments of three steps).
+
+    Zhang et al. 2026 restart 5 steps once, before the third. Restarting before the fourth costs the same
+    (one restart either way) and, measured in float16 against the float64 iteration on decaying spectra
+    (512 x 1408, Keller and Polar Express schedules), keeps the singular-value band within 0.002 of the exact
+    one where the earlier restart let its top edge drift by 0.013: the round-off of the Q and R recurrences
+    grows with the steps since the last restart, and the last segment is what reaches the output.
+    """
+    return tuple(range(3, steps, 3))
+
+
+def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, float]],
+                          restarts: tuple[int, ...]) -> torch.Tensor:
+    """The Gram form of `ns_iterations_torch` on a normalized batch X: [B, m, n], m <= n (see the module doc).
+
+    Equal to the standard loop in exact arithmetic: X_t = Q_t X_0 and R_t = X_t X_t^T, with Q, R and every Z
+    polynomials in R_0, so they commute and `Z Q` is the `Q Z` of the source.
+    """
+    R = torch.bmm(X, X.mT)
+    Q = None   # the identity
+    last = len(coefficients) - 1
+    for step, (a, b, c) in enumerate(coefficients):
+        if step in restarts:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)
+        if Q is None:
+            Q = Z + a * torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device)
+        else:
+            Q = torch.baddbmm(Q, Z, Q, beta=a)
+        if step < last and step + 1 not in restarts:
+            RZ = torch.baddbmm(R, Z, R, beta=a)
+            R = torch.baddbmm(RZ, Z, RZ, beta=a)
+    return torch.bmm(Q, X)
+
+
 def triton_kernels():
     """The Triton kernels module, or None when it (or Triton) is not available."""
     try:
@@ -117,38 +178,52 @@ def _use_triton(X: torch.Tensor, backend: str) -> bool:
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
                   dtype: torch.dtype | str = torch.bfloat16, backend: str = "auto",
-                  eps: float = 1e-7) -> torch.Tensor:
+                  eps: float = 1e-7, method: str = "standard") -> torch.Tensor:
     """Approximate polar factor of every matrix in `G` ([..., rows, cols]); same shape, in `dtype`.
 
     Each matrix is cast to `dtype`, divided by (safety * ||X||_F + eps) so its spectral norm is <= 1 (the
     Frobenius norm bounds it; the norm itself is accumulated in float32), transposed when rows > cols,
-    iterated, and transposed back.
+    iterated, and transposed back. `method="gram"` iterates in the Gram form on non-square matrices (in
+    float16 when `dtype` is a 16-bit type; see the module doc) and in the standard form on square ones and,
+    on a GPU, on those whose small side is under GRAM_MIN_SIDE_CUDA.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: G must have at least 2 dims [..., rows, cols], got shape {tuple(G.shape)}")
     dtype = resolve_dtype(dtype)
     coeffs = coefficients(schedule, steps)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
     lead, (rows, cols) = G.shape[:-2], G.shape[-2:]
     X = G.reshape(-1, rows, cols).to(dtype)
     if X.numel() == 0:
         return X.reshape(G.shape)
     triton = _use_triton(X, backend)
+    gram = method == "gram" and rows != cols and (not X.is_cuda or min(rows, cols) >= GRAM_MIN_SIDE_CUDA)
+    half = dtype in (torch.bfloat16, torch.float16)
+    work = torch.float16 if gram and half else dtype
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
     divisor = norm * _NORM_SAFETY[schedule] + eps
-    # One pass: the division runs in float32 and rounds once into a fresh `dtype` buffer (a plain `X / norm`
+    # One pass: the division runs in float32 and rounds once into a fresh `work` buffer (a plain `X / norm`
     # would write a float32 copy first and convert it in a second pass). G itself is never written.
-    if triton and X.is_contiguous() and dtype in (torch.bfloat16, torch.float32):
-        X = triton_kernels().divide_matrices(X, divisor)   # the same numbers, vectorized (kernels/normalize.py)
+    normalized = torch.empty(X.shape, dtype=work, device=X.device)
+    if triton and X.is_contiguous() and X.dtype != torch.float64:
+        X = triton_kernels().divide_matrices(X, divisor, out=normalized)   # the same numbers, vectorized
     else:
-        X = torch.div(X, divisor, out=torch.empty_like(X))
+        X = torch.div(X, divisor, out=normalized)
     transpose = rows > cols
     if transpose:
         X = X.mT
     # CPUs without bf16 matrix units emulate bf16 products (about 10x slower than float32 on the AVX2 test
     # machines), so on CPU the iterations run in float32 on the same dtype-rounded input.
-    compute = torch.float32 if X.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+    compute = torch.float32 if X.device.type == "cpu" and half else work
     X = X.to(compute).contiguous()
-    X = (triton_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)).to(dtype)
+    if gram:
+        restarts = gram_restarts(steps)
+        X = (triton_kernels().gram_iterations_triton(X, coeffs, restarts) if triton
+             else gram_iterations_torch(X, coeffs, restarts))
+    else:
+        X = triton_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)
+    X = X.to(dtype)
     if transpose:
         X = X.mT
     return X.reshape(*lead, rows, cols)

@@ -132,6 +132,7 @@ class NSSettings:
     dtype: torch.dtype
     backend: str
     eps: float
+    method: str = "standard"   # standard | gram (newton_schulz.METHODS)
 
 
 def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) -> list[torch.Tensor]:
@@ -164,7 +165,7 @@ def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) ->
         for dst, (*_, wide) in zip(torch.split(batch, counts), members):
             copy_block(dst, wide)
         result = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
-                               backend=ns.backend, eps=ns.eps)
+                               backend=ns.backend, eps=ns.eps, method=ns.method)
         for (j, b, tall, _), out in zip(members, torch.split(result, counts)):
             plans_pieces[j][b] = out.mT if tall else out
     outputs = []

@@ -77,7 +77,8 @@ def build_param_groups(model: nn.Module, optim_cfg: Any,
         add(label, dict(algorithm="muon", lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                         nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay,
                         adjust_lr=optim_cfg.adjust_lr, ns_steps=optim_cfg.ns_steps,
-                        ns_schedule=optim_cfg.ns_schedule, ns_dtype=optim_cfg.ns_dtype,
+                        ns_schedule=optim_cfg.ns_schedule, ns_method=optim_cfg.ns_method,
+                        ns_dtype=optim_cfg.ns_dtype,
                         backend=optim_cfg.backend, split_sizes=split_sizes, experts=experts),
             pname, p)
     # Muon groups first (the bulk of the parameters), then AdamW; stable for state_dict indices.
@@ -89,6 +90,7 @@ def build_optimizer(model: nn.Module, optim_cfg: Any) -> Muon:
     return Muon(build_param_groups(model, optim_cfg), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                 nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay,
                 adjust_lr=optim_cfg.adjust_lr, ns_steps=optim_cfg.ns_steps, ns_schedule=optim_cfg.ns_schedule,
+                ns_method=optim_cfg.ns_method,
                 ns_dtype=optim_cfg.ns_dtype, backend=optim_cfg.backend, betas=tuple(optim_cfg.adamw.betas),
                 eps=optim_cfg.adamw.eps)
 

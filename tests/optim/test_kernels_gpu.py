@@ -187,3 +187,81 @@ def test_copy_transposed_equals_torch(shape, source_dtype, target_dtype):
     expected = torch.empty(shape, dtype=target_dtype, device="cuda").copy_(source)
     out = torch.full(shape, float("nan"), dtype=target_dtype, device="cuda")
     assert torch.equal(copy_transposed(out, source), expected)
+
+
+# ---------------------------------------------------------------- the Gram form (float16, with restarts)
+
+def _decaying(batch, m, n, power, seed):
+    """U diag(i^-power) V^T per matrix, normalized, float64: a gradient-like spectrum."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(batch, m, m, device="cuda", dtype=torch.float64, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(batch, n, m, device="cuda", dtype=torch.float64, generator=generator))
+    s = torch.arange(1, m + 1, device="cuda", dtype=torch.float64) ** -power
+    X = (U * s.unsqueeze(-2)) @ V.mT
+    return X / X.norm(dim=(-2, -1), keepdim=True)
+
+
+@pytest.mark.parametrize("schedule", ["keller", "polar_express"])
+@pytest.mark.parametrize("shape, power", [((4, 512, 2048), 2.0), ((4, 1024, 2816), 1.0), ((2, 2048, 5632), 1.0),
+                                          ((2, 2048, 5632), 0.0)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"power{v}")
+def test_gram_form_is_as_accurate_as_standard_bfloat16(shape, power, schedule):
+    """What newton_schulz(method="gram") runs (float16, restarts) against the standard loop in bf16 (the
+    other production path) and the Gram form in torch, all measured from the float64 standard iteration."""
+    from muon_recipes.optim.kernels import gram_iterations_triton, ns_iterations_triton
+    from muon_recipes.optim.newton_schulz import coefficients, gram_iterations_torch, gram_restarts
+
+    X = _decaying(*shape, power, seed=8)
+    coeffs, restarts = coefficients(schedule, 5), gram_restarts(5)
+    exact = _torch_iterations(X, coeffs)
+    gram = gram_iterations_triton(X.half(), coeffs, restarts)
+    standard = ns_iterations_triton(X.bfloat16(), coeffs)
+    torch_gram = gram_iterations_torch(X.half(), coeffs, restarts)
+    errors = {name: _relative_error(value, exact) for name, value in
+              (("gram", gram), ("standard_bf16", standard), ("torch_gram", torch_gram))}
+    assert errors["gram"] <= errors["standard_bf16"], errors
+    assert errors["gram"] <= 1.25 * errors["torch_gram"] + 1e-3, errors
+    bands = [_singular_band(v) for v in (gram, standard, exact)]
+    for gram_edge, standard_edge, exact_edge in zip(*bands):
+        assert abs(gram_edge - exact_edge) <= max(0.02, 1.25 * abs(standard_edge - exact_edge)), bands
+
+
+def test_newton_schulz_gram_path_on_gpu():
+    """The whole call (bf16 in, normalization into float16, tall blocks transposed, bf16 out) against the
+    exact polar factor's neighbourhood: the same distance from the float64 iteration as the standard form."""
+    from muon_recipes.optim.newton_schulz import coefficients, newton_schulz
+
+    G = _decaying(3, 768, 2048, 1.0, seed=9).mT.contiguous().float()   # tall, as gate/up blocks
+    exact = _torch_iterations((G / G.norm(dim=(-2, -1), keepdim=True)).double().mT, coefficients("keller", 5)).mT
+    gram = newton_schulz(G, dtype=torch.bfloat16, backend="triton", method="gram")
+    standard = newton_schulz(G, dtype=torch.bfloat16, backend="triton", method="standard")
+    assert gram.dtype == torch.bfloat16 and gram.shape == G.shape
+    assert _relative_error(gram, exact) <= _relative_error(standard, exact), (
+        _relative_error(gram, exact), _relative_error(standard, exact))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_commuting_product_matches_float64(dtype):
+    from muon_recipes.optim.kernels import commuting_product
+
+    generator = torch.Generator(device="cuda").manual_seed(10)
+    S = torch.randn(6, 700, 700, device="cuda", dtype=torch.float64, generator=generator) / 700
+    S = torch.triu(S) + torch.triu(S, 1).mT
+    Z, Q = (-4.775 * S + 2.0315 * S @ S).to(dtype), (S + 2.0 * S @ S).to(dtype)
+    out = torch.full_like(Z, float("nan"))
+    commuting_product(Z, Q, 3.4445, out=out)
+    exact = Z.double() @ Q.double() + 3.4445 * Q.double()
+    assert torch.equal(out, out.mT)
+    assert _relative_error(out, exact) <= 1.25 * _relative_error(Z @ Q + 3.4445 * Q, exact) + 1e-6
+
+
+def test_gram_cuda_graph_replay_equals_eager():
+    from muon_recipes.optim.kernels import clear_cuda_graphs, gram_iterations_triton
+
+    coefficients, restarts = [KELLER] * 5, (3,)
+    first, second = _normalized(8, 512, 2048, torch.float16, seed=11), _normalized(8, 512, 2048, torch.float16, seed=12)
+    run = dict(kernels="triton")
+    eager = [gram_iterations_triton(x, coefficients, restarts, cuda_graph=False, **run) for x in (first, second)]
+    graph = [gram_iterations_triton(x, coefficients, restarts, cuda_graph=True, **run) for x in (first, second)]
+    assert torch.equal(graph[0], eager[0]) and torch.equal(graph[1], eager[1])
+    clear_cuda_graphs()

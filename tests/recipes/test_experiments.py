@@ -19,6 +19,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 # What each ablation may change between its arms (the swept keys; for an optimizer-group axis, the optim subtree).
 ALLOWED = {"qkv_split": ("optim.split.qkv",), "gate_up_split": ("optim.split.gate_up",),
            "moe_per_expert": ("optim.split.experts",), "ns_schedule": ("optim.ns_schedule", "optim.ns_steps"),
+           "ns_method": ("optim.ns_method",),
            "lr_sweep": ("optim.lr",), "muon_vs_adamw": ("optim.",)}
 
 

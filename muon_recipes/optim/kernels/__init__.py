@@ -1,10 +1,11 @@
 """Triton kernels for Newton-Schulz: symmetric products, fused epilogues, batching, CUDA graphs.
 
 `ns_iterations_triton(X, coefficients)` runs the iterations on a normalized, batched X [B, m, n] with m <= n
-(the caller normalizes and transposes: `muon_recipes.optim.newton_schulz`). `prefer_triton(X)` says whether
-the kernels measured faster than torch for that shape on this machine; `triton_available()` whether they
-can run here at all. The kernels themselves (`symmetric_gram`, `symmetric_polynomial`, `fused_update`, and the
-normalization `divide_matrices`) are exported for tests and benchmarks; `copy_transposed` moves tall blocks
+(the caller normalizes and transposes: `muon_recipes.optim.newton_schulz`); `gram_iterations_triton` runs
+their Gram form. `prefer_triton(X)` says whether the kernels measured faster than torch for that shape on
+this machine; `triton_available()` whether they can run here at all. The kernels themselves
+(`symmetric_gram`, `symmetric_polynomial`, `commuting_product`, `fused_update`, and the normalization
+`divide_matrices`) are exported for tests and benchmarks; `copy_transposed` moves tall blocks
 into and out of their buckets (`muon_recipes.optim.orthogonalize.copy_block`).
 
 Nothing here imports Triton until it is known to import, so the package loads on machines without it
@@ -16,11 +17,13 @@ from muon_recipes.optim.kernels.availability import _triton_imports, prefer_trit
 __all__ = ["prefer_triton", "triton_available"]
 
 if _triton_imports():
-    from muon_recipes.optim.kernels.iterations import clear_cuda_graphs, ns_iterations_triton
+    from muon_recipes.optim.kernels.iterations import (clear_cuda_graphs, gram_iterations_triton,
+                                                       ns_iterations_triton)
     from muon_recipes.optim.kernels.normalize import divide_matrices
-    from muon_recipes.optim.kernels.symmetric import symmetric_gram, symmetric_polynomial
+    from muon_recipes.optim.kernels.symmetric import commuting_product, symmetric_gram, symmetric_polynomial
     from muon_recipes.optim.kernels.transpose import copy_transposed, copy_transposed_applies
     from muon_recipes.optim.kernels.update import fused_update
 
-    __all__ += ["ns_iterations_triton", "symmetric_gram", "symmetric_polynomial", "fused_update",
+    __all__ += ["ns_iterations_triton", "gram_iterations_triton", "symmetric_gram", "symmetric_polynomial",
+                "commuting_product", "fused_update",
                 "divide_matrices", "copy_transposed", "copy_transposed_applies", "clear_cuda_graphs"]

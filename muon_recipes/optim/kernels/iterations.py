@@ -1,4 +1,4 @@
-"""The Newton-Schulz loop on the Triton kernels, with an optional CUDA graph per (shape, dtype, schedule).
+"""The Newton-Schulz loops on the Triton kernels, with an optional CUDA graph per (shape, dtype, schedule).
 
 One iteration (Keller Jordan's Muon; the polynomial X <- a X + b (X X^T) X + c (X X^T)^2 X) is three products:
 
@@ -11,6 +11,12 @@ the cuBLAS product with the same fused epilogue (`bmm`, `baddbmm`) measured fast
 per (device, shape, dtype, precision) on the first call. Halving the FLOPs of the symmetric products wins
 for large matrices; for small batched ones cuBLAS's batched kernels are sometimes faster per FLOP than the
 halved work is cheap (see docs/benchmarks.md). `kernels="triton"` always uses the Triton kernels.
+
+The Gram form (`gram_iterations_triton`; the algorithm and its sources are in `newton_schulz.py`) iterates on
+m x m polynomials of R = X X^T instead of on X. Its products are X X^T (for R, at the start and after each
+restart), b R + c R R (the same symmetric kernels), Z Q + a Q for commuting symmetric Z, Q (the symmetric
+kernel with two operands, `commuting_product`, run where the plan runs the polynomial), and Q X (the update
+kernel with a = 0, run where the plan runs the update).
 
 Buffers are allocated once per call and X ping-pongs between two of them, so the caller's tensor is never
 written. Small matrices are bound by launch latency (15 launches for 5 iterations, each a few microseconds
@@ -26,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
+from muon_recipes.optim.kernels.symmetric import KERNEL_DTYPES, launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision, interpreting
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
 
@@ -57,6 +63,14 @@ def _polynomial_cublas(A, B, b, c):
     torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
 
 
+def _commuting_cublas(Z, Q, a, out):
+    torch.baddbmm(Q, Z, Q, beta=a, alpha=1.0, out=out)
+
+
+def _commuting_triton(Z, Q, a, out):
+    launch_symmetric_matmul(Z, out, alpha=1.0, beta=a, c=Q, y=Q)
+
+
 def _gram_triton(X, A):
     launch_symmetric_matmul(X, A)
 
@@ -68,6 +82,7 @@ def _polynomial_triton(A, B, b, c):
 _GRAM = {"triton": _gram_triton, "cublas": _gram_cublas}
 _POLYNOMIAL = {"triton": _polynomial_triton, "cublas": _polynomial_cublas}
 _UPDATE = {"triton": launch_update, "cublas": launch_update_cublas}
+_COMMUTING = {"triton": _commuting_triton, "cublas": _commuting_cublas}
 
 
 def _check_input(X: torch.Tensor) -> None:
@@ -77,8 +92,8 @@ def _check_input(X: torch.Tensor) -> None:
     batch, m, n = X.shape
     if m > n:
         raise ValueError(f"X.shape={tuple(X.shape)}: needs m <= n (transpose tall matrices before the call)")
-    if X.dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"X.dtype={X.dtype}: must be torch.bfloat16 or torch.float32")
+    if X.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"X.dtype={X.dtype}: must be one of {', '.join(map(str, KERNEL_DTYPES))}")
     if not X.is_contiguous():
         raise ValueError("X: must be contiguous (call .contiguous() first)")
     if batch > 65535:
@@ -152,20 +167,55 @@ def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], pl
     return current
 
 
-class _CapturedNewtonSchulz:
-    """The whole loop for one (shape, dtype, coefficients, plan), captured in a CUDA graph and replayed."""
+def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan,
+                  restarts: tuple[int, ...]) -> torch.Tensor:
+    """The Gram form on the plan's kernels: the same recurrences as `newton_schulz.gram_iterations_torch`."""
+    batch, m, n = X.shape
+    gram, polynomial, update = _GRAM[plan.gram], _POLYNOMIAL[plan.polynomial], _UPDATE[plan.update]
+    commuting = _COMMUTING[plan.polynomial]
+    R, Z, RZ, Q, Q_next = (torch.empty((batch, m, m), dtype=X.dtype, device=X.device) for _ in range(5))
+    restarted = [torch.empty_like(X), torch.empty_like(X) if len(restarts) > 1 else None]
+    current = X
+    gram(current, R)
+    identity = True   # Q = I until the first iteration (and again after each restart)
+    last = len(coeffs) - 1
+    for step, (a, b, c) in enumerate(coeffs):
+        if step in restarts:
+            target = restarted[restarts.index(step) % 2]
+            update(current, Q, 0.0, target)        # X <- Q X
+            current = target
+            gram(current, R)
+            identity = True
+        polynomial(R, Z, b, c)                     # Z = b R + c R R
+        if identity:
+            Q.copy_(Z)                             # Q = Z I + a I
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+            identity = False
+        else:
+            commuting(Z, Q, a, Q_next)             # Q = Z Q + a Q
+            Q, Q_next = Q_next, Q
+        if step < last and step + 1 not in restarts:
+            commuting(Z, R, a, RZ)                 # RZ = Z R + a R
+            commuting(Z, RZ, a, R)                 # R = Z RZ + a RZ
+    out = torch.empty_like(X)
+    update(current, Q, 0.0, out)                   # X_final = Q X
+    return out
 
-    def __init__(self, X: torch.Tensor, coeffs, plan: Plan):
+
+class _CapturedNewtonSchulz:
+    """The whole loop for one (shape, dtype, coefficients, plan, form), captured in a CUDA graph and replayed."""
+
+    def __init__(self, X: torch.Tensor, loop: Callable[[torch.Tensor], torch.Tensor]):
         self.input = X.clone()
         # Compile and autotune outside the capture (neither can be captured).
         side = torch.cuda.Stream(device=X.device)
         side.wait_stream(torch.cuda.current_stream(X.device))
         with torch.cuda.stream(side):
-            _iterate(self.input, coeffs, plan)
+            loop(self.input)
         torch.cuda.current_stream(X.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = _iterate(self.input, coeffs, plan)
+            self.output = loop(self.input)
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
         self.input.copy_(X)
@@ -180,7 +230,7 @@ def clear_cuda_graphs() -> None:
 
 def ns_iterations_triton(X: torch.Tensor, coefficients: Sequence, *, cuda_graph: bool | None = None,
                          kernels: str = "auto") -> torch.Tensor:
-    """Newton-Schulz iterations on a normalized batch X [B, m, n] (m <= n, contiguous, bf16 or fp32).
+    """Newton-Schulz iterations on a normalized batch X [B, m, n] (m <= n, contiguous, bf16, fp16 or fp32).
 
     Per (a, b, c) of `coefficients`: A = X X^T; B = b A + c A A; X = a X + B X, the same arithmetic as the
     torch loop, with fp32 accumulation and one rounding per product. Returns a new tensor; X is not written.
@@ -191,6 +241,24 @@ def ns_iterations_triton(X: torch.Tensor, coefficients: Sequence, *, cuda_graph:
         launch-bound matrices; keeps the graph's buffers for the life of the process, see
         `clear_cuda_graphs`). None reads the environment variable MUON_NS_CUDA_GRAPH ("1" enables it).
     """
+    return _run(X, coefficients, None, cuda_graph, kernels)
+
+
+def gram_iterations_triton(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[int], *,
+                           cuda_graph: bool | None = None, kernels: str = "auto") -> torch.Tensor:
+    """The Gram form of the same iterations (`newton_schulz.gram_iterations_torch` is the reference): equal to
+    `ns_iterations_triton` in exact arithmetic, with the m x m work on the symmetric kernels. `restarts` are
+    the iteration indices (1 <= t < len(coefficients)) before which X is re-formed as Q X; the arguments and
+    the result are otherwise those of `ns_iterations_triton`. Meant for half precision: float16 (see
+    `newton_schulz`).
+    """
+    restarts = tuple(sorted({int(t) for t in restarts}))
+    if any(t < 1 or t >= len(coefficients) for t in restarts):
+        raise ValueError(f"restarts={restarts}: each must be an iteration index in [1, {len(coefficients) - 1}]")
+    return _run(X, coefficients, restarts, cuda_graph, kernels)
+
+
+def _run(X, coefficients, restarts, cuda_graph, kernels) -> torch.Tensor:
     coeffs = _check_coefficients(coefficients)
     _check_input(X)
     if kernels not in KERNEL_CHOICES:
@@ -198,12 +266,16 @@ def ns_iterations_triton(X: torch.Tensor, coefficients: Sequence, *, cuda_graph:
     if not coeffs:
         return X.clone()
     plan = _plan_for(X, coeffs, kernels)
+    if restarts is None:
+        loop = lambda inp: _iterate(inp, coeffs, plan)   # noqa: E731
+    else:
+        loop = lambda inp: _iterate_gram(inp, coeffs, plan, restarts)   # noqa: E731
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
     if cuda_graph and X.is_cuda and not torch.cuda.is_current_stream_capturing():
-        key = (X.device.index, tuple(X.shape), X.dtype, coeffs, plan, input_precision(X.dtype))
+        key = (X.device.index, tuple(X.shape), X.dtype, coeffs, plan, restarts, input_precision(X.dtype))
         runner = _graphs.get(key)
         if runner is None:
-            runner = _graphs[key] = _CapturedNewtonSchulz(X, coeffs, plan)
+            runner = _graphs[key] = _CapturedNewtonSchulz(X, loop)
         return runner(X)
-    return _iterate(X, coeffs, plan)
+    return loop(X)

@@ -1,9 +1,13 @@
 """Symmetric products of Newton-Schulz: A = X X^T and B = b A + c A A, upper-triangle tiles only.
 
 Both are products of a matrix with its own transpose (A is symmetric, so A A = A A^T), so their results are
-symmetric: one kernel, `out = alpha * X X^T + beta * C`, computes only the output tiles that touch the upper
-triangle (col >= row) and mirrors them, which halves the work of these two of the three matmuls of an
-iteration (4 m^2 n + 2 m^3 FLOPs become 3 m^2 n + m^3 per iteration, the count the benchmark's floor uses).
+symmetric: one kernel, `out = alpha * X Y^T + beta * C` with Y = X, computes only the output tiles that touch
+the upper triangle (col >= row) and mirrors them, which halves the work of these two of the three matmuls of
+an iteration (4 m^2 n + 2 m^3 FLOPs become 3 m^2 n + m^3 per iteration, the count the benchmark's floor uses).
+
+The same kernel with Y != X serves the Gram form of Newton-Schulz (`iterations.py`), whose m x m matrices are
+all polynomials in one symmetric Gram matrix: two of them commute and are symmetric, so their product
+Z Q = Z Q^T is symmetric too and again needs only its upper triangle (`commuting_product`).
 
 Each element is written exactly once: a tile stores its upper-triangle elements in place and its strictly
 upper ones mirrored, so the output is exactly symmetric (A A^T in the next product then equals A A bit for
@@ -28,9 +32,10 @@ from muon_recipes.optim.kernels.tuning import input_precision, interpreting, mat
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "K_TILES": k_tiles_heuristic})
 @triton.jit
 def _symmetric_matmul_kernel(
-    x_ptr, c_ptr, out_ptr,
+    x_ptr, y_ptr, c_ptr, out_ptr,
     M, K, BATCH,
     stride_xb, stride_xm,   # x: [BATCH, M, K], unit stride along K
+    stride_yb, stride_ym,   # y: [BATCH, M, K], unit stride along K (y is x for X X^T)
     stride_cb, stride_cm,   # c: [BATCH, M, M], unit stride along the last dim
     stride_ob, stride_om,   # out: [BATCH, M, M], unit stride along the last dim
     alpha, beta,
@@ -62,7 +67,7 @@ def _symmetric_matmul_kernel(
     cols_in = cols % M
     x_batch = x_ptr + batch * stride_xb
     left_ptrs = x_batch + rows_in[:, None] * stride_xm + offs_k[None, :]     # X[rows, k]      [BM, BK]
-    right_ptrs = x_batch + cols_in[None, :] * stride_xm + offs_k[:, None]    # X[cols, k]^T    [BK, BN]
+    right_ptrs = y_ptr + batch * stride_yb + cols_in[None, :] * stride_ym + offs_k[:, None]   # Y[cols, k]^T
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, reduction_tiles(K, BLOCK_K, K_TILES, INTERPRETED)):
@@ -103,26 +108,31 @@ _launch_symmetric = FastLaunch(_symmetric_matmul_kernel)
 
 
 def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, beta: float = 0.0,
-                            c: torch.Tensor | None = None) -> torch.Tensor:
-    """out = alpha * x x^T (+ beta * c) for contiguous x [B, M, K], symmetric c and out [B, M, M]; no checks."""
+                            c: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+    """out = alpha * x y^T (+ beta * c) for contiguous x, y [B, M, K] (y defaults to x) whose product is
+    symmetric, symmetric c and out [B, M, M]; only the upper triangle is computed; no checks."""
     batch, m, k = x.shape
     has_c = c is not None
     c_arg = c if has_c else out
+    y = x if y is None else y
 
     _launch_symmetric(
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]), batch, 1),
-        (x, c_arg, out, m, k, batch,
-         x.stride(0), x.stride(1), c_arg.stride(0), c_arg.stride(1), out.stride(0), out.stride(1),
-         alpha, beta),
+        (x, y, c_arg, out, m, k, batch,
+         x.stride(0), x.stride(1), y.stride(0), y.stride(1), c_arg.stride(0), c_arg.stride(1),
+         out.stride(0), out.stride(1), alpha, beta),
         {"HAS_C": has_c, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
     return out
+
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check_batched(name: str, t: torch.Tensor) -> None:
     if t.ndim != 3:
         raise ValueError(f"{name}: expected a batch of matrices [B, m, n], got shape {tuple(t.shape)}")
-    if t.dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"{name}.dtype={t.dtype}: must be torch.bfloat16 or torch.float32")
+    if t.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{name}.dtype={t.dtype}: must be torch.bfloat16, torch.float16 or torch.float32")
     if not t.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
 
@@ -155,3 +165,21 @@ def symmetric_polynomial(a: torch.Tensor, b: float, c: float, out: torch.Tensor 
         raise ValueError(f"a: expected square symmetric matrices [B, m, m], got shape {tuple(a.shape)}")
     out = _output("out", out, a, (batch, m, m))
     return launch_symmetric_matmul(a, out, alpha=float(c), beta=float(b), c=a)
+
+
+def commuting_product(z: torch.Tensor, q: torch.Tensor, a: float = 0.0, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """out = z q + a q for batches of symmetric matrices z, q [B, m, m] that commute (polynomials in one
+    symmetric matrix, as in the Gram form of Newton-Schulz): z q = z q^T is then symmetric, so only the
+    upper-triangle tiles are computed and mirrored. The result is exactly symmetric even where rounding left
+    z q slightly asymmetric; it is the upper triangle of z q + a q."""
+    _check_batched("z", z)
+    _check_batched("q", q)
+    batch, m, m2 = z.shape
+    if m != m2 or tuple(q.shape) != (batch, m, m) or q.dtype != z.dtype:
+        raise ValueError(f"z, q: expected square matrices of one shape and dtype, got z {z.dtype} "
+                         f"{tuple(z.shape)} and q {q.dtype} {tuple(q.shape)}")
+    out = _output("out", out, z, (batch, m, m))
+    if out.data_ptr() in (z.data_ptr(), q.data_ptr()):
+        raise ValueError("out: must not alias z or q (each output tile reads whole rows of both)")
+    return launch_symmetric_matmul(z, out, alpha=1.0, beta=float(a), c=q, y=q)
