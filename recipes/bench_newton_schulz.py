@@ -154,15 +154,16 @@ def singular_band(Y: torch.Tensor, max_matrices: int) -> tuple[float, float]:
 
 
 def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
-    """Time of each kernel of one iteration and of the cuBLAS products it replaces (ms, TFLOP/s)."""
-    from muon_recipes.optim.kernels import fused_update, symmetric_gram, symmetric_polynomial
+    """Time of each kernel of one iteration and of the cuBLAS products it replaces (ms, TFLOP/s); the
+    commuting product Z Q + a Q is the Gram form's m x m step (timed on A and B, whose shapes it has)."""
+    from muon_recipes.optim.kernels import commuting_product, fused_update, symmetric_gram, symmetric_polynomial
     from muon_recipes.optim.kernels.update import launch_update_cublas
 
     a, b, c = coefficients[0]
     batch, m, n = X.shape
     A = symmetric_gram(X)
     B = symmetric_polynomial(A, b, c)
-    out = torch.empty_like(X)
+    out, C = torch.empty_like(X), torch.empty_like(A)
     gram_flops, poly_flops, update_flops = batch * m * m * n, batch * m**3, 2 * batch * m * m * n
     rows = {
         "gram_triton": (lambda: symmetric_gram(X, out=A), gram_flops),
@@ -171,6 +172,8 @@ def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
         "polynomial_cublas": (lambda: torch.baddbmm(A, A, A, beta=b, alpha=c), poly_flops),
         "update_triton": (lambda: fused_update(X, B, a, out=out), update_flops),
         "update_cublas": (lambda: launch_update_cublas(X, B, a, out), update_flops),
+        "commuting_triton": (lambda: commuting_product(B, A, a, out=C), poly_flops),
+        "commuting_cublas": (lambda: torch.baddbmm(A, B, A, beta=a, alpha=1.0, out=C), poly_flops),
     }
     result = {}
     for name, (fn, flops) in rows.items():
@@ -269,6 +272,8 @@ def main() -> None:
         row["plan"] = [vars(plan) for key, plan in _plans.items() if tuple(key[1:4]) == (batch, m, n)]
         if not args.no_breakdown:
             row["breakdown"] = kernel_breakdown(X, timed_coefficients)
+            if X_half is not None:
+                row["breakdown_float16"] = kernel_breakdown(X_half, timed_coefficients)
         row["band"] = {}
         for name in schedules:
             coefficients = schedule_coefficients(name, args.steps)
@@ -290,9 +295,10 @@ def main() -> None:
               f"{'-' if gram_best is None else f'{gram_best:.3f} ({gram_best / floor:.2f}x floor)'} | host {row['launch_us']:.0f} us/call | plan {row['plan']} | "
               f"{time.time() - t0:.0f}s",
               flush=True)
-        if "breakdown" in row:
-            print("   " + "  ".join(f"{k} {v['ms']:.3f}ms/{v['symmetric_tflops']:.0f}TF"
-                                    for k, v in row["breakdown"].items()), flush=True)
+        for key in ("breakdown", "breakdown_float16"):
+            if key in row:
+                print(f"   {key}: " + "  ".join(f"{k} {v['ms']:.3f}ms/{v['symmetric_tflops']:.0f}TF"
+                                              for k, v in row[key].items()), flush=True)
         rows.append(row)
         result = {
             "device": device, "torch": torch.__version__, "triton": triton.__version__,

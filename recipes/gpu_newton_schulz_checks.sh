@@ -3,7 +3,8 @@
 # parameter sets with the Gram form (default) and the standard form, the per-shape Newton-Schulz benchmark, and
 # the Gram-vs-standard training ablation. Everything lands in OUT_DIR.
 # Usage: bash recipes/gpu_newton_schulz_checks.sh OUT_DIR
-#   STAGES picks the stages, default "tests optimizer shapes"; "ablation" runs SWEEPS=ns_method of
+#   STAGES picks the stages, default "tests optimizer shapes"; "buckets" times each product of the dense_1b
+#   buckets; "ablation" runs SWEEPS=ns_method of
 #   recipes/gpu_ablations.sh; "trace" profiles the dense_1b step (kernel table beside the JSON).
 set -u
 out=${1:-gpu_out}
@@ -27,6 +28,9 @@ for stage in ${STAGES:-tests optimizer shapes}; do
     trace)
       timeout 200 python recipes/bench_optimizer.py --model dense_1b --optimizers muon --steps 5 --warmup 3 \
         --trace --out "$out/trace.json" 2>&1 | tail -8 ;;
+    buckets)   # the dense_1b buckets with the per-kernel breakdown (bf16 standard products, fp16 Gram products)
+      timeout 200 python recipes/bench_newton_schulz.py --no-compile --out "$out/bench_ns_buckets" \
+        --shapes 48x2048x5632,32x2048x2048,32x512x2048 --schedules keller 2>&1 | grep -E "breakdown|floor" ;;
     shapes)
       timeout 300 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --out "$out/bench_ns" \
         --shapes 48x2048x5632,32x2048x2048,32x512x2048,1x4096x14336,1x4096x4096,64x768x2048,128x256x1024,1x512x2048 \

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from muon_recipes.optim.newton_schulz import BACKENDS, METHODS, SCHEDULES, resolve_dtype
+from muon_recipes.optim.newton_schulz import BACKENDS, METHODS, SCHEDULES, resolve_dtype, triton_kernels
 from muon_recipes.optim.orthogonalize import ADJUST_LR, EXPERT_MODES, BlockPlan, NSSettings, orthogonalize
 
 ALGORITHMS = ("muon", "adamw")
@@ -62,7 +62,7 @@ class MatrixUpdate:
 
     param: Tensor
     group: dict
-    update: Tensor  # local shard (or whole tensor) of the momentum update, param dtype
+    update: Tensor  # local shard (or whole tensor) of the momentum update, param dtype or (fused) ns dtype
     plan: BlockPlan  # of the full (global) shape
     ns: NSSettings
 
@@ -177,12 +177,19 @@ class Muon(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(local(state["momentum_buffer"]))
-        mu = group["momentum"]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
-        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-        ns = NSSettings(group["ns_steps"], group["ns_schedule"], resolve_dtype(group["ns_dtype"]),
-                        group["backend"], NS_EPS, group["ns_method"])
+        mu, nesterov = group["momentum"], group["nesterov"]
+        ns_dtype = resolve_dtype(group["ns_dtype"])
+        kernels = triton_kernels() if grads and grads[0].is_cuda else None
+        fused = getattr(kernels, "momentum_update", None)
+        if fused is not None and all(kernels.momentum_applies(g, b) for g, b in zip(grads, bufs)):
+            # One pass per tensor, the update already in the Newton-Schulz dtype (kernels/momentum.py).
+            updates = [fused(g, b, mu, nesterov, ns_dtype) for g, b in zip(grads, bufs)]
+        else:
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            updates = torch._foreach_add(grads, bufs, alpha=mu) if nesterov else bufs
+        ns = NSSettings(group["ns_steps"], group["ns_schedule"], ns_dtype, group["backend"], NS_EPS,
+                        group["ns_method"])
         return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns) for p, u in zip(params, updates)]
 
     def _plan(self, p: Tensor, group: dict) -> tuple[BlockPlan, Tensor, Optional[list]]:

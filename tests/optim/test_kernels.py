@@ -32,7 +32,8 @@ THREE_STEPS = TWO_STEPS + (KELLER,)
 GRAM_RESTARTS = (1,)
 SHAPES = ((1, 17, 45), (3, 17, 45), (2, 32, 48))
 DTYPES = ("float32", "bfloat16", "float16")
-KERNELS = ("gram", "polynomial", "update", "iterations", "divide", "transpose", "commuting", "gram_iterations")
+KERNELS = ("gram", "polynomial", "update", "iterations", "divide", "transpose", "commuting", "gram_iterations",
+           "momentum")
 # The transpose copy serves the buckets, which are never float16.
 CASES = [(d, k) for d in DTYPES for k in KERNELS if not (d == "float16" and k == "transpose")]
 # Relative Frobenius error against float64: fp32 arithmetic lands near 1e-7; bf16 rounds inputs and outputs
@@ -139,6 +140,23 @@ def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dic
                              "input_untouched": bool(torch.equal(X, before)),
                              "dtype_kept": ours.dtype == dtype and tuple(ours.shape) == (batch, m, n)}
 
+    from muon_recipes.optim.kernels import momentum_update
+
+    # Muon's momentum on a float32 gradient and buffer, the update written in `dtype` (Nesterov), and the
+    # heavy-ball form whose update is the new buffer itself.
+    grad, buf = torch.randn(batch, m, n, generator=generator), torch.randn(batch, m, n, generator=generator)
+    exact_buf = 0.95 * buf.double() + grad.double()
+    exact = grad.double() + 0.95 * exact_buf
+    ours_buf, out = buf.clone(), torch.full((batch, m, n), float("nan"), dtype=dtype)
+    momentum_update(grad, ours_buf, 0.95, True, dtype, out=out)
+    torch_buf = buf.clone().mul_(0.95).add_(grad)
+    heavy_buf = buf.clone()
+    heavy = momentum_update(grad, heavy_buf, 0.95, False, dtype)
+    results["momentum"] = {"ours": _relative_error(out, exact),
+                           "torch": _relative_error((grad + 0.95 * torch_buf).to(dtype), exact),
+                           "buffer_float32_exact": _relative_error(ours_buf, exact_buf) < 1e-6,
+                           "heavy_ball_is_buffer": bool(torch.equal(heavy, heavy_buf.to(dtype)))}
+
     if dtype == torch.float16:
         return results   # the transpose copy serves bf16 and fp32 buckets only
 
@@ -193,7 +211,8 @@ def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name
     # No accuracy traded away: at most a little worse than torch in the same dtype (one rounding per
     # product instead of one per operation usually makes it better).
     assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
-    for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected"):
+    for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected",
+                 "buffer_float32_exact", "heavy_ball_is_buffer"):
         if flag in result:
             assert result[flag], f"{kernel}: {flag} is False"
 

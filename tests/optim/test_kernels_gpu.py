@@ -265,3 +265,24 @@ def test_gram_cuda_graph_replay_equals_eager():
     graph = [gram_iterations_triton(x, coefficients, restarts, cuda_graph=True, **run) for x in (first, second)]
     assert torch.equal(graph[0], eager[0]) and torch.equal(graph[1], eager[1])
     clear_cuda_graphs()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_update_matches_torch(nesterov):
+    """Muon's one-pass momentum against torch's three multi-tensor ops, at the size of a gate block; the
+    second call takes FastLaunch's direct path."""
+    from muon_recipes.optim.kernels import momentum_update
+
+    generator = torch.Generator(device="cuda").manual_seed(13)
+    for call in range(2):
+        grad = torch.randn(5632, 2048, device="cuda", generator=generator)
+        buf = torch.randn(5632, 2048, device="cuda", generator=generator)
+        reference_buf = buf.clone().mul_(0.95).add_(grad)
+        reference = (torch.add(grad, reference_buf, alpha=0.95) if nesterov else reference_buf).bfloat16()
+        update = momentum_update(grad, buf, 0.95, nesterov, torch.bfloat16)
+        # float32 buffers: at most the difference of one fused multiply-add against two rounded operations
+        assert torch.allclose(buf, reference_buf, rtol=2e-7, atol=1e-7), call
+        # the bf16 update: equal but for ties of that last float32 bit
+        mismatch = (update != reference).float().mean().item()
+        assert update.dtype == torch.bfloat16 and mismatch < 1e-3, (call, mismatch)
+        assert _relative_error(update, reference.double()) < 1e-5

@@ -26,7 +26,7 @@ from muon_recipes.optim.kernels.tuning import interpreting
 
 class FastLaunch:
     def __init__(self, kernel):
-        self.kernel = kernel   # the @triton.autotune-wrapped kernel
+        self.kernel = kernel   # a @triton.jit kernel, possibly wrapped by @triton.autotune / @triton.heuristics
         self.heuristics: dict[str, Callable] = {}
         fn = kernel
         while isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
@@ -69,7 +69,9 @@ class FastLaunch:
             return
         named = dict(zip(self.arg_names, args))
         named.update(constexprs)
-        named.update(self.kernel.best_config.kwargs)
+        best = getattr(self.kernel, "best_config", None)   # only an autotuned kernel has one
+        if best is not None:
+            named.update(best.kwargs)
         for name, rule in self.heuristics.items():
             named[name] = rule(named)
         tail = tuple(named[name] for name in self.arg_names[len(args):])
