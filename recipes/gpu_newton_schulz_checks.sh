@@ -21,6 +21,10 @@ for stage in ${STAGES:-tests optimizer shapes}; do
       timeout 300 python -m pytest -q -m gpu -k "not gram and not commuting" --tb=short \
         tests/optim/test_kernels_gpu.py tests/optim/test_muon_gpu.py > "$out/gpu_tests.log" 2>&1
       grep -hE "passed|failed|Error|assert" "$out/gpu_tests_gram.log" "$out/gpu_tests.log" | tail -20 ;;
+    newtests)   # only the Gram-form, momentum and Muon GPU tests
+      timeout 300 python -m pytest -q -m gpu -k "gram or commuting or momentum or muon" --tb=short \
+        tests/optim/test_kernels_gpu.py tests/optim/test_muon_gpu.py > "$out/gpu_tests_new.log" 2>&1
+      grep -hE "passed|failed|Error|assert" "$out/gpu_tests_new.log" | tail -20 ;;
     optimizer)
       timeout 300 python recipes/bench_optimizer.py --model dense_1b,moe_small \
         --optimizers muon,muon_standard,adamw_fused --steps 10 --warmup 3 --out "$out/bench_optimizer.json" \
