@@ -279,9 +279,10 @@ def test_momentum_update_matches_torch(nesterov):
         buf = torch.randn(5632, 2048, device="cuda", generator=generator)
         reference_buf = buf.clone().mul_(0.95).add_(grad)
         reference = (torch.add(grad, reference_buf, alpha=0.95) if nesterov else reference_buf).bfloat16()
+        bound = 2.0 ** -22 * (0.95 * buf.abs() + grad.abs())   # a few float32 roundings of the inputs' size
         update = momentum_update(grad, buf, 0.95, nesterov, torch.bfloat16)
         # float32 buffers: at most the difference of one fused multiply-add against two rounded operations
-        assert torch.allclose(buf, reference_buf, rtol=2e-7, atol=1e-7), call
+        assert bool(((buf - reference_buf).abs() <= bound).all()), (call, (buf - reference_buf).abs().max())
         # the bf16 update: equal but for ties of that last float32 bit
         mismatch = (update != reference).float().mean().item()
         assert update.dtype == torch.bfloat16 and mismatch < 1e-3, (call, mismatch)
