@@ -182,7 +182,7 @@ class Muon(torch.optim.Optimizer):
         kernels = triton_kernels() if grads and grads[0].is_cuda else None
         fused = getattr(kernels, "momentum_update", None)
         if fused is not None and all(kernels.momentum_applies(g, b) for g, b in zip(grads, bufs)):
-            # One pass per tensor, the update already in the Newton-Schulz dtype (kernels/momentum.py).
+            # One pass per tensor, the update already in the Newton-Schulz dtype (kernels/elementwise.py).
             updates = [fused(g, b, mu, nesterov, ns_dtype) for g, b in zip(grads, bufs)]
         else:
             torch._foreach_mul_(bufs, mu)
@@ -230,9 +230,15 @@ class Muon(torch.optim.Optimizer):
     def _apply(self, item: MatrixUpdate, ortho: Tensor) -> None:
         group, p = item.group, local(item.param)
         lr, wd = group["lr"], group["weight_decay"]
+        _, scale, segments = self._plan(item.param, group)
+        if segments is not None and len(segments) == 1 and ortho.shape == p.shape:
+            kernels = triton_kernels() if p.is_cuda else None
+            if getattr(kernels, "scaled_add_", None) is not None and kernels.scaled_add_applies(p, ortho):
+                # Decay and update in one vectorized pass (kernels/elementwise.py).
+                kernels.scaled_add_(p, ortho, alpha=-lr * segments[0][2], decay=1 - lr * wd)
+                return
         if wd:
             p.mul_(1 - lr * wd)
-        _, scale, segments = self._plan(item.param, group)
         if segments is None:
             p.addcmul_(ortho, scale, value=-lr)
             return

@@ -219,7 +219,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     X = X.to(compute).contiguous()
     if gram:
         restarts = gram_restarts(steps)
-        X = (triton_kernels().gram_iterations_triton(X, coeffs, restarts) if triton
+        X = (triton_kernels().gram_iterations_triton(X, coeffs, restarts, out_dtype=dtype) if triton
              else gram_iterations_torch(X, coeffs, restarts))
     else:
         X = triton_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)

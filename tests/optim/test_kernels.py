@@ -33,7 +33,7 @@ GRAM_RESTARTS = (1,)
 SHAPES = ((1, 17, 45), (3, 17, 45), (2, 32, 48))
 DTYPES = ("float32", "bfloat16", "float16")
 KERNELS = ("gram", "polynomial", "update", "iterations", "divide", "transpose", "commuting", "gram_iterations",
-           "momentum")
+           "momentum", "scaled_add")
 # The transpose copy serves the buckets, which are never float16.
 CASES = [(d, k) for d in DTYPES for k in KERNELS if not (d == "float16" and k == "transpose")]
 # Relative Frobenius error against float64: fp32 arithmetic lands near 1e-7; bf16 rounds inputs and outputs
@@ -131,6 +131,11 @@ def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dic
         "torch": _relative_error(gram_iterations_torch(X, THREE_STEPS, GRAM_RESTARTS), exact),
         "input_untouched": bool(torch.equal(X, before)),
         "dtype_kept": ours.dtype == dtype and tuple(ours.shape) == (batch, m, n)}
+    # The last product rounded straight to bf16 (what newton_schulz asks for): the same numbers to within one
+    # bf16 rounding (2^-9 relative per element).
+    direct = gram_iterations_triton(X, THREE_STEPS, GRAM_RESTARTS, kernels="triton", out_dtype=torch.bfloat16)
+    results["gram_iterations"]["out_dtype_rounds_once"] = (
+        direct.dtype == torch.bfloat16 and _relative_error(direct, ours) <= 2.0 ** -9)
 
     before = X.clone()
     ours = ns_iterations_triton(X, TWO_STEPS, kernels="triton")
@@ -156,6 +161,17 @@ def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dic
                            "torch": _relative_error((grad + 0.95 * torch_buf).to(dtype), exact),
                            "buffer_float32_exact": _relative_error(ours_buf, exact_buf) < 1e-6,
                            "heavy_ball_is_buffer": bool(torch.equal(heavy, heavy_buf.to(dtype)))}
+
+    from muon_recipes.optim.kernels import scaled_add_
+
+    # The final weight update: a float32 weight, decayed, plus a scaled update in `dtype`.
+    weight, update = torch.randn(batch, m, n, generator=generator), torch.randn(batch, m, n, generator=generator)
+    update = update.to(dtype)
+    exact = 0.999 * weight.double() - 0.02 * update.double()
+    ours = scaled_add_(weight.clone(), update, alpha=-0.02, decay=0.999)
+    results["scaled_add"] = {"ours": _relative_error(ours, exact),
+                             "torch": _relative_error(weight.clone().mul_(0.999).add_(update, alpha=-0.02), exact),
+                             "dtype_kept": ours.dtype == torch.float32}
 
     if dtype == torch.float16:
         return results   # the transpose copy serves bf16 and fp32 buckets only
@@ -212,7 +228,7 @@ def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name
     # product instead of one per operation usually makes it better).
     assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
     for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected",
-                 "buffer_float32_exact", "heavy_ball_is_buffer"):
+                 "buffer_float32_exact", "heavy_ball_is_buffer", "out_dtype_rounds_once"):
         if flag in result:
             assert result[flag], f"{kernel}: {flag} is False"
 

@@ -291,3 +291,18 @@ def test_momentum_update_matches_torch(nesterov):
         exact_buf = 0.95 * previous.double() + grad.double()
         exact = grad.double() + 0.95 * exact_buf if nesterov else exact_buf
         assert _relative_error(update, exact) <= 1.01 * _relative_error(reference, exact), call
+
+
+def test_scaled_add_matches_float64():
+    """W <- decay W + alpha O for a float32 weight and a bf16 update, at the size of a gate block."""
+    from muon_recipes.optim.kernels import scaled_add_
+
+    generator = torch.Generator(device="cuda").manual_seed(14)
+    for _ in range(2):   # the second call takes FastLaunch's direct path
+        weight = torch.randn(5632, 2048, device="cuda", generator=generator)
+        update = torch.randn(5632, 2048, device="cuda", generator=generator).bfloat16()
+        exact = 0.999 * weight.double() - 0.02 * update.double()
+        reference = weight.clone().mul_(0.999).add_(update, alpha=-0.02)
+        ours = scaled_add_(weight, update, alpha=-0.02, decay=0.999)
+        assert ours.data_ptr() == weight.data_ptr()
+        assert _relative_error(ours, exact) <= 1.01 * _relative_error(reference, exact) + 1e-9

@@ -6,8 +6,8 @@ their Gram form. `prefer_triton(X)` says whether the kernels measured faster tha
 this machine; `triton_available()` whether they can run here at all. The kernels themselves
 (`symmetric_gram`, `symmetric_polynomial`, `commuting_product`, `fused_update`, and the normalization
 `divide_matrices`) are exported for tests and benchmarks; `copy_transposed` moves tall blocks
-into and out of their buckets (`muon_recipes.optim.orthogonalize.copy_block`); `momentum_update` is Muon's
-momentum in one pass, its update written in the bucket dtype (`muon_recipes.optim.muon`).
+into and out of their buckets (`muon_recipes.optim.orthogonalize.copy_block`); `momentum_update` and
+`scaled_add_` are Muon's momentum and its final weight update, one pass each (`muon_recipes.optim.muon`).
 
 Nothing here imports Triton until it is known to import, so the package loads on machines without it
 (then only `triton_available`/`prefer_triton` exist and both answer False).
@@ -20,7 +20,8 @@ __all__ = ["prefer_triton", "triton_available"]
 if _triton_imports():
     from muon_recipes.optim.kernels.iterations import (clear_cuda_graphs, gram_iterations_triton,
                                                        ns_iterations_triton)
-    from muon_recipes.optim.kernels.momentum import momentum_applies, momentum_update
+    from muon_recipes.optim.kernels.elementwise import (momentum_applies, momentum_update, scaled_add_,
+                                                        scaled_add_applies)
     from muon_recipes.optim.kernels.normalize import divide_matrices
     from muon_recipes.optim.kernels.symmetric import commuting_product, symmetric_gram, symmetric_polynomial
     from muon_recipes.optim.kernels.transpose import copy_transposed, copy_transposed_applies
@@ -28,4 +29,5 @@ if _triton_imports():
 
     __all__ += ["ns_iterations_triton", "gram_iterations_triton", "symmetric_gram", "symmetric_polynomial",
                 "commuting_product", "fused_update", "divide_matrices", "momentum_update", "momentum_applies",
+                "scaled_add_", "scaled_add_applies",
                 "copy_transposed", "copy_transposed_applies", "clear_cuda_graphs"]

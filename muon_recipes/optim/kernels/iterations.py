@@ -168,8 +168,10 @@ def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], pl
 
 
 def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan,
-                  restarts: tuple[int, ...]) -> torch.Tensor:
-    """The Gram form on the plan's kernels: the same recurrences as `newton_schulz.gram_iterations_torch`."""
+                  restarts: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
+    """The Gram form on the plan's kernels: the same recurrences as `newton_schulz.gram_iterations_torch`.
+
+    The last product, Q X, is written in `out_dtype` by the Triton kernel (one rounding, no cast pass)."""
     batch, m, n = X.shape
     gram, polynomial, update = _GRAM[plan.gram], _POLYNOMIAL[plan.polynomial], _UPDATE[plan.update]
     commuting = _COMMUTING[plan.polynomial]
@@ -197,9 +199,13 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
         if step < last and step + 1 not in restarts:
             commuting(Z, R, a, RZ)                 # RZ = Z R + a R
             commuting(Z, RZ, a, R)                 # R = Z RZ + a RZ
+    if plan.update == "triton":
+        out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
+        update(current, Q, 0.0, out)               # X_final = Q X
+        return out
     out = torch.empty_like(X)
-    update(current, Q, 0.0, out)                   # X_final = Q X
-    return out
+    update(current, Q, 0.0, out)                   # cuBLAS writes X's dtype
+    return out.to(out_dtype)
 
 
 class _CapturedNewtonSchulz:
@@ -245,35 +251,39 @@ def ns_iterations_triton(X: torch.Tensor, coefficients: Sequence, *, cuda_graph:
 
 
 def gram_iterations_triton(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[int], *,
-                           cuda_graph: bool | None = None, kernels: str = "auto") -> torch.Tensor:
+                           cuda_graph: bool | None = None, kernels: str = "auto",
+                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The Gram form of the same iterations (`newton_schulz.gram_iterations_torch` is the reference): equal to
     `ns_iterations_triton` in exact arithmetic, with the m x m work on the symmetric kernels. `restarts` are
-    the iteration indices (1 <= t < len(coefficients)) before which X is re-formed as Q X; the arguments and
-    the result are otherwise those of `ns_iterations_triton`. Meant for half precision: float16 (see
-    `newton_schulz`).
+    the iteration indices (1 <= t < len(coefficients)) before which X is re-formed as Q X; `out_dtype` (X's
+    by default) is the dtype of the result, rounded once from the last product. The arguments and the result
+    are otherwise those of `ns_iterations_triton`. Meant for half precision: float16 (see `newton_schulz`).
     """
     restarts = tuple(sorted({int(t) for t in restarts}))
     if any(t < 1 or t >= len(coefficients) for t in restarts):
         raise ValueError(f"restarts={restarts}: each must be an iteration index in [1, {len(coefficients) - 1}]")
-    return _run(X, coefficients, restarts, cuda_graph, kernels)
+    return _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype or X.dtype)
 
 
-def _run(X, coefficients, restarts, cuda_graph, kernels) -> torch.Tensor:
+def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torch.Tensor:
     coeffs = _check_coefficients(coefficients)
     _check_input(X)
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels={kernels!r}: must be one of {', '.join(KERNEL_CHOICES)}")
+    if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
+        raise ValueError(f"out_dtype={out_dtype}: must be one of {', '.join(map(str, KERNEL_DTYPES))}")
     if not coeffs:
-        return X.clone()
+        return X.to(out_dtype or X.dtype, copy=True)
     plan = _plan_for(X, coeffs, kernels)
     if restarts is None:
         loop = lambda inp: _iterate(inp, coeffs, plan)   # noqa: E731
     else:
-        loop = lambda inp: _iterate_gram(inp, coeffs, plan, restarts)   # noqa: E731
+        loop = lambda inp: _iterate_gram(inp, coeffs, plan, restarts, out_dtype)   # noqa: E731
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
     if cuda_graph and X.is_cuda and not torch.cuda.is_current_stream_capturing():
-        key = (X.device.index, tuple(X.shape), X.dtype, coeffs, plan, restarts, input_precision(X.dtype))
+        key = (X.device.index, tuple(X.shape), X.dtype, coeffs, plan, restarts, out_dtype,
+               input_precision(X.dtype))
         runner = _graphs.get(key)
         if runner is None:
             runner = _graphs[key] = _CapturedNewtonSchulz(X, loop)

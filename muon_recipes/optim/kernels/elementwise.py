@@ -1,4 +1,6 @@
-"""Muon's momentum in one pass over memory, writing the update straight in the Newton-Schulz dtype.
+"""Muon's two elementwise passes, each one pass over memory: the momentum and applying the update.
+
+Momentum, writing the update straight in the Newton-Schulz dtype:
 
     B <- momentum * B + G;   U = G + momentum * B  (Nesterov)   or   U = B
 
@@ -12,6 +14,14 @@ bucket copy reads 2 bytes instead of 4.
 B is updated in float32 arithmetic and rounded once to its own dtype; U is computed from the unrounded B.
 For float32 buffers that is torch's arithmetic up to the contraction of `mu * B + G` into one fused
 multiply-add (one rounding instead of two).
+
+Applying the orthogonalized update O (bf16) to a float32 weight W with decoupled weight decay:
+
+    W <- (1 - lr * wd) W - lr * ratio * O
+
+torch's `W.add_(O, alpha=...)` with W float32 and O bf16 is a mixed-dtype add, which runs on torch's
+unrolled, unvectorized elementwise kernel: 3.0 ms per dense_1b step on an H200 (--trace), plus a separate
+`mul_` pass when wd > 0. `scaled_add_` reads W and O once and writes W once, vectorized.
 """
 
 from __future__ import annotations
@@ -71,3 +81,34 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
                          (grad, buf, out, numel, float(momentum)),
                          {"NESTEROV": bool(nesterov), "BLOCK": _BLOCK, "INTERPRETED": interpreting()})
     return out
+
+
+@triton.jit
+def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < numel
+    w = tl.load(w_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    tl.store(w_ptr + offsets, round_to_output(w * decay + alpha * o, w_ptr, INTERPRETED), mask=inside)
+
+
+_launch_scaled_add = FastLaunch(_scaled_add_kernel)
+
+
+def scaled_add_applies(w: torch.Tensor, o: torch.Tensor) -> bool:
+    """Whether `scaled_add_` takes this pair (the same conditions as `momentum_applies`)."""
+    return momentum_applies(o, w)
+
+
+def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float, decay: float = 1.0) -> torch.Tensor:
+    """w <- decay * w + alpha * o in place, in float32 arithmetic, one rounding to w's dtype."""
+    if not scaled_add_applies(w, o):
+        raise ValueError(f"scaled_add_: w {w.dtype} {tuple(w.shape)} on {w.device} and o {o.dtype} "
+                         f"{tuple(o.shape)} on {o.device} must be contiguous float tensors of one shape on one "
+                         "CUDA device")
+    numel = w.numel()
+    if numel:
+        _launch_scaled_add(lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
+                           (w, o, numel, float(decay), float(alpha)),
+                           {"BLOCK": _BLOCK, "INTERPRETED": interpreting()})
+    return w
