@@ -35,6 +35,12 @@ from muon_recipes.optim.orthogonalize import ADJUST_LR, EXPERT_MODES, BlockPlan,
 
 ALGORITHMS = ("muon", "adamw")
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)
+# The one-pass weight update (kernels/elementwise.py) is used for 2-D weights of at least this many elements.
+# Measured on one H200 (recipes/bench_optimizer.py, 2026-12-01): on dense_1b (2-D matrices of 1-11.5M elements)
+# it saved about 1.3 ms per step. On moe_small, whose 3-D expert weights would take it too, a run with it on
+# every weight took 16.2 ms against 9.6 ms without, for a reason not found yet; 3-D weights and small
+# matrices stay on torch's add until that is understood.
+SCALED_ADD_MIN_NUMEL = 1 << 22
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether `t` is a DTensor, without importing torch.distributed.tensor (seconds) when nobody else has:
@@ -231,7 +237,8 @@ class Muon(torch.optim.Optimizer):
         group, p = item.group, local(item.param)
         lr, wd = group["lr"], group["weight_decay"]
         _, scale, segments = self._plan(item.param, group)
-        if segments is not None and len(segments) == 1 and ortho.shape == p.shape:
+        if (segments is not None and len(segments) == 1 and ortho.shape == p.shape and p.ndim == 2
+                and p.numel() >= SCALED_ADD_MIN_NUMEL):
             kernels = triton_kernels() if p.is_cuda else None
             if getattr(kernels, "scaled_add_", None) is not None and kernels.scaled_add_applies(p, ortho):
                 # Decay and update in one vectorized pass (kernels/elementwise.py).
