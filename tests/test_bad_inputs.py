@@ -137,6 +137,7 @@ CONFIG_CASES = [
     (["optim.momentum=1.0"], 1, ["optim.momentum=1.0", "[0, 1)"]),
     (["optim.adamw.betas=[0.9]"], 1, ["optim.adamw.betas=[0.9]", "two numbers in [0, 1)"]),
     (["optim.ns_schedule=cubic"], 1, ["optim.ns_schedule='cubic'", "keller, polar_express"]),
+    (["optim.ns_method=qr"], 1, ["optim.ns_method='qr'", "gram, standard"]),
     (["optim.split.qkv=halves"], 1, ["optim.split.qkv='halves'", "split, fused"]),
     (["train.steps=0"], 1, ["train.steps=0", "integer >= 1"]),
     (["train.tokens=-1"], 1, ["train.tokens=-1", "integer >= 0"]),

@@ -198,12 +198,27 @@ class _SafeReader(FileSystemReader):
         return super().read_metadata(*args, **kwargs)
 
 
+# A param group's hyperparameter in DCP's flattened keys (`optim.param_groups.<i>.<key>`), not its parameters.
+_GROUP_HYPERPARAMETER = re.compile(r"^optim\.param_groups\.\d+\.(?!params$|param_names$)[^.]+$")
+
+
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner, but non-tensor values are unpickled with `weights_only=True` (plain data only).
+    """DCP's load planner, but non-tensor values are unpickled with `weights_only=True` (plain data only), and
+    param-group hyperparameters newer than the checkpoint are not asked of it.
 
     The default planner calls `torch.load(..., weights_only=False)` on them; here they are parsed under
     `weights_only=True` first (which refuses arbitrary classes) and only the vetted value is handed on.
+
+    A checkpoint written before a group key existed (e.g. `ns_method`) lacks it, and DCP's strict load would
+    refuse the whole checkpoint. Hyperparameters are this run's anyway (`Checkpointer.load` restores them after
+    loading), so such keys are left out of the load; a missing tensor or any other missing key still fails.
     """
+
+    def create_local_plan(self):
+        known = self.metadata.state_dict_metadata
+        for key in [k for k in self.state_dict if k not in known and _GROUP_HYPERPARAMETER.match(k)]:
+            del self.state_dict[key]
+        return super().create_local_plan()
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         value.seek(0)

@@ -199,6 +199,53 @@ def test_non_tensor_values_load_as_plain_data_only(tmp_path):
     assert marker.exists()
 
 
+def test_checkpoint_older_than_a_group_key_loads(tmp_path):
+    """A checkpoint written before a param-group key existed (here `ns_method`) loads: the key keeps this run's
+    value, the state (momentum buffer) comes from the checkpoint. DCP's default planner refuses it, and a
+    missing tensor is still refused by ours."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException   # a BaseException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from muon_recipes.optim import Muon
+    from muon_recipes.train.checkpoint import _WeightsOnlyLoadPlanner
+
+    def make():
+        model = torch.nn.Linear(16, 8, bias=False)
+        return model, Muon(model.parameters(), ns_dtype="float32", backend="torch", ns_method="gram")
+
+    model, optimizer = make()
+    model.weight.grad = torch.randn(8, 16)
+    optimizer.step()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    for group in optim_state["param_groups"]:
+        group.pop("ns_method")   # as saved before the key existed
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path / "old"))
+    dcp.save({"optim": optim_state}, checkpoint_id=str(tmp_path / "no_model"))
+
+    def template():
+        fresh_model, fresh_optimizer = make()
+        model_state, optim_state = get_state_dict(fresh_model, fresh_optimizer)
+        return fresh_model, fresh_optimizer, {"model": model_state, "optim": optim_state}
+
+    _, _, state = template()
+    with pytest.raises(CheckpointException, match="Missing key.*ns_method"):
+        dcp.load(state, checkpoint_id=str(tmp_path / "old"), planner=DefaultLoadPlanner())
+    _, _, state = template()
+    with pytest.raises(CheckpointException, match="Missing key.*model.weight"):
+        dcp.load(state, checkpoint_id=str(tmp_path / "no_model"), planner=_WeightsOnlyLoadPlanner())
+
+    fresh_model, fresh_optimizer, state = template()
+    dcp.load(state, checkpoint_id=str(tmp_path / "old"), planner=_WeightsOnlyLoadPlanner())
+    set_state_dict(fresh_model, fresh_optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert fresh_optimizer.param_groups[0]["ns_method"] == "gram"
+    assert torch.equal(fresh_model.weight, model.weight)
+    assert torch.equal(fresh_optimizer.state[fresh_model.weight]["momentum_buffer"],
+                       optimizer.state[model.weight]["momentum_buffer"])
+
+
 def _close(a: dict, b: dict, steps) -> None:
     for s in steps:
         assert abs(a[s] - b[s]) < 2e-4 * max(1.0, abs(a[s])), (s, a[s], b[s])
