@@ -143,6 +143,11 @@ class Muon(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # A state dict saved before a group key existed (e.g. ns_method) gets the constructor's default for it,
+        # as a torch optimizer does for a newly added argument, instead of a KeyError at the next step.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_dist_cache", {})
         self.__dict__.setdefault("profile", False)

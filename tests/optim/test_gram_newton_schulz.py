@@ -108,3 +108,19 @@ def test_muon_step_follows_ns_method():
              ns_method=method).step()
         expected = -0.1 * (48 / 20) ** 0.5 * newton_schulz(G, dtype=torch.float32, backend="torch", method=method)
         assert torch.allclose(W.detach(), expected, atol=1e-6), method
+
+
+def test_state_dict_from_before_ns_method_loads():
+    """A state dict saved before `ns_method` existed loads and steps, with the constructor's value for it."""
+    W = torch.nn.Parameter(torch.randn(8, 16, generator=torch.Generator().manual_seed(6)))
+    W.grad = torch.randn(8, 16, generator=torch.Generator().manual_seed(7))
+    saved = Muon([W], ns_dtype="float32", backend="torch")
+    saved.step()
+    state = saved.state_dict()
+    for group in state["param_groups"]:
+        del group["ns_method"]
+    loaded = Muon([W], ns_dtype="float32", backend="torch", ns_method="standard")
+    loaded.load_state_dict(state)
+    assert loaded.param_groups[0]["ns_method"] == "standard"
+    assert torch.equal(loaded.state[W]["momentum_buffer"], saved.state[W]["momentum_buffer"])
+    loaded.step()
