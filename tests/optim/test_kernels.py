@@ -280,3 +280,30 @@ def test_prefer_triton_only_on_cuda():
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
     _interpreter_main()
+
+
+def test_autotuning_disk_cache_is_opt_in(monkeypatch):
+    """MUON_NS_AUTOTUNE_CACHE=1 asks Triton (>= 3.4) to keep the tile choices on disk; unset, nothing is asked.
+    A fresh process with it set builds both autotuned kernels with the cache on (Triton itself never caches
+    under its interpreter)."""
+    pytest.importorskip("triton")
+    import inspect
+
+    import triton
+
+    from muon_recipes.optim.kernels.tuning import autotune_options
+
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    monkeypatch.delenv("MUON_NS_AUTOTUNE_CACHE", raising=False)
+    assert autotune_options() == {}
+    monkeypatch.setenv("MUON_NS_AUTOTUNE_CACHE", "1")
+    assert autotune_options() == ({"cache_results": True} if supported else {})
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MUON_NS_AUTOTUNE_CACHE": "1", "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    probe = ("from muon_recipes.optim.kernels.symmetric import _symmetric_matmul_kernel as s; "
+             "from muon_recipes.optim.kernels.update import _update_kernel as u; "
+             "print(bool(s.cache_results), bool(u.cache_results))")
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ([str(supported)] * 2)

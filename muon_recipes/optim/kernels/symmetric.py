@@ -24,11 +24,12 @@ import triton.language as tl
 from muon_recipes.optim.kernels.launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
-from muon_recipes.optim.kernels.tuning import input_precision, interpreting, matmul_configs, prune_configs
+from muon_recipes.optim.kernels.tuning import (autotune_options, input_precision, interpreting, matmul_configs,
+                                               prune_configs)
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "K", "BATCH", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_configs})
+                 prune_configs_by={"early_config_prune": prune_configs}, **autotune_options())
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "K_TILES": k_tiles_heuristic})
 @triton.jit
 def _symmetric_matmul_kernel(

@@ -14,6 +14,7 @@ several tiles and the masked edges get exercised, and nothing is timed.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -22,6 +23,24 @@ import triton
 # Shared memory per SM on Hopper is 228 KB (227 usable per block); leave room for the epilogue's
 # layout conversion.
 _SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def autotune_options() -> dict:
+    """Keyword arguments for `triton.autotune` shared by the matmul kernels.
+
+    The tile search of one new block shape takes seconds (43 s for the first moe_small step on an H200), and
+    every process of every run and sweep job pays it again. Triton >= 3.4 can keep each result on disk
+    (`cache_results`, in TRITON_CACHE_DIR, keyed by the Triton version, the GPU, the kernel source, the tuning
+    key and the candidate configs), so a later process on the same machine reads the choice instead of timing
+    every candidate again. MUON_NS_AUTOTUNE_CACHE=1 turns it on. It is off by default until a GPU run has
+    checked it here (what it saves and that Triton 3.6 reads its own files back); off, each process searches
+    anew, as before.
+    """
+    if os.environ.get("MUON_NS_AUTOTUNE_CACHE", "0") != "1":
+        return {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
 
 
 def interpreting() -> bool:
