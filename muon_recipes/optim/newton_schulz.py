@@ -21,7 +21,7 @@ Two forms of the same iteration (`method`):
   X_t = Q_t X_0 with Q_t a polynomial in R_0 = X_0 X_0^T, so the loop runs on m x m matrices only:
       Z = b R + c R^2;   Q <- Z Q + a Q;   R <- Z (Z R + a R) + a (Z R + a R)      (all symmetric, commuting)
   and X_0 is touched twice (R_0 = X_0 X_0^T at the start, Q X_0 at the end). Per m x n block that is
-  (14 + 6 n/m) m^3 multiply-adds for 5 steps against (5 + 15 n/m) m^3 (symmetric counts, one restart),
+  (14 + 6 n/m) m^3 FLOPs for 5 steps against (5 + 15 n/m) m^3 (symmetric counts, one restart),
   a third less for the 2048 x 5632 MLP blocks of `dense_1b`; square blocks gain nothing and keep the
   standard form. In half precision the recurrences for R drift (round-off gives R spurious negative
   eigenvalues that the polynomials amplify), so X is re-formed as Q X and R recomputed every few steps
