@@ -118,8 +118,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(algorithm="muon", lr=lr, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, ns_steps=ns_steps,
                         ns_schedule=ns_schedule, ns_method=ns_method, ns_dtype=ns_dtype, backend=backend,
-                        betas=tuple(betas),
-                        eps=eps, split_sizes=None, experts="per_expert")
+                        betas=tuple(betas), eps=eps, split_sizes=None, experts="per_expert")
         # The trainer sets `profile` on logging steps: CUDA is synchronized between phases so each second is
         # attributed to NS, communication or the rest (overlap is lost, so that step runs a little slower).
         # Without it `last_step_timings` holds host-side times, which under-count asynchronous GPU work.
