@@ -245,7 +245,7 @@ def build_step_plan(items, cache: dict, bucket_mb: float, replica_spread) -> Ste
         plans = [layout.local_plan(item.plan, t) for t in range(topo.S)]
         if plans[0] is not None:
             for t, plan in enumerate(plans):
-                local_cost[key][t] += plan.cost(item.ns.steps) if layout.numel(t) else 0.0
+                local_cost[key][t] += _ns_cost(item, plan) if layout.numel(t) else 0.0
             local.append((i, plans[topo.shard] if layout.numel(topo.shard) else None))
         else:
             domains.setdefault(key, []).append(i)
@@ -259,6 +259,11 @@ def build_step_plan(items, cache: dict, bucket_mb: float, replica_spread) -> Ste
         for bucket in _bucket_members(items, members, P, bucket_mb * 2**20):
             buckets.append(_make_bucket(items, layouts, topo, spread, bucket, loads))
     return StepPlan(layouts, local, buckets)
+
+
+def _ns_cost(item, plan) -> float:
+    """Newton-Schulz work of `plan`'s blocks with the item's settings, in the form `newton_schulz` will use."""
+    return plan.cost(item.ns.steps, item.ns.method, item.param.device.type == "cuda")
 
 
 def _bucket_members(items, members: list[int], owners: int, cap: float) -> list[list[int]]:
@@ -292,10 +297,11 @@ def _bucket_members(items, members: list[int], owners: int, cap: float) -> list[
 def _make_bucket(items, layouts, topo: Topology, spread: bool, members: list[int], loads: list[float]) -> Bucket:
     # Longest processing time first onto the least loaded owner (ties: lowest id), identical on every rank.
     owners = [0] * len(members)
-    for k in sorted(range(len(members)), key=lambda k: -items[members[k]].plan.cost(items[members[k]].ns.steps)):
+    costs = [_ns_cost(items[i], items[i].plan) for i in members]
+    for k in sorted(range(len(members)), key=lambda k: -costs[k]):
         o = min(range(len(loads)), key=lambda o: (loads[o], o))
         owners[k] = o
-        loads[o] += items[members[k]].plan.cost(items[members[k]].ns.steps)
+        loads[o] += costs[k]
     b = Bucket(topo, spread, items[members[0]].ns.dtype, members, owners)
     me, S = b.my_owner_id(), topo.S
     lay = [layouts[i] for i in members]

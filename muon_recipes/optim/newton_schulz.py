@@ -124,6 +124,12 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
     return tuple(range(3, steps, 3))
 
 
+def uses_gram_form(method: str, rows: int, cols: int, on_cuda: bool) -> bool:
+    """Whether `newton_schulz(method=method)` runs a rows x cols matrix in the Gram form: non-square, and on a
+    GPU at least GRAM_MIN_SIDE_CUDA on its small side."""
+    return method == "gram" and rows != cols and (not on_cuda or min(rows, cols) >= GRAM_MIN_SIDE_CUDA)
+
+
 def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, float]],
                           restarts: tuple[int, ...]) -> torch.Tensor:
     """The Gram form of `ns_iterations_torch` on a normalized batch X: [B, m, n], m <= n (see the module doc).
@@ -198,7 +204,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     if X.numel() == 0:
         return X.reshape(G.shape)
     triton = _use_triton(X, backend)
-    gram = method == "gram" and rows != cols and (not X.is_cuda or min(rows, cols) >= GRAM_MIN_SIDE_CUDA)
+    gram = uses_gram_form(method, rows, cols, X.is_cuda)
     half = dtype in (torch.bfloat16, torch.float16)
     work = torch.float16 if gram and half else dtype
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from muon_recipes.optim.newton_schulz import newton_schulz, triton_kernels
+from muon_recipes.optim.newton_schulz import gram_restarts, newton_schulz, triton_kernels, uses_gram_form
 
 ADJUST_LR = ("spectral_norm", "rms_norm", "none")
 EXPERT_MODES = ("per_expert", "fused")
@@ -104,12 +104,21 @@ class BlockPlan:
                                           torch.tensor(self.row_blocks))
         return per_row.expand(*self.shape[:-1]).unsqueeze(-1).contiguous().to(device)
 
-    def cost(self, steps: int) -> float:
-        """Multiply-adds of Newton-Schulz on all blocks (m <= n after transposing): per step 2 m^2 n + m^3."""
+    def cost(self, steps: int, method: str = "standard", on_cuda: bool = False) -> float:
+        """Multiply-adds of Newton-Schulz on all blocks (m <= n after transposing), to balance work across ranks.
+
+        Standard form: per step 2 m^2 n + m^3. Gram form (where `newton_schulz` runs it) with r restarts:
+        (2 + 2 r) m^2 n for the products that read X (R at the start and each restart, Q X at each restart and
+        the end) and (4 steps - 3 r - 3) m^3 for the m x m products.
+        """
         total = 0.0
+        restarts = len(gram_restarts(steps))
         for count, rows, cols in self.block_shapes():
             m, n = min(rows, cols), max(rows, cols)
-            total += count * steps * (2 * m * m * n + m ** 3)
+            if uses_gram_form(method, rows, cols, on_cuda):
+                total += count * ((2 + 2 * restarts) * m * m * n + (4 * steps - 3 * restarts - 3) * m ** 3)
+            else:
+                total += count * steps * (2 * m * m * n + m ** 3)
         return total
 
 

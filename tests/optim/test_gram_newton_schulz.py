@@ -124,3 +124,27 @@ def test_state_dict_from_before_ns_method_loads():
     assert loaded.param_groups[0]["ns_method"] == "standard"
     assert torch.equal(loaded.state[W]["momentum_buffer"], saved.state[W]["momentum_buffer"])
     loaded.step()
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("steps", [2, 5, 8])
+def test_block_cost_counts_the_products_that_run(method, steps):
+    """`BlockPlan.cost` (which balances Newton-Schulz work across ranks) equals the multiply-adds torch's FLOP
+    counter sees in the loop that runs, for a wide, a tall and a square block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from muon_recipes.optim.orthogonalize import BlockPlan
+
+    coeffs = coefficients("keller", steps)
+    for rows, cols in ((24, 60), (60, 24), (32, 32)):
+        m, n = min(rows, cols), max(rows, cols)
+        X = _normalized(torch.randn(1, m, n, generator=torch.Generator().manual_seed(8)))
+        with FlopCounterMode(display=False) as counter:
+            if method == "gram" and rows != cols:
+                gram_iterations_torch(X, coeffs, gram_restarts(steps))
+            else:
+                ns_iterations_torch(X, coeffs)
+        plan = BlockPlan.build((rows, cols))
+        assert plan.cost(steps, method) == counter.get_total_flops() / 2, (rows, cols)
+    # On a GPU, blocks under 512 rows keep the standard form, and the cost says so.
+    assert BlockPlan.build((24, 60)).cost(5, "gram", on_cuda=True) == BlockPlan.build((24, 60)).cost(5)
