@@ -32,10 +32,9 @@ import triton.language as tl
 
 from muon_recipes.optim.kernels.launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import interpreting
+from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, interpreting
 
 _BLOCK = 4096
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -61,7 +60,7 @@ def momentum_applies(grad: torch.Tensor, buf: torch.Tensor) -> bool:
     """Whether `momentum_update` takes this pair: same shape and device, contiguous, float, on a GPU (or in
     the interpreter)."""
     return (grad.shape == buf.shape and grad.device == buf.device and grad.is_contiguous()
-            and buf.is_contiguous() and grad.dtype in _DTYPES and buf.dtype in _DTYPES
+            and buf.is_contiguous() and grad.dtype in KERNEL_DTYPES and buf.dtype in KERNEL_DTYPES
             and (grad.is_cuda or interpreting()))
 
 
@@ -72,8 +71,8 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
         raise ValueError(f"momentum_update: grad {grad.dtype} {tuple(grad.shape)} on {grad.device} and buf "
                          f"{buf.dtype} {tuple(buf.shape)} on {buf.device} must be contiguous float tensors of "
                          "one shape on one CUDA device")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype}: must be one of {', '.join(map(str, _DTYPES))}")
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"dtype={dtype}: must be one of {', '.join(map(str, KERNEL_DTYPES))}")
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device) if out is None else out
     numel = grad.numel()
     if numel:

@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from muon_recipes.optim.kernels.symmetric import KERNEL_DTYPES, launch_symmetric_matmul
-from muon_recipes.optim.kernels.tuning import input_precision, interpreting
+from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
+from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, input_precision, interpreting
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
 
 KERNEL_CHOICES = ("auto", "triton")

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import interpreting
+from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, interpreting
 
 # Elements per program: 16 KB of bf16, enough in flight per SM to saturate HBM with 4 warps.
 _BLOCK = 8192
@@ -35,16 +35,13 @@ def _divide_kernel(x_ptr, d_ptr, out_ptr, per_matrix, BLOCK: tl.constexpr, INTER
     tl.store(out_ptr + base + offsets, round_to_output(quotient, out_ptr, INTERPRETED), mask=inside)
 
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
 def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = x[i] / divisors[i] for x [B, m, n] (contiguous, bf16, fp16 or fp32), divisors float32 with B
     elements, rounded once into `out` (x's dtype by default; the Gram form of Newton-Schulz asks for float16).
 
     Equals `torch.div(x, divisors.view(B, 1, 1), out=out)` exactly; `out` may be `x` itself (in place).
     """
-    if x.ndim != 3 or not x.is_contiguous() or x.dtype not in _DTYPES:
+    if x.ndim != 3 or not x.is_contiguous() or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"x: expected a contiguous bf16, fp16 or fp32 batch [B, m, n], got {x.dtype} "
                          f"{tuple(x.shape)} (contiguous={x.is_contiguous()})")
     batch = x.shape[0]
@@ -55,7 +52,7 @@ def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor |
     if batch > 65535:
         raise ValueError(f"x.shape[0]={batch}: at most 65535 matrices per call (the launch grid's batch axis)")
     out = torch.empty_like(x) if out is None else out
-    if out.shape != x.shape or not out.is_contiguous() or out.dtype not in _DTYPES:
+    if out.shape != x.shape or not out.is_contiguous() or out.dtype not in KERNEL_DTYPES:
         raise ValueError(f"out: expected a contiguous bf16, fp16 or fp32 tensor of shape {tuple(x.shape)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
     per_matrix = x.shape[1] * x.shape[2]

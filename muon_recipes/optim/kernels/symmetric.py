@@ -24,8 +24,8 @@ import triton.language as tl
 from muon_recipes.optim.kernels.launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
-from muon_recipes.optim.kernels.tuning import (autotune_options, input_precision, interpreting, matmul_configs,
-                                               prune_configs)
+from muon_recipes.optim.kernels.tuning import (KERNEL_DTYPES, autotune_options, input_precision, interpreting,
+                                               matmul_configs, prune_configs)
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "K", "BATCH", "INPUT_PRECISION"],
@@ -124,9 +124,6 @@ def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1
          out.stride(0), out.stride(1), alpha, beta),
         {"HAS_C": has_c, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
     return out
-
-
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check_batched(name: str, t: torch.Tensor) -> None:

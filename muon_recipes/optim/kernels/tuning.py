@@ -24,6 +24,9 @@ import triton
 # layout conversion.
 _SHARED_MEMORY_BUDGET = 200 * 1024
 
+# The element types every kernel here reads and writes (float16 is the Gram form's; the buckets are bf16/fp32).
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
 
 def autotune_options() -> dict:
     """Keyword arguments for `triton.autotune` shared by the matmul kernels.
