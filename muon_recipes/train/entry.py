@@ -30,10 +30,18 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
 
+# How long a rank other than 0 waits before it exits with an error. torchrun stops every worker as soon as one
+# exits non-zero; rank 0, the one that prints, starts later (Hydra writes its output directory first), and
+# without this wait a quicker rank 1 could have it stopped before its line reached stderr.
+PEER_EXIT_GRACE_S = 5.0
+
+
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit `code` on every rank."""
     if rank_from_env() == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(PEER_EXIT_GRACE_S)
     sys.exit(code)
 
 
