@@ -33,7 +33,10 @@ GRAM_RESTARTS = (1,)
 SHAPES = ((1, 17, 45), (3, 17, 45), (2, 32, 48))
 DTYPES = ("float32", "bfloat16", "float16")
 KERNELS = ("gram", "polynomial", "update", "iterations", "divide", "transpose", "commuting", "gram_iterations",
-           "momentum", "scaled_add")
+           "momentum", "scaled_add", "wide_tiles")
+# A tile twice as wide as tall (the interpreter's autotuned tile is square): its pieces on the diagonal are
+# stored as whole squares, the one below it not at all (kernels/symmetric.py).
+WIDE_TILE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
 # The transpose copy serves the buckets, which are never float16.
 CASES = [(d, k) for d in DTYPES for k in KERNELS if not (d == "float16" and k == "transpose")]
 # Relative Frobenius error against float64: fp32 arithmetic lands near 1e-7; bf16 rounds inputs and outputs
@@ -122,6 +125,19 @@ def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dic
     results["commuting"] = {"ours": _relative_error(out, exact),
                             "torch": _relative_error(Z @ Q + a * Q, exact),
                             "symmetric": bool(torch.equal(out, out.mT))}
+
+    from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
+
+    # The same commuting product and the Gram matrix X X^T with wide tiles.
+    wide = torch.full((batch, m, m), float("nan"), dtype=dtype)
+    launch_symmetric_matmul(Z, wide, alpha=1.0, beta=a, c=Q, y=Q, tile=WIDE_TILE)
+    wide_gram = torch.full((batch, m, m), float("nan"), dtype=dtype)
+    launch_symmetric_matmul(X, wide_gram, tile=WIDE_TILE)
+    results["wide_tiles"] = {"ours": max(_relative_error(wide, exact),
+                                         _relative_error(wide_gram, X.double() @ X.double().mT)),
+                             "torch": max(_relative_error(Z @ Q + a * Q, exact),
+                                          _relative_error(X @ X.mT, X.double() @ X.double().mT)),
+                             "symmetric": bool(torch.equal(wide, wide.mT) and torch.equal(wide_gram, wide_gram.mT))}
 
     before = X.clone()
     ours = gram_iterations_triton(X, THREE_STEPS, GRAM_RESTARTS, kernels="triton")

@@ -5,17 +5,20 @@ the GPU branches and says nothing about registers, shared memory or instructions
 compiled for sm_90 with the Triton and ptxas of this machine (`kernels/machine_code.py`) and its machine code
 is read back:
 
-* every autotuning tile of the three matmul kernels, at the real block shapes, keeps its accumulators in
-  registers (no local-memory spills), fits Hopper's shared memory, and multiplies on the tensor cores: the
-  warpgroup instruction HGMMA wherever the tile has a warpgroup (4 warps), per-warp HMMA otherwise;
+* every autotuning tile of the matmul kernels, at the real block shapes, keeps its accumulators in
+  registers (no local-memory spills), fits Hopper's shared memory, multiplies on the tensor cores (the
+  warpgroup instruction HGMMA wherever the tile has a warpgroup of 4 warps, per-warp HMMA otherwise) and
+  reads and writes global memory in 16-byte vectors only, the tiles on the diagonal of a symmetric product
+  included;
 * each dtype path compiles and multiplies the way torch would (bf16, fp16 and TF32 on HGMMA with that input
   type, true fp32 on FMAs);
 * the elementwise passes move their data in 16-byte vectors, which is what they are for (one pass over
   memory at full bandwidth instead of torch's unvectorized mixed-dtype kernels).
 
-The spill check failed before the symmetric kernel dropped its bounds masks for evenly tiled matrices: its
-128 x 256, 256 x 128 and 4-warp 128 x 128 tiles spilled 88-136 bytes per thread. Speed is measured on a GPU
-(recipes/bench_newton_schulz.py), never here.
+Both checks failed on the symmetric kernel before it changed: with bounds masks on every tile its 128 x 256,
+256 x 128 and 4-warp 128 x 128 tiles spilled 88-136 bytes per thread, and a tile crossing the diagonal
+masked each triangle per element, which compiles to 2-byte stores (128 to 256 per thread). Speed is measured
+on a GPU (recipes/bench_newton_schulz.py), never here.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def test_matmul_tile_fits_hopper_without_spills(kernel, args, constexprs, config
         f"{code.registers} registers and {code.stack_bytes} bytes of stack per thread: the tile spills")
     assert code.count("LDL") == 0 and code.count("STL") == 0, "local-memory loads/stores in the machine code"
     assert code.shared_bytes <= machine_code.HOPPER_SHARED_MEMORY, code.shared_bytes
+    assert _narrow_accesses(code) == 0, {**code.opcodes("LDG"), **code.opcodes("STG")}
     if config.num_warps % 4 == 0:
         assert code.count("HGMMA") > 0, f"no warpgroup MMA: {code.opcodes('HMMA')}"
     else:   # fewer than 4 warps: no warpgroup, the per-warp tensor-core MMA

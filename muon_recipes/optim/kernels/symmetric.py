@@ -108,42 +108,68 @@ def _symmetric_matmul_kernel(
     result = round_to_output(result, out_ptr, INTERPRETED)
 
     out_batch = out_ptr + batch * stride_ob
-    direct_ptrs = out_batch + rows[:, None] * stride_om + cols[None, :]
-    mirror_ptrs = out_batch + cols[None, :] * stride_om + rows[:, None]
-    if pid_n * BLOCK_N >= (pid_m + 1) * BLOCK_M:
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    if col0 >= row0 + BLOCK_M:
         # Entirely above the diagonal (most tiles): only the matrix edge masks the stores, so they stay
         # vectorized (a per-element triangle mask would split them into 2-byte stores).
-        tl.store(direct_ptrs, result, mask=in_bounds)
-        tl.store(mirror_ptrs, result, mask=in_bounds)
+        tl.store(out_batch + rows[:, None] * stride_om + cols[None, :], result, mask=in_bounds)
+        tl.store(out_batch + cols[None, :] * stride_om + rows[:, None], result, mask=in_bounds)
+    elif BLOCK_M == BLOCK_N:
+        _store_upper_square(out_batch, stride_om, result, row0, col0, M, BLOCK_M, EVEN_M)
     else:
-        # Crossing the diagonal: the upper triangle in place, the strictly upper part mirrored.
-        upper = cols[None, :] >= rows[:, None]
-        strictly_upper = cols[None, :] > rows[:, None]
-        if not EVEN_M:
-            upper = upper & in_bounds
-            strictly_upper = strictly_upper & in_bounds
-        tl.store(direct_ptrs, result, mask=upper)
-        tl.store(mirror_ptrs, result, mask=strictly_upper)
+        # A wide tile crossing the diagonal is two squares side by side; each is above, on or below it.
+        # (Tall tiles are not offered to this kernel: `tuning.prune_configs`.)
+        tl.static_assert(BLOCK_N == 2 * BLOCK_M, "symmetric tiles are square or twice as wide as tall")
+        left, right = tl.split(tl.permute(tl.reshape(result, (BLOCK_M, 2, BLOCK_M)), (0, 2, 1)))
+        _store_upper_square(out_batch, stride_om, left, row0, col0, M, BLOCK_M, EVEN_M)
+        _store_upper_square(out_batch, stride_om, right, row0, col0 + BLOCK_M, M, BLOCK_M, EVEN_M)
+
+
+@triton.jit
+def _store_upper_square(out_batch, stride_om, piece, row0, col0, M, SIDE: tl.constexpr, EVEN_M: tl.constexpr):
+    """Store a SIDE x SIDE piece of the output whose corner (row0, col0) lies on a multiple of SIDE: above the
+    diagonal it goes in place and mirrored; on the diagonal it is its own mirror, so its upper triangle and
+    the transpose of that triangle make the whole symmetric piece, stored at once (masking each triangle
+    instead would split both stores into 2-byte stores, on 1 tile in 8 or more); below it is the mirror of
+    a piece stored by another tile, and nothing is written."""
+    rows = row0 + tl.arange(0, SIDE)
+    cols = col0 + tl.arange(0, SIDE)
+    if EVEN_M:
+        in_bounds = None
+    else:
+        in_bounds = (rows[:, None] < M) & (cols[None, :] < M)
+    direct_ptrs = out_batch + rows[:, None] * stride_om + cols[None, :]
+    if col0 > row0:
+        tl.store(direct_ptrs, piece, mask=in_bounds)
+        tl.store(out_batch + cols[None, :] * stride_om + rows[:, None], piece, mask=in_bounds)
+    elif col0 == row0:
+        tl.store(direct_ptrs, tl.where(cols[None, :] >= rows[:, None], piece, tl.trans(piece)), mask=in_bounds)
 
 
 _launch_symmetric = FastLaunch(_symmetric_matmul_kernel)
 
 
 def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, beta: float = 0.0,
-                            c: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+                            c: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                            tile: dict | None = None) -> torch.Tensor:
     """out = alpha * x y^T (+ beta * c) for contiguous x, y [B, M, K] (y defaults to x) whose product is
-    symmetric, symmetric c and out [B, M, M]; only the upper triangle is computed; no checks."""
+    symmetric, symmetric c and out [B, M, M]; only the upper triangle is computed; no checks.
+
+    `tile` ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}, square or twice as wide as tall) fixes the tile
+    instead of autotuning it, so tests can reach every epilogue path whatever the autotuner would pick."""
     batch, m, k = x.shape
     has_c = c is not None
     c_arg = c if has_c else out
     y = x if y is None else y
-
-    _launch_symmetric(
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]), batch, 1),
-        (x, y, c_arg, out, m, k, batch,
-         x.stride(0), x.stride(1), y.stride(0), y.stride(1), c_arg.stride(0), c_arg.stride(1),
-         out.stride(0), out.stride(1), alpha, beta),
-        {"HAS_C": has_c, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]), batch, 1)  # noqa: E731
+    args = (x, y, c_arg, out, m, k, batch, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c_arg.stride(0),
+            c_arg.stride(1), out.stride(0), out.stride(1), alpha, beta)
+    constexprs = {"HAS_C": has_c, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()}
+    if tile is None:
+        _launch_symmetric(grid, args, constexprs)
+    else:
+        _symmetric_matmul_kernel.fn[grid](*args, **constexprs, **tile)   # under the autotuner: the heuristics
     return out
 
 

@@ -101,10 +101,16 @@ def prune_configs(configs, named_args, **kwargs):
     True fp32 products (`INPUT_PRECISION="ieee"`) run on the FMA units, not the tensor cores: large tiles
     spill their accumulators to local memory there, so only 64 x 64 x 32 tiles are kept.
 
+    The symmetric products (no `N`: their output is M x M) take square and wide tiles only. A tall tile there
+    does the work of a wide one with the operands' roles swapped, and wide and square tiles store the pieces
+    that cross the diagonal as whole squares; split that way, the tall 256 x 128 tile spilled on Hopper
+    (tests/optim/test_kernels_sm90.py).
+
     `M`, `N`, `K` are the output rows, output columns (absent for the square symmetric products) and
     reduction length of the kernel's product; `x_ptr` carries the element type.
     """
     m, k = named_args["M"], named_args["K"]
+    symmetric = "N" not in named_args
     n = named_args.get("N", m)
     element_size = named_args["x_ptr"].element_size()
     ieee = kwargs.get("INPUT_PRECISION") == "ieee"
@@ -112,6 +118,8 @@ def prune_configs(configs, named_args, **kwargs):
     for config in configs:
         meta = config.kwargs
         if ieee and (meta["BLOCK_M"] * meta["BLOCK_N"] > 64 * 64 or meta["BLOCK_K"] > 32):
+            continue
+        if symmetric and meta["BLOCK_M"] > meta["BLOCK_N"]:
             continue
         shared = (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * element_size * config.num_stages
         if shared > _SHARED_MEMORY_BUDGET:
