@@ -175,12 +175,25 @@ def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
         "commuting_triton": (lambda: commuting_product(B, A, a, out=C), poly_flops),
         "commuting_cublas": (lambda: torch.baddbmm(A, B, A, beta=a, alpha=1.0, out=C), poly_flops),
     }
+    from muon_recipes.optim.kernels.symmetric import _symmetric_matmul_kernel
+    from muon_recipes.optim.kernels.update import _update_kernel
+
     result = {}
     for name, (fn, flops) in rows.items():
         t = time_ms(fn, budget_s=0.2)["median_ms"]
         # Rates use the symmetric count for every row, so cuBLAS's full products show as the same work.
         result[name] = {"ms": t, "symmetric_tflops": flops / (t * 1e-3) / 1e12}
+        if name.endswith("_triton"):   # the tile the autotuner chose for this product (its last call)
+            result[name]["tile"] = autotuned_tile(_update_kernel if name.startswith("update")
+                                                  else _symmetric_matmul_kernel)
     return result
+
+
+def autotuned_tile(kernel) -> str:
+    """BLOCK_M x BLOCK_N x BLOCK_K, pipeline stages and warps of the autotuner's choice for its last call."""
+    config = kernel.best_config
+    meta = config.kwargs
+    return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-s{config.num_stages}-w{config.num_warps}"
 
 
 def plot(rows: list[dict], device: str, path: Path) -> None:
@@ -298,6 +311,7 @@ def main() -> None:
         for key in ("breakdown", "breakdown_float16"):
             if key in row:
                 print(f"   {key}: " + "  ".join(f"{k} {v['ms']:.3f}ms/{v['symmetric_tflops']:.0f}TF"
+                                              + (f" [{v['tile']}]" if "tile" in v else "")
                                               for k, v in row[key].items()), flush=True)
         rows.append(row)
         result = {
