@@ -21,8 +21,8 @@ for stage in ${STAGES:-tests optimizer shapes}; do
       timeout 300 python -m pytest -q -m gpu -k "not gram and not commuting" --tb=short \
         tests/optim/test_kernels_gpu.py tests/optim/test_muon_gpu.py > "$out/gpu_tests.log" 2>&1
       grep -hE "passed|failed|Error|assert" "$out/gpu_tests_gram.log" "$out/gpu_tests.log" | tail -20 ;;
-    newtests)   # only the Gram-form, momentum, weight-update and Muon GPU tests
-      timeout 300 python -m pytest -q -m gpu -k "gram or commuting or momentum or scaled_add or muon" --tb=short \
+    newtests)   # only the Gram-form, every-tile, momentum, weight-update and Muon GPU tests
+      timeout 300 python -m pytest -q -m gpu -k "gram or commuting or symmetric_tile or momentum or scaled_add or muon" --tb=short \
         tests/optim/test_kernels_gpu.py tests/optim/test_muon_gpu.py > "$out/gpu_tests_new.log" 2>&1
       grep -hE "passed|failed|Error|assert" "$out/gpu_tests_new.log" | tail -20 ;;
     optimizer)

@@ -255,6 +255,29 @@ def test_commuting_product_matches_float64(dtype):
     assert _relative_error(out, exact) <= 1.25 * _relative_error(Z @ Q + 3.4445 * Q, exact) + 1e-6
 
 
+@pytest.mark.parametrize("m", [1024, 700], ids=["even", "ragged"])
+def test_every_symmetric_tile_matches_float64(m):
+    """Every tile the autotuner may pick for the symmetric kernel, forced one at a time, so each epilogue path
+    (square and wide tiles on the diagonal, masked edges) runs on the GPU whatever the autotuner prefers."""
+    from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
+    from muon_recipes.optim.kernels.tuning import matmul_configs, prune_configs
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    S = torch.randn(4, m, m, device="cuda", dtype=torch.float64, generator=generator) / m
+    S = torch.triu(S) + torch.triu(S, 1).mT
+    Z, Q = (-4.775 * S + 2.0315 * S @ S).half(), (S + 2.0 * S @ S).half()
+    exact = Z.double() @ Q.double() + 3.4445 * Q.double()
+    tiles = prune_configs(matmul_configs(), {"M": m, "K": m, "x_ptr": Z}, INPUT_PRECISION="tf32")
+    assert any(c.kwargs["BLOCK_N"] == 2 * c.kwargs["BLOCK_M"] for c in tiles)   # wide tiles are among them
+    for config in tiles:
+        out = torch.full_like(Z, float("nan"))
+        launch_symmetric_matmul(Z, out, alpha=1.0, beta=3.4445, c=Q, y=Q,
+                                tile={**config.kwargs, "num_warps": config.num_warps,
+                                      "num_stages": config.num_stages})
+        assert torch.equal(out, out.mT), config
+        assert _relative_error(out, exact) <= 1.25 * _relative_error(Z @ Q + 3.4445 * Q, exact) + 1e-6, config
+
+
 def test_gram_cuda_graph_replay_equals_eager():
     from muon_recipes.optim.kernels import clear_cuda_graphs, gram_iterations_triton
 

@@ -9,10 +9,14 @@ The same kernel with Y != X serves the Gram form of Newton-Schulz (`iterations.p
 all polynomials in one symmetric Gram matrix: two of them commute and are symmetric, so their product
 Z Q = Z Q^T is symmetric too and again needs only its upper triangle (`commuting_product`).
 
-Each element is written exactly once: a tile stores its upper-triangle elements in place and its strictly
-upper ones mirrored, so the output is exactly symmetric (A A^T in the next product then equals A A bit for
-bit, whatever the accumulation order). The `b A` term of B is fused into the epilogue: the tile of C is read
-once, in fp32, and the result rounded to the output dtype once (the torch reference rounds A A first).
+Each element is written exactly once from one computed value: a tile above the diagonal is stored in place
+and mirrored; a square piece on the diagonal is completed in registers from its upper triangle and that
+triangle's transpose and stored once (tiles are square or twice as wide as tall, so a wide tile crossing the
+diagonal is two such pieces, one of them on it). The output is exactly symmetric (A A^T in the next product
+then equals A A bit for bit, whatever the accumulation order), and every store is a full-width vector store;
+masking each triangle per element instead compiles to 2-byte stores. The `b A` term of B is fused into the
+epilogue: the tile of C is read once, in fp32, and the result rounded to the output dtype once (the torch
+reference rounds A A first).
 """
 
 from __future__ import annotations
@@ -156,8 +160,9 @@ def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1
     """out = alpha * x y^T (+ beta * c) for contiguous x, y [B, M, K] (y defaults to x) whose product is
     symmetric, symmetric c and out [B, M, M]; only the upper triangle is computed; no checks.
 
-    `tile` ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}, square or twice as wide as tall) fixes the tile
-    instead of autotuning it, so tests can reach every epilogue path whatever the autotuner would pick."""
+    `tile` ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}, square or twice as wide as tall, optionally
+    "num_warps" and "num_stages") fixes the tile instead of autotuning it, so tests can reach every epilogue
+    path whatever the autotuner would pick."""
     batch, m, k = x.shape
     has_c = c is not None
     c_arg = c if has_c else out
