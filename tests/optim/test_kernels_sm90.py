@@ -70,11 +70,11 @@ def _precision(dtype: torch.dtype, ieee: bool = False) -> str:
 MATMULS = {
     # standard form, bf16: B = b A + c A A (C = A; X X^T is the same kernel with fewer live values), X' = a X + B X
     "polynomial-bf16": (symmetric._symmetric_matmul_kernel, symmetric_args(M, M, BF16), {"HAS_C": True}),
-    "update-bf16": (update._update_kernel, update_args(M, N, BF16), {}),
+    "update-bf16": (update._update_kernel, update_args(M, N, BF16), {"ADD_X": True}),
     # Gram form, fp16: Z Q + a Q (two operands), and the last Q X written in bf16
     "commuting-fp16": (symmetric._symmetric_matmul_kernel, symmetric_args(M, M, FP16, two_operands=True),
                        {"HAS_C": True}),
-    "update-fp16-to-bf16": (update._update_kernel, update_args(M, N, FP16, out_dtype=BF16), {}),
+    "update-fp16-to-bf16": (update._update_kernel, update_args(M, N, FP16, out_dtype=BF16), {"ADD_X": False}),
 }
 
 
@@ -134,7 +134,7 @@ def test_each_dtype_and_edge_path_compiles(dtype, precision, expect, m, k):
     codes = [
         _compile_matmul(symmetric._symmetric_matmul_kernel, symmetric_args(m, k, dtype), {"HAS_C": True},
                         SMALL_TILE, precision),
-        _compile_matmul(update._update_kernel, update_args(m, k, dtype), {}, SMALL_TILE, precision),
+        _compile_matmul(update._update_kernel, update_args(m, k, dtype), {"ADD_X": True}, SMALL_TILE, precision),
     ]
     for code in codes:
         if m % 64 == 0:
@@ -146,6 +146,17 @@ def test_each_dtype_and_edge_path_compiles(dtype, precision, expect, m, k):
             # the input type is the opcode's last modifier, none for fp16: HGMMA.64x64x16.F32[.BF16|.TF32]
             inputs = {tuple(set(op.split(".")[3:])) for op in code.opcodes("HGMMA")}
             assert inputs == {tuple(expect)}, code.opcodes("HGMMA")
+
+
+def test_gram_form_q_x_reads_no_tile_of_x_in_its_epilogue():
+    """Q X (a = 0) is compiled without the epilogue's read of X; a X + B X keeps it. The operands of the
+    product itself arrive by asynchronous copies (LDGSTS), so any plain global load is the epilogue's."""
+    config = [c for c in matmul_configs() if _config_id(c) == "128x128x64-s4-w8"][0]
+    kernel, args, _ = MATMULS["update-fp16-to-bf16"]
+    without = _compile_matmul(kernel, args, {"ADD_X": False}, config)
+    with_x = _compile_matmul(kernel, args, {"ADD_X": True}, config)
+    assert without.count("LDG") == 0 and with_x.count("LDG") > 0
+    assert without.count("LDGSTS") > 0
 
 
 # ------------------------------------------------------------------ elementwise passes: 16-byte vectors

@@ -2,7 +2,8 @@
 
 B is [m, m], X is [m, n]: a plain (non-symmetric) product of 2 m^2 n FLOPs, half the iteration's work. The
 kernel reads the tile of X it overwrites in the epilogue (one extra read of X instead of a separate
-scale-and-add pass over it) and rounds once. X' must not alias X: every output tile reads a whole column
+scale-and-add pass over it) and rounds once; with a = 0 (the Gram form's Q X) it is compiled without that
+read. X' must not alias X: every output tile reads a whole column
 block of X.
 
 cuBLAS is also at its best on this plain product and fuses the same epilogue (`baddbmm` with beta = a), so
@@ -35,7 +36,7 @@ def _update_kernel(
     stride_xb, stride_xm,
     stride_ob, stride_om,
     alpha,
-    INPUT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ADD_X: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, K_TILES: tl.constexpr,
 ):
@@ -76,8 +77,11 @@ def _update_kernel(
         x_ptrs += BLOCK_K * stride_xm
 
     in_bounds = (rows[:, None] < M) & col_ok
-    x_own = tl.load(x_batch + rows[:, None] * stride_xm + cols[None, :], mask=in_bounds, other=0.0)
-    result = acc + alpha * x_own.to(tl.float32)
+    if ADD_X:
+        x_own = tl.load(x_batch + rows[:, None] * stride_xm + cols[None, :], mask=in_bounds, other=0.0)
+        result = acc + alpha * x_own.to(tl.float32)
+    else:   # Q X of the Gram form (a = 0): the tile of X is not read at all
+        result = acc
     tl.store(out_ptr + batch * stride_ob + rows[:, None] * stride_om + cols[None, :],
              round_to_output(result, out_ptr, INTERPRETED), mask=in_bounds)
 
@@ -93,7 +97,7 @@ def launch_update(x: torch.Tensor, b: torch.Tensor, a: float, out: torch.Tensor)
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch, 1),
         (b, x, out, m, n, m, batch,
          b.stride(0), b.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), a),
-        {"INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
+        {"ADD_X": a != 0.0, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
     return out
 
 
