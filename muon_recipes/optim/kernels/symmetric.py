@@ -97,7 +97,7 @@ def _symmetric_matmul_kernel(
     # The epilogue is where the registers run out: the fp32 accumulator, the tile of C and the two store
     # layouts are live at once. With bounds masks on top, 128 x 256 tiles spilled to local memory on Hopper
     # (tests/optim/test_kernels_sm90.py reads the machine code); matrices that the tiles divide evenly (every
-    # real block shape) carry no masks off the diagonal.
+    # real block shape) carry no masks at all, the tiles on the diagonal included.
     if EVEN_M:
         in_bounds = None
     else:
