@@ -53,10 +53,9 @@ def _config_id(config) -> str:
     return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-s{config.num_stages}-w{config.num_warps}"
 
 
-def symmetric_args(m: int, k: int, dtype: torch.dtype, *, two_operands: bool = False,
-                   out_dtype: torch.dtype | None = None) -> dict:
-    """out = alpha x y^T + beta c for a batch of x, y [BATCH, m, k] (y is x unless two_operands)."""
-    del two_operands   # x and y are separate pointers either way; the launch differs only in their values
+def symmetric_args(m: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> dict:
+    """out = alpha x y^T + beta c for a batch of x, y [BATCH, m, k]. y is its own pointer argument even when
+    it is x, so X X^T, b A + c A A and Z Q + a Q compile to the same code for one dtype and HAS_C."""
     return dict(x_ptr=dtype, y_ptr=dtype, c_ptr=dtype, out_ptr=out_dtype or dtype, M=m, K=k, BATCH=BATCH,
                 stride_xb=m * k, stride_xm=k, stride_yb=m * k, stride_ym=k, stride_cb=m * m, stride_cm=m,
                 stride_ob=m * m, stride_om=m, alpha=1.0, beta=0.5)
@@ -69,25 +68,20 @@ def update_args(m: int, n: int, dtype: torch.dtype, out_dtype: torch.dtype | Non
                 alpha=1.0)
 
 
-def _precision(dtype: torch.dtype, ieee: bool = False) -> str:
-    return "ieee" if ieee else "tf32"
-
-
 # The products of one Newton-Schulz step as the optimizer launches them on the dense_1b MLP bucket.
 MATMULS = {
     # standard form, bf16: B = b A + c A A (C = A; X X^T is the same kernel with fewer live values), X' = a X + B X
     "polynomial-bf16": (symmetric._symmetric_matmul_kernel, symmetric_args(M, M, BF16), {"HAS_C": True}),
     "update-bf16": (update._update_kernel, update_args(M, N, BF16), {"ADD_X": True}),
     # Gram form, fp16: Z Q + a Q (two operands), and the last Q X written in bf16
-    "commuting-fp16": (symmetric._symmetric_matmul_kernel, symmetric_args(M, M, FP16, two_operands=True),
-                       {"HAS_C": True}),
+    "commuting-fp16": (symmetric._symmetric_matmul_kernel, symmetric_args(M, M, FP16), {"HAS_C": True}),
     "update-fp16-to-bf16": (update._update_kernel, update_args(M, N, FP16, out_dtype=BF16), {"ADD_X": False}),
 }
 
 
 def _kept_configs(args: dict, dtype: torch.dtype) -> list:
     named = {**args, "x_ptr": torch.empty(0, dtype=dtype)}
-    return prune_configs(matmul_configs(), named, INPUT_PRECISION=_precision(dtype))
+    return prune_configs(matmul_configs(), named, INPUT_PRECISION="tf32")
 
 
 def _cases():
