@@ -176,6 +176,7 @@ def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
         "commuting_cublas": (lambda: torch.baddbmm(A, B, A, beta=a, alpha=1.0, out=C), poly_flops),
     }
     from muon_recipes.optim.kernels.symmetric import _symmetric_matmul_kernel
+    from muon_recipes.optim.kernels.tuning import tile_label
     from muon_recipes.optim.kernels.update import _update_kernel
 
     result = {}
@@ -184,16 +185,9 @@ def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
         # Rates use the symmetric count for every row, so cuBLAS's full products show as the same work.
         result[name] = {"ms": t, "symmetric_tflops": flops / (t * 1e-3) / 1e12}
         if name.endswith("_triton"):   # the tile the autotuner chose for this product (its last call)
-            result[name]["tile"] = autotuned_tile(_update_kernel if name.startswith("update")
-                                                  else _symmetric_matmul_kernel)
+            kernel = _update_kernel if name.startswith("update") else _symmetric_matmul_kernel
+            result[name]["tile"] = tile_label(kernel.best_config)
     return result
-
-
-def autotuned_tile(kernel) -> str:
-    """BLOCK_M x BLOCK_N x BLOCK_K, pipeline stages and warps of the autotuner's choice for its last call."""
-    config = kernel.best_config
-    meta = config.kwargs
-    return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-s{config.num_stages}-w{config.num_warps}"
 
 
 def plot(rows: list[dict], device: str, path: Path) -> None:

@@ -36,7 +36,7 @@ except RuntimeError as error:   # Triton 3.3's autotuner asks for a GPU driver w
 
 if not machine_code.toolchain_available():
     pytest.skip("this Triton has no ptxas/cuobjdump to build CUDA binaries with", allow_module_level=True)
-from muon_recipes.optim.kernels.tuning import matmul_configs, prune_configs  # noqa: E402
+from muon_recipes.optim.kernels.tuning import matmul_configs, prune_configs, tile_label  # noqa: E402
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # The register allocation is the compiler's: Triton 3.6 (the GPU image's) and 3.9 keep every tile below in
@@ -46,11 +46,6 @@ SPILL_FREE_FROM = (3, 6)
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # dense_1b's MLP blocks (the bulk of its Newton-Schulz work): m x n = 2048 x 5632, a bucket of 48.
 BATCH, M, N = 48, 2048, 5632
-
-
-def _config_id(config) -> str:
-    meta = config.kwargs
-    return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-s{config.num_stages}-w{config.num_warps}"
 
 
 def symmetric_args(m: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> dict:
@@ -88,7 +83,7 @@ def _cases():
     for name, (kernel, args, constexprs) in MATMULS.items():
         dtype = args["x_ptr"]
         for config in _kept_configs(args, dtype):
-            yield pytest.param(kernel, args, constexprs, config, id=f"{name}-{_config_id(config)}")
+            yield pytest.param(kernel, args, constexprs, config, id=f"{name}-{tile_label(config)}")
 
 
 def _compile_matmul(kernel, args, constexprs, config, precision="tf32"):
@@ -153,7 +148,7 @@ def test_each_dtype_and_edge_path_compiles(dtype, precision, expect, m, k):
 def test_gram_form_q_x_reads_no_tile_of_x_in_its_epilogue():
     """Q X (a = 0) is compiled without the epilogue's read of X; a X + B X keeps it. The operands of the
     product itself arrive by asynchronous copies (LDGSTS), so any plain global load is the epilogue's."""
-    config = [c for c in matmul_configs() if _config_id(c) == "128x128x64-s4-w8"][0]
+    config = [c for c in matmul_configs() if tile_label(c) == "128x128x64-s4-w8"][0]
     kernel, args, _ = MATMULS["update-fp16-to-bf16"]
     without = _compile_matmul(kernel, args, {"ADD_X": False}, config)
     with_x = _compile_matmul(kernel, args, {"ADD_X": True}, config)

@@ -24,15 +24,22 @@ import triton
 from muon_recipes.optim.kernels.tuning import interpreting
 
 
+def unwrap(kernel) -> tuple:
+    """The JIT (or interpreted) function under a kernel's `triton.autotune` / `triton.heuristics` wrappers, and
+    the heuristics' rules by argument name (each takes the named arguments, returns the value)."""
+    rules: dict[str, Callable] = {}
+    fn = kernel
+    while isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
+        if isinstance(fn, triton.runtime.Heuristics):
+            rules.update(fn.values)
+        fn = fn.fn
+    return fn, rules
+
+
 class FastLaunch:
     def __init__(self, kernel):
         self.kernel = kernel   # a @triton.jit kernel, possibly wrapped by @triton.autotune / @triton.heuristics
-        self.heuristics: dict[str, Callable] = {}
-        fn = kernel
-        while isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
-            if isinstance(fn, triton.runtime.Heuristics):
-                self.heuristics.update(fn.values)
-            fn = fn.fn
+        fn, self.heuristics = unwrap(kernel)
         self.arg_names = list(fn.arg_names)   # the JIT (or interpreted) function's parameters, in order
         self.entries: dict[tuple, tuple] = {}
         self.enabled = not interpreting() and os.environ.get("MUON_NS_FAST_LAUNCH", "1") != "0"

@@ -9,9 +9,10 @@ on Hopper's warpgroup tensor-core instruction (HGMMA in the machine code) rather
 or plain FMAs, and that an elementwise pass reads and writes with 16-byte vector accesses (LDG.E.128).
 
 Arguments are described the way Triton's launcher specializes them: a tensor by its dtype (its address is
-16-byte aligned, as every torch allocation is), an integer by its value (1 becomes a constant, a multiple of 16
-is marked divisible), a float as fp32. The kernel's `triton.heuristics` are evaluated on those values and the tile configuration, as at launch.
-Nothing is timed: speed still comes from the GPU benchmarks (recipes/bench_newton_schulz.py).
+16-byte aligned, as every torch allocation is), an integer by its value (1 becomes a constant, a multiple of
+16 is marked divisible), a float as fp32. The kernel's `triton.heuristics` are evaluated on those values and
+the tile configuration, as at launch. Nothing is timed: speed still comes from the GPU benchmarks
+(recipes/bench_newton_schulz.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import triton
 from triton.runtime.jit import JITFunction
+
+from muon_recipes.optim.kernels.launch import unwrap
 
 # Dynamic shared memory one block may use on Hopper (H100/H200): 227 KB.
 HOPPER_SHARED_MEMORY = 227 * 1024
@@ -64,22 +67,14 @@ def toolchain_available() -> bool:
     return _tool("ptxas") is not None and _tool("cuobjdump") is not None
 
 
-def _jit_function(kernel) -> tuple[JITFunction, dict]:
-    """The JIT function under `triton.autotune` / `triton.heuristics` wrappers, and the heuristics' rules."""
-    rules: dict = {}
-    fn = kernel
-    while not isinstance(fn, JITFunction):
-        if isinstance(fn, triton.runtime.Heuristics):
-            rules.update(fn.values)
-        fn = fn.fn
-    return fn, rules
-
-
 def compile_for_hopper(kernel, args: dict, constexprs: dict, *, num_warps: int = 4,
                        num_stages: int = 3) -> MachineCode:
     """Build `kernel` for sm_90 with the runtime `args` (name -> torch.dtype for a tensor, int, float) and the
     `constexprs` (the caller's and the tile configuration's); return its resource usage and instructions."""
-    fn, rules = _jit_function(kernel)
+    fn, rules = unwrap(kernel)
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(f"{fn!r} is not a JIT function (TRITON_INTERPRET=1 interprets kernels instead of "
+                           "compiling them)")
     named = {**args, **constexprs}
     for name, rule in rules.items():
         named[name] = rule(named)

@@ -85,6 +85,12 @@ _GPU_TILES = (
 _INTERPRETER_TILES = ((16, 16, 16, 1, 1),)
 
 
+def tile_label(config) -> str:
+    """A tile configuration as BLOCK_M x BLOCK_N x BLOCK_K, pipeline stages and warps: "128x256x64-s3-w8"."""
+    meta = config.kwargs
+    return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-s{config.num_stages}-w{config.num_warps}"
+
+
 def matmul_configs() -> list:
     tiles = _INTERPRETER_TILES if interpreting() else _GPU_TILES
     return [_config(bm, bn, bk, stages, warps, group_m=2 if interpreting() else 8)
