@@ -21,12 +21,12 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from gloo_world import joined_world, rendezvous_files
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["device=cpu", "logging.wandb.mode=disabled", "logging.console=false", "logging.progress=false",
@@ -254,26 +254,15 @@ def test_corrupt_trainer_state_of_the_latest_checkpoint(tmp_path, base_run):
 # ----------------------------------------------------------------------------------------------------------------
 # 3. After start-up: a 2-rank world, every rank's exit code
 # ----------------------------------------------------------------------------------------------------------------
-def _worker(rank: int, world: int, jobs: list, ports: list, out: str) -> None:
+def _worker(rank: int, world: int, jobs: list, init_files: list, out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
     results = {}
-    for (name, overrides), port in zip(jobs, ports):
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        results[name] = run_in_process(overrides)
+    for (name, overrides), init_file in zip(jobs, init_files):
+        with joined_world(rank, world, init_file):
+            results[name] = run_in_process(overrides)
     Path(out, f"rank-{rank}.json").write_text(json.dumps(results))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class _RunsShellCommand:
@@ -328,7 +317,7 @@ def after_startup(base_run, tmp_path_factory):
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, jobs, _free_ports(len(jobs)), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, jobs, rendezvous_files(root / "rendezvous", len(jobs)), str(root)), nprocs=2, join=True)
     results = [json.loads((root / f"rank-{r}.json").read_text()) for r in range(2)]
     after = {name: fingerprint(d) for name, d in corrupt.items()}
     return {"root": root, "results": results, "before": before, "after": after, "corrupt": corrupt,

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import pytest
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from gloo_world import joined_world, rendezvous_files  # noqa: E402
 COMMON = ["device=cpu", "logging.wandb.mode=disabled", "logging.console=false", "logging.progress=false",
           "train.seq_len=64", "data.max_chars=200000", "train.log_every=1", "train.eval_every=0",
           "train.warmup_steps=5", "optim.ns_dtype=float32"]
@@ -40,17 +41,7 @@ CASES = {
 # ----------------------------------------------------------------------------------------------------------------
 # In-process runs in a spawned gloo world
 # ----------------------------------------------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _worker(rank: int, world: int, jobs: list, ports: list, out: str) -> None:
+def _worker(rank: int, world: int, jobs: list, init_files: list, out: str) -> None:
     """Run each job (a list of overrides) through `muon_recipes.train.run`; record exit codes of failed ones."""
     import contextlib
     import io
@@ -65,13 +56,11 @@ def _worker(rank: int, world: int, jobs: list, ports: list, out: str) -> None:
     register_configs()
     codes = {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        for (name, overrides), port in zip(jobs, ports):
-            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        for (name, overrides), init_file in zip(jobs, init_files):
             cfg = compose("config", overrides=COMMON + overrides)
             stderr = io.StringIO()
             try:
-                with contextlib.redirect_stderr(stderr):
+                with joined_world(rank, world, init_file), contextlib.redirect_stderr(stderr):
                     run(cfg)
                 codes[name] = [0, ""]
             except SystemExit as e:
@@ -84,7 +73,8 @@ def spawn_runs(world: int, jobs: list[tuple[str, list]], out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, jobs, _free_ports(len(jobs)), str(out)), nprocs=world, join=True)
+    init_files = rendezvous_files(out / "rendezvous", len(jobs))
+    mp.spawn(_worker, args=(world, jobs, init_files, str(out)), nprocs=world, join=True)
     return json.loads((out / "codes-0.json").read_text())
 
 
