@@ -108,6 +108,10 @@ class MeshConfig:
     shard: int = 0  # 0 = all ranks (fsdp) or world // replicate (hsdp)
 
 
+# A byte-level BPE's smallest vocabulary: the 256 byte values and the end-of-sequence token.
+MIN_BPE_VOCAB_SIZE = 257
+
+
 @dataclass
 class DataConfig:
     name: str = "embedded"
@@ -117,7 +121,10 @@ class DataConfig:
     hub_name: str = ""  # hub: dataset name, e.g. "HuggingFaceFW/fineweb-edu"
     hub_config: str = ""
     hub_split: str = "train"
-    tokenizer: str = "byte"  # byte | path to a local Hugging Face tokenizer directory
+    scope: str = "stdlib"  # embedded: stdlib | site-packages
+    tokenizer: str = "byte"  # byte | bpe (fitted to the corpus, model.vocab_size entries) | a local HF tokenizer dir
+    bpe_sample_chars: int = 50_000_000  # bpe: characters of training documents the merges are learned from
+    cache_dir: str = ""  # fitted tokenizers and tokenized corpora; "" = $MUON_RECIPES_CACHE or ~/.cache/muon-recipes
     eval_fraction: float = 0.02  # held-out share of documents (embedded/files)
     eval_docs: int = 64  # hub: first N documents of the stream are held out
     max_chars: int = 0  # embedded/files: cap on corpus characters; 0 = all
@@ -372,6 +379,13 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str = "train") ->
 
 def validate_data(d: DataConfig, prefix: str = "data") -> None:
     _choice(f"{prefix}.source", d.source, ("embedded", "files", "hub"))
+    _choice(f"{prefix}.scope", d.scope, ("stdlib", "site-packages"))
+    if not isinstance(d.tokenizer, str) or not d.tokenizer:
+        raise ConfigError(f"{prefix}.tokenizer", d.tokenizer, "must be byte, bpe or a local tokenizer directory")
+    if d.tokenizer == "bpe" and d.source == "hub":
+        raise ConfigError(f"{prefix}.tokenizer", d.tokenizer,
+                          "bpe is fitted on a local corpus: use data=embedded or data=files, or a tokenizer directory")
+    _int(f"{prefix}.bpe_sample_chars", d.bpe_sample_chars)
     if d.source == "files" and not d.paths:
         raise ConfigError(f"{prefix}.paths", list(d.paths), "data=files needs at least one file or glob")
     if d.source == "hub" and not d.hub_name:
@@ -401,6 +415,9 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     validate_model(cfg.model)
     validate_optim(cfg.optim)
     validate_data(cfg.data)
+    if cfg.data.tokenizer == "bpe" and cfg.model.vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"data.tokenizer=bpe needs at least {MIN_BPE_VOCAB_SIZE} entries (256 bytes + EOS)")
     validate_train(cfg.train, cfg.model)
     validate_logging(cfg.logging)
     validate_launcher(cfg.launcher)

@@ -13,7 +13,8 @@ Definitions (the same in `summary.md`, `summary.json` and the notebook `notebook
 
 * final loss of a run: mean of its last k logged training losses (k = `--last-k`), which averages out the
   step-to-step noise of a single batch;
-* final eval loss of a run: its last logged `eval_loss`;
+* final eval loss of a run: its last logged `eval_loss`; final eval bpb: its last logged `eval_bpb` (bits per
+  byte of held-out text, which compares across tokenizers and corpora where nats per token do not);
 * tokens/s and step time of a run: medians over its logged steps, the first one excluded (it pays for warm-up
   and compilation) and, for step time, steps that also ran an evaluation excluded;
 * arm value: mean over its runs (seeds), with the sample standard deviation (ddof 1) and n;
@@ -41,7 +42,7 @@ import numpy as np
 NOT_ARM_KEYS = ("seed", "run_dir", "logging.wandb.name", "logging.wandb.group", "logging.wandb.tags",
                 "logging.wandb.mode", "launch.nproc_per_node", "device")
 CONFIG_FILES = ("config.json", ".hydra/config.yaml")
-PLOTS = ("loss_vs_step.png", "loss_vs_wall_time.png", "eval_loss.png", "step_time_breakdown.png",
+PLOTS = ("loss_vs_step.png", "loss_vs_wall_time.png", "eval_loss.png", "eval_bpb.png", "step_time_breakdown.png",
          "tokens_per_s.png")
 
 
@@ -210,8 +211,9 @@ def final_loss(run: Run, last_k: int) -> float:
     return float(np.mean(loss[-last_k:])) if loss.size else math.nan
 
 
-def final_eval_loss(run: Run) -> float:
-    _, ev = run.column("eval_loss")
+def final_eval(run: Run, key: str = "eval_loss") -> float:
+    """The last logged value of an evaluation metric (eval_loss, eval_bpb), NaN if never logged."""
+    _, ev = run.column(key)
     return float(ev[-1]) if ev.size else math.nan
 
 
@@ -254,7 +256,8 @@ def step_time_breakdown(run: Run) -> dict:
 
 METRICS = {  # name in the tables -> (per-run function taking (run, last_k), better when lower?)
     "final loss": (lambda run, k: final_loss(run, k), True),
-    "final eval loss": (lambda run, k: final_eval_loss(run), True),
+    "final eval loss": (lambda run, k: final_eval(run, "eval_loss"), True),
+    "final eval bpb": (lambda run, k: final_eval(run, "eval_bpb"), True),
     "tokens/s": (lambda run, k: tokens_per_s(run), False),
     "step time (s)": (lambda run, k: step_time_s(run), True),
 }
@@ -377,15 +380,19 @@ class Comparison:
     baseline: str
     stats: dict  # arm -> metric -> Stat
     diffs: dict  # arm -> metric -> Difference (arms other than the baseline)
+    rank_by: str = "final eval bpb"
 
     def runs_of(self, arm: str) -> list:
         return [r for r in self.runs if r.arm == arm]
 
 
-def compare(root: Path | str, last_k: int = 5, baseline: Optional[str] = None) -> Comparison:
+def compare(root: Path | str, last_k: int = 5, baseline: Optional[str] = None,
+            rank_by: str = "final eval bpb") -> Comparison:
     """Load every run below `root`, group into arms, and compute the per-arm statistics and differences."""
     if last_k < 1:
         raise ValueError(f"last_k={last_k}: must be an integer >= 1")
+    if rank_by not in METRICS:
+        raise ValueError(f"rank_by={rank_by!r}: must be one of {', '.join(METRICS)}")
     runs = find_runs(Path(root))
     arms = assign_arms(runs)
     if baseline is None:
@@ -397,14 +404,21 @@ def compare(root: Path | str, last_k: int = 5, baseline: Optional[str] = None) -
              for arm in arms}
     diffs = {arm: {name: welch(stats[baseline][name], stats[arm][name]) for name in METRICS}
              for arm in arms if arm != baseline}
-    return Comparison(Path(root), runs, arms, swept_keys(runs), last_k, baseline, stats, diffs)
+    return Comparison(Path(root), runs, arms, swept_keys(runs), last_k, baseline, stats, diffs, rank_by)
+
+
+def ranking(c: Comparison, metric: str) -> list:
+    """(arm, Stat) of the arms that logged `metric`, best mean first (lowest for losses, highest for tokens/s)."""
+    lower_is_better = METRICS[metric][1]
+    logged = [(arm, c.stats[arm][metric]) for arm in c.arms if c.stats[arm][metric].n]
+    return sorted(logged, key=lambda item: item[1].mean if lower_is_better else -item[1].mean)
 
 
 def _fmt(x: float, digits: int) -> str:
     return "—" if not _finite(x) else f"{x:.{digits}f}"
 
 
-DIGITS = {"final loss": 4, "final eval loss": 4, "tokens/s": 1, "step time (s)": 4}
+DIGITS = {"final loss": 4, "final eval loss": 4, "final eval bpb": 4, "tokens/s": 1, "step time (s)": 4}
 
 
 def summary_markdown(c: Comparison) -> str:
@@ -423,6 +437,11 @@ def summary_markdown(c: Comparison) -> str:
             s = c.stats[arm][name]
             cells.append(f"{_fmt(s.mean, DIGITS[name])} ± {_fmt(s.std, DIGITS[name])}")
         lines.append(f"| {arm} | {c.stats[arm]['final loss'].n} | {' '.join(seeds[arm])} | " + " | ".join(cells) + " |")
+    ranked = ranking(c, c.rank_by)
+    if ranked:
+        lines += ["", f"## Arms ranked by {c.rank_by} ({'lowest' if METRICS[c.rank_by][1] else 'highest'} first)", ""]
+        lines += [f"{i}. `{arm}`: {_fmt(s.mean, DIGITS[c.rank_by])} ± {_fmt(s.std, DIGITS[c.rank_by])} (n={s.n})"
+                  for i, (arm, s) in enumerate(ranked, start=1)]
     if c.diffs:
         lines += ["", f"## Differences vs `{c.baseline}`", "",
                   "Difference = arm − baseline (negative is lower). SE = sqrt(s_a²/n_a + s_b²/n_b); Welch's t with "
@@ -579,18 +598,22 @@ def plot_loss_vs_wall_time(c: Comparison):
     return _finish(fig, "Training loss vs wall time (thin: seeds, thick: mean over seeds)")
 
 
-def plot_eval_loss(c: Comparison):
+def plot_eval_loss(c: Comparison, key: str = "eval_loss", label: str = "eval loss (held-out, nats/token)"):
     plt, colors = _pyplot(), arm_colors(c)
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    if not _curves(c, ax, "eval_loss", colors, markers=True):
-        ax.text(0.5, 0.5, "no eval_loss logged (train.eval_every=0?)", ha="center", va="center",
+    if not _curves(c, ax, key, colors, markers=True):
+        ax.text(0.5, 0.5, f"no {key} logged (train.eval_every=0?)", ha="center", va="center",
                 transform=ax.transAxes)
     else:
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("eval loss (held-out)")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    return _finish(fig, "Eval loss vs step (thin: seeds, thick: mean over seeds)")
+    return _finish(fig, f"{label} vs step (thin: seeds, thick: mean over seeds)")
+
+
+def plot_eval_bpb(c: Comparison):
+    return plot_eval_loss(c, "eval_bpb", "eval bits per byte (held-out)")
 
 
 def plot_step_time_breakdown(c: Comparison):
@@ -674,10 +697,10 @@ def _wrap(label: str, width: int = 22) -> str:
 
 
 def write_report(c: Comparison, out: Path) -> list[Path]:
-    """Write the five PNGs, summary.md and summary.json into `out`; return their paths."""
+    """Write the six PNGs, summary.md and summary.json into `out`; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = dict(zip(PLOTS, (plot_loss_vs_step, plot_loss_vs_wall_time, plot_eval_loss, plot_step_time_breakdown,
-                             plot_tokens_per_s)))
+    plots = dict(zip(PLOTS, (plot_loss_vs_step, plot_loss_vs_wall_time, plot_eval_loss, plot_eval_bpb,
+                             plot_step_time_breakdown, plot_tokens_per_s)))
     written = []
     for name, fn in plots.items():
         fig = fn(c)
@@ -695,9 +718,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="where to write the PNGs and summary.md (default: the sweep dir)")
     ap.add_argument("--last-k", type=int, default=5, help="final loss = mean of the last k logged losses (default 5)")
     ap.add_argument("--baseline", default=None, help="the arm differences are taken against (default: the first)")
+    ap.add_argument("--rank-by", default="final eval bpb", choices=list(METRICS),
+                    help="the metric the arms are ranked by in summary.md (default: final eval bpb)")
     args = ap.parse_args(argv)
     try:
-        c = compare(args.sweep_dir, last_k=args.last_k, baseline=args.baseline)
+        c = compare(args.sweep_dir, last_k=args.last_k, baseline=args.baseline, rank_by=args.rank_by)
     except (NoRunsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,9 @@ def _check_layout(batch_size: int, rank: int, world_size: int) -> None:
 
 
 def window_matrix(dataset: Dataset) -> np.ndarray:
-    """The input_ids column as one [rows, window] array, read straight from Arrow (no per-row Python)."""
+    """The input_ids column as one [rows, window] array, read straight from Arrow (no per-row Python, and no copy
+    where Arrow holds the windows contiguously, as packed or memory-mapped streams are: the result may be
+    read-only)."""
     column = dataset.with_format("arrow")[TOKENS]  # applies a selection/indices mapping if there is one
     column = column.combine_chunks() if column.num_chunks > 1 else column.chunk(0)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
@@ -52,7 +54,7 @@ def window_matrix(dataset: Dataset) -> np.ndarray:
         raise ConfigError("data", f"windows of {lengths.min()}..{lengths.max()} tokens",
                           "the loader needs packed windows of one length >= 2 (from build_datasets)")
     flat = column.flatten().to_numpy(zero_copy_only=False)
-    return np.array(flat.reshape(len(column), int(lengths[0])))  # a writable copy that torch may own
+    return flat.reshape(len(column), int(lengths[0]))
 
 
 def _split(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +79,7 @@ class DistributedLoader:
         _check_layout(batch_size, rank, world_size)
         if len(dataset) == 0:
             raise ConfigError("data", "0 windows", "the packed dataset is empty: give more text or a smaller train.seq_len")
-        self.windows = torch.from_numpy(window_matrix(dataset))
+        self.windows = window_matrix(dataset)  # numpy, possibly a read-only view of a memory-mapped cache
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.epoch = 0
@@ -115,7 +117,7 @@ class DistributedLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.position + self.rank * self.batch_size
-        batch = self.windows[torch.from_numpy(self.rows(start, start + self.batch_size))]
+        batch = torch.from_numpy(self.windows[self.rows(start, start + self.batch_size)].astype(np.int64))
         advanced, self.position = divmod(self.position + self.world_size * self.batch_size, self.num_rows)
         self.epoch += advanced
         return _split(batch)

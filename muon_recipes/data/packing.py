@@ -27,8 +27,8 @@ TOKENS = "input_ids"
 STREAM_GROUP_DOCS = 1000
 
 
-def _token_features(window: int = -1) -> Features:
-    return Features({TOKENS: List(Value("int32"), length=window)})
+def _token_features(window: int = -1, dtype: str = "int32") -> Features:
+    return Features({TOKENS: List(Value(dtype), length=window)})
 
 
 def _encode_with_eos(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
@@ -59,13 +59,14 @@ def token_stream(tokenized: Dataset) -> np.ndarray:
 
 
 def pack_windows(stream: np.ndarray, window: int, description: str = "") -> Dataset:
-    """Cut a token stream into consecutive windows of `window` tokens; column input_ids: [n, window] int32."""
+    """Cut a token stream into consecutive windows of `window` tokens; column input_ids: [n, window] of the
+    stream's integer type. A contiguous stream (a memory-mapped cache array included) is wrapped, not copied."""
     n = len(stream) // window
-    flat = pa.array(np.ascontiguousarray(stream[: n * window], dtype=np.int32))
+    flat = pa.array(np.ascontiguousarray(stream[: n * window]))
     windows = pa.FixedSizeListArray.from_arrays(flat, window)
     from datasets import DatasetInfo
 
-    info = DatasetInfo(description=description, features=_token_features(window))
+    info = DatasetInfo(description=description, features=_token_features(window, str(flat.type)))
     return Dataset(InMemoryTable(pa.table({TOKENS: windows})), info=info)
 
 

@@ -1,10 +1,9 @@
 """From a `DataConfig` to the packed train and held-out datasets the trainer iterates.
 
-embedded / files: documents -> held-out split by document -> `Dataset.map` tokenization -> packing,
-all in memory. Nothing is written to a cache: every rank builds the same datasets on its own (the
-default corpus takes a second or two), so there is no file two ranks could race on and no stale cache
-to invalidate. hub: the stream is opened lazily; its first `eval_docs` documents are read into memory as
-the held-out set and filtered out of the training stream, which is tokenized and packed on the fly.
+embedded / files: documents -> held-out split by document -> `Dataset.map` tokenization, done once per corpus and
+tokenizer and kept in the token cache (`token_cache.py`); every run then maps the cached streams and packs them
+into windows without copying. hub: the stream is opened lazily; its first `eval_docs` documents are read into
+memory as the held-out set and filtered out of the training stream, which is tokenized and packed on the fly.
 
 Only rank 0 shows `datasets`' progress bars.
 """
@@ -12,18 +11,18 @@ Only rank 0 shows `datasets`' progress bars.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Iterator
 
 import numpy as np
 from datasets import Dataset, IterableDataset
-from datasets.table import InMemoryTable
 from datasets.utils import logging as datasets_logging
 
 from muon_recipes.config import ConfigError, DataConfig
 
 from . import sources
+from .cache import current_rank
 from .packing import pack_documents, pack_stream, pack_windows
+from .token_cache import token_streams
 
 
 def build_datasets(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int,
@@ -41,19 +40,12 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int,
     with progress_bars(enabled=(current_rank() if rank is None else rank) == 0):
         if cfg.source == "hub":
             return _build_stream(cfg, tokenizer, window)
-        if cfg.source == "embedded":
-            table, keys, description = sources.load_embedded(cfg.max_chars)
-        elif cfg.source == "files":
-            table, keys, description = sources.load_files(list(cfg.paths), cfg.text_field, cfg.max_chars)
-        else:
+        if cfg.source not in ("embedded", "files"):
             raise ConfigError("data.source", cfg.source, "must be one of embedded, files, hub")
-        docs = Dataset(InMemoryTable(table))
-        train_ids, eval_ids = sources.split_keys(keys, cfg.eval_fraction)
-        pack = dict(tokenizer=tokenizer, window=window, num_proc=cfg.num_proc)
-        train = pack_documents(docs.select(train_ids, keep_in_memory=True), desc="Tokenizing train documents",
-                               description=f"{description}; train: {len(train_ids)} documents", **pack)
-        held_out = pack_documents(docs.select(eval_ids, keep_in_memory=True), desc="Tokenizing eval documents",
-                                  description=f"{description}; eval: {len(eval_ids)} documents", **pack)
+        streams = token_streams(cfg, tokenizer)
+        train, held_out = (pack_windows(getattr(streams, split), window,
+                                        f"{streams.description}; {split}: {streams.documents(split)} documents")
+                           for split in ("train", "eval"))
     if len(train) == 0:
         raise ConfigError("train.seq_len", seq_len,
                           f"the training documents pack into no window of {window} tokens: give more text "
@@ -85,15 +77,6 @@ def _build_stream(cfg: DataConfig, tokenizer: Any, window: int) -> tuple[Iterabl
     else:
         held_out = pack_windows(np.zeros(0, dtype=np.int32), window, f"{description}; no eval documents")
     return train, held_out
-
-
-def current_rank() -> int:
-    """This process's rank: from the process group if one exists, else torchrun's RANK, else 0."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 @contextlib.contextmanager

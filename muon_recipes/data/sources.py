@@ -4,9 +4,19 @@ Each source yields documents as a `datasets` object with a "text" column, plus o
 document (the held-out split is decided by the key, so it does not depend on the run's seed and two
 runs of a seed sweep evaluate on the same documents).
 
-The embedded corpus is the running Python's own standard library (the `.py` files under
-`sysconfig.get_paths()["stdlib"]`): megabytes of real English docstrings and comments plus code, present on
-every machine that can run this package, with no network. Its licence is the PSF License (docs/data.md).
+The embedded corpus comes from the running Python installation, present on every machine that can run this
+package, with no network (`data.scope`):
+
+- `stdlib`: the standard library's `.py` files (`sysconfig.get_paths()["stdlib"]`), ~10 M characters of
+  English docstrings and comments plus code (PSF License);
+- `site-packages`: every installed distribution's Python sources and text documentation (its README as
+  `METADATA`, `.md`/`.rst`/`.txt` files), listed from each distribution's own RECORD, in the order of
+  (distribution, path): hundreds of millions of characters on a machine with torch installed, each under its
+  distribution's licence (docs/data.md).
+
+`corpus_fingerprint` names a corpus by the list of its files with their sizes and modification times (a
+`stat`, no reading), so caches keyed by it are found without reading the corpus and go stale when a file
+changes.
 """
 
 from __future__ import annotations
@@ -44,11 +54,25 @@ def stable_hash(*parts: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+SCOPES = ("stdlib", "site-packages")
+
+# site-packages: what counts as a distribution's text. Python sources and documentation; not stubs (they repeat
+# the sources' signatures), not the RECORD/entry-point bookkeeping of .dist-info (its METADATA, the README, is
+# kept). Files over the size cap are generated tables (unicode data, vendored parsers), not language.
+_SITE_SUFFIXES = frozenset({".py", ".md", ".rst", ".txt"})
+_SITE_MAX_FILE_BYTES = 1 << 20
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Embedded: the standard library's sources
+# Embedded: the standard library's sources, or every installed distribution's
 # --------------------------------------------------------------------------------------------------------------
-def embedded_files() -> list[tuple[str, Path]]:
-    """(relative path, path) of every corpus file, sorted by relative path."""
+def embedded_files(scope: str = "stdlib") -> list[tuple[str, Path]]:
+    """(key, path) of every file of the `scope` corpus, sorted by key (a relative path; for site-packages
+    prefixed by the distribution's name)."""
+    if scope == "site-packages":
+        return site_package_files()
+    if scope != "stdlib":
+        raise ConfigError("data.scope", scope, "must be one of " + ", ".join(SCOPES))
     root = sysconfig.get_paths()["stdlib"]
     found = []
     for directory, subdirectories, filenames in os.walk(root):
@@ -60,23 +84,77 @@ def embedded_files() -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def load_embedded(max_chars: int) -> tuple[pa.Table, list[str], str]:
-    """The stdlib corpus as (table with a "text" column, keys = relative paths, one-line description).
+def site_package_files() -> list[tuple[str, Path]]:
+    """(distribution/relative path, path) of every installed distribution's sources and documentation.
+
+    Distributions come from `importlib.metadata` (each lists its own files in RECORD, so a file belongs to the
+    distribution that installed it, and the order does not depend on the directory layout); a name installed
+    twice on sys.path counts once (the first, as imports see it). Test suites are left out as in the stdlib
+    corpus, and so are files that are missing, empty, over 1 MiB, or hold a NUL byte (binary).
+    """
+    from importlib import metadata
+
+    found: dict[str, Path] = {}
+    seen: set[str] = set()
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").strip()
+        if not name or name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        for file in dist.files or ():
+            parts = file.parts
+            if any(p in _EMBEDDED_SKIP_DIRS for p in parts[:-1]):
+                continue
+            is_readme = len(parts) == 2 and parts[0].endswith(".dist-info") and parts[1] == "METADATA"
+            if not is_readme and (file.suffix.lower() not in _SITE_SUFFIXES or parts[0].endswith(".dist-info")):
+                continue
+            path = Path(dist.locate_file(file))
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if 0 < size <= _SITE_MAX_FILE_BYTES:
+                found.setdefault(f"{name}/{file.as_posix()}", path)
+    return sorted(found.items())
+
+
+def corpus_files(source: str, scope: str, paths: list) -> list[tuple[str, Path]]:
+    """(key, path) of the files a corpus is read from: the embedded scope's, or data.paths expanded."""
+    if source == "embedded":
+        return embedded_files(scope)
+    return [(path, Path(path)) for path in expand_paths(paths)]
+
+
+def corpus_fingerprint(source: str, scope: str, paths: list, *settings: Any) -> str:
+    """A hex digest naming the corpus: every file's key, size and modification time, plus `settings` (caps,
+    the held-out fraction: whatever else decides which text goes where). Costs one `stat` per file."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([source, scope if source == "embedded" else "", list(map(str, settings))]).encode())
+    for key, path in corpus_files(source, scope, paths):
+        st = path.stat()
+        digest.update(f"\x1e{key}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def load_embedded(max_chars: int, scope: str = "stdlib") -> tuple[pa.Table, list[str], str]:
+    """The `scope` corpus as (table with a "text" column, keys = file keys, one-line description).
 
     With `max_chars > 0` whole files are taken in a fixed pseudo-random order (by a hash of their path,
     so the sample spreads over the library instead of its alphabetically first packages) until the cap,
     the last one cut to fit exactly; the kept files are then put back in path order.
     """
-    files = embedded_files()
+    files = embedded_files(scope)
     if not files:
-        raise ConfigError("data.source", "embedded",
-                          f"found no .py files under {sysconfig.get_paths()['stdlib']}; use data=files")
+        where = sysconfig.get_paths()["stdlib"] if scope == "stdlib" else "the installed distributions"
+        raise ConfigError("data.scope", scope, f"found no corpus files in {where}; use data=files")
     if max_chars > 0:
         files = sorted(files, key=lambda f: stable_hash("select", f[0]))
     texts: dict[str, str] = {}
     total = 0
     for rel, path in files:
         text = path.read_bytes().decode("utf-8", errors="replace")
+        if "\x00" in text:  # a binary file under a text name
+            continue
         if max_chars > 0 and total + len(text) > max_chars:
             text = text[: max_chars - total]
         if text:
@@ -86,9 +164,19 @@ def load_embedded(max_chars: int) -> tuple[pa.Table, list[str], str]:
             break
     keys = sorted(texts)
     version = ".".join(map(str, sys.version_info[:3]))
-    description = (f"embedded: Python {version} standard library sources, {len(keys)} files, "
-                   f"{total:,} characters (PSF License)")
+    what = ("standard library sources (PSF License)" if scope == "stdlib"
+            else "site-packages sources and documentation (each distribution's licence)")
+    description = f"embedded: Python {version} {what}, {len(keys)} files, {total:,} characters"
     return pa.table({TEXT: pa.array([texts[k] for k in keys], pa.large_string())}), keys, description
+
+
+def load_corpus(cfg: Any) -> tuple[pa.Table, list[str], str]:
+    """The documents of a local corpus (`data.source` embedded or files) as (table, keys, description)."""
+    if cfg.source == "embedded":
+        return load_embedded(cfg.max_chars, cfg.scope)
+    if cfg.source == "files":
+        return load_files(list(cfg.paths), cfg.text_field, cfg.max_chars)
+    raise ConfigError("data.source", cfg.source, "a local corpus is embedded or files")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def run(cfg: Any) -> list[dict]:
         rc, device_type, replicate, shard = prepare(cfg)
         from muon_recipes.data import build_tokenizer
 
-        tokenizer = build_tokenizer(rc.data)
+        tokenizer = build_tokenizer(rc.data, rc.model.vocab_size)
         if tokenizer.vocab_size > rc.model.vocab_size:
             raise ConfigError("model.vocab_size", rc.model.vocab_size,
                               f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer="

@@ -28,7 +28,7 @@ def _fmt(key: str, value: Any) -> str:
 
 
 class ConsoleLogger:
-    KEYS = ("step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s",
+    KEYS = ("step", "loss", "bpb", "eval_loss", "eval_bpb", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s",
             "optim_time_s", "peak_mem_gib")
 
     def log(self, metrics: dict) -> None:

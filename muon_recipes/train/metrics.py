@@ -8,6 +8,7 @@ the table, or to compare against a measured cuBLAS peak). On CPU MFU is not repo
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Optional
@@ -71,3 +72,16 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return None
+
+
+def bits_per_byte(nats_per_token: float, tokens: float, text_bytes: float) -> Optional[float]:
+    """Bits per byte of text: (nats per token) x (tokens / bytes) / ln 2; None when the tokens cover no byte.
+
+    A loss in nats per token depends on how much text a token holds, so runs with different tokenizers or corpora
+    cannot be compared by it; per byte of UTF-8 text they can (the measure of the Pile, Gao et al. 2020, sec. 4,
+    and of the byte-level language modelling literature). `tokens` and `text_bytes` count the same targets;
+    special tokens (EOS) stand for no byte, so predicting them costs bits charged to the text around them.
+    """
+    if text_bytes <= 0:
+        return None
+    return nats_per_token * tokens / text_bytes / math.log(2)

@@ -23,7 +23,7 @@ from muon_recipes.config import RunConfig
 from muon_recipes.optim.schedules import lr_multiplier
 from muon_recipes.parallel.distributed import DistributedContext, all_reduce_mean, all_reduce_sum
 from muon_recipes.train.loggers import Loggers
-from muon_recipes.train.metrics import Stopwatch, device_peak_flops, peak_memory_gib
+from muon_recipes.train.metrics import Stopwatch, bits_per_byte, device_peak_flops, peak_memory_gib
 
 
 class NonFiniteError(RuntimeError):
@@ -89,6 +89,10 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak_flops, self.peak_source = device_peak_flops(ctx.device)
         self.params = [p for p in model.parameters()]
+        from muon_recipes.data.tokenizer import token_byte_lengths
+
+        # UTF-8 bytes per token id (on the CPU, where the loader's batches are): bits per byte of every loss.
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)) if tokenizer is not None else None
         self.autocast = (ctx.mesh is None and ctx.device.type == "cuda" and self._bf16())
         self.history: list[dict] = []  # logged metrics, for callers that run the trainer in-process
 
@@ -126,8 +130,10 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.ctx.device)
         aux_sum = torch.zeros((), device=self.ctx.device)
+        target_bytes = 0
         for micro in range(t.grad_accum):
             inputs, targets = next(self.train_loader)
+            target_bytes += self._text_bytes(targets)
             inputs = inputs.to(self.ctx.device, non_blocking=True)
             targets = targets.to(self.ctx.device, non_blocking=True)
             self._set_grad_sync(micro == t.grad_accum - 1)
@@ -137,7 +143,9 @@ class Trainer:
             aux_sum += aux.detach()
         grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
         forward_backward_s = watch.lap()
-        loss_mean = all_reduce_mean(loss_sum / t.grad_accum)
+        # One collective for the loss and the bytes its targets stand for (the mean over ranks of each).
+        loss_mean, bytes_mean = all_reduce_mean(torch.stack([
+            loss_sum / t.grad_accum, torch.tensor(float(target_bytes), device=self.ctx.device)])).unbind(0)
         finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
         lr = self.optimizer.param_groups[0]["lr"]
         if not finite:
@@ -156,6 +164,9 @@ class Trainer:
         optim_s = watch.lap()
         metrics = {"loss": float(loss_mean), "lr": lr, "grad_norm": float(grad_norm),
                    "forward_backward_s": forward_backward_s, "optim_time_s": optim_s}
+        bpb = bits_per_byte(float(loss_mean), t.grad_accum * t.batch_size * t.seq_len, float(bytes_mean))
+        if bpb is not None:
+            metrics["bpb"] = bpb
         if cfg.model.n_experts:
             metrics["aux_loss"] = float(all_reduce_mean(aux_sum / t.grad_accum))
         timings = getattr(self.optimizer, "last_step_timings", None)
@@ -185,8 +196,14 @@ class Trainer:
             raise NonFiniteError(f"non-finite loss/gradients in {self.skipped_in_a_row} steps in a row "
                                  f"(train.max_skipped_steps={t.max_skipped_steps}); last at {where}")
 
+    def _text_bytes(self, targets: torch.Tensor) -> int:
+        """UTF-8 bytes of text that a CPU batch of target ids stands for."""
+        return int(self.byte_lengths[targets].sum()) if self.byte_lengths is not None else 0
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
+        """{"eval_loss": nats per token, "eval_bpb": bits per byte} on the first `train.eval_batches` batches of the
+        held-out split (the same windows at every evaluation)."""
         from muon_recipes.data import DistributedLoader
 
         t = self.cfg.train
@@ -194,13 +211,21 @@ class Trainer:
         loader = DistributedLoader(self.eval_dataset, batch_size=t.batch_size, rank=self.ctx.dp_rank,
                                    world_size=self.ctx.dp_world_size, seed=0, shuffle=False)
         total = torch.zeros((), device=self.ctx.device)
+        target_bytes = 0
         for _ in range(t.eval_batches):
             inputs, targets = next(loader)
+            target_bytes += self._text_bytes(targets)
             loss, _ = self._forward_loss(inputs.to(self.ctx.device), targets.to(self.ctx.device))
             total += loss
         # MoE layers count expert load only in training mode, so evaluation never moves the router biases.
         self.model.train()
-        return float(all_reduce_mean(total / t.eval_batches))
+        loss_mean, bytes_mean = all_reduce_mean(torch.stack([
+            total / t.eval_batches, torch.tensor(float(target_bytes), device=self.ctx.device)])).unbind(0)
+        result = {"eval_loss": float(loss_mean)}
+        bpb = bits_per_byte(float(loss_mean), t.eval_batches * t.batch_size * t.seq_len, float(bytes_mean))
+        if bpb is not None:
+            result["eval_bpb"] = bpb
+        return result
 
     def done(self) -> bool:
         t = self.cfg.train
@@ -240,7 +265,7 @@ class Trainer:
                 progress.update(1)
             eval_now = t.eval_every and self.can_evaluate and (self.step % t.eval_every == 0 or self.done())
             if eval_now:
-                metrics["eval_loss"] = self.evaluate()
+                metrics.update(self.evaluate())
             if log_now or eval_now:
                 now = time.perf_counter()
                 elapsed = now - window_start

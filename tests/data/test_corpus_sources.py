@@ -113,15 +113,15 @@ def test_files_errors_are_one_line(corpus_files):
     _one_line_error(lambda: build_datasets(cfg, build_tokenizer(cfg), 16, 0, rank=1), "data.paths", missing)
 
 
-def test_progress_bars_only_on_rank_zero(capfd):
+def test_progress_bars_only_on_rank_zero(capfd, tmp_path):
     from datasets.utils.logging import is_progress_bar_enabled
 
-    cfg = DataConfig(max_chars=20_000)
-    tok = build_tokenizer(cfg)
-    build_datasets(cfg, tok, seq_len=32, seed=0, rank=1)
+    tok = build_tokenizer(DataConfig())
+    # A fresh token cache for each call, so both tokenize.
+    build_datasets(DataConfig(max_chars=20_000, cache_dir=str(tmp_path / "a")), tok, seq_len=32, seed=0, rank=1)
     assert "Tokenizing" not in capfd.readouterr().err
     assert is_progress_bar_enabled()  # restored for whoever else uses datasets in this process
-    build_datasets(cfg, tok, seq_len=32, seed=0, rank=0)
+    build_datasets(DataConfig(max_chars=20_000, cache_dir=str(tmp_path / "b")), tok, seq_len=32, seed=0, rank=0)
     assert "Tokenizing train documents" in capfd.readouterr().err
 
 
