@@ -140,10 +140,12 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
+    recipe: str = "smoke"  # the name of the recipe (conf/recipe/) these values come from
     steps: int = 200
     tokens: int = 0  # stop after this many tokens when > 0 (whichever of steps/tokens comes first)
     seq_len: int = 128
-    batch_size: int = 8  # sequences per rank per micro-batch
+    global_batch_tokens: int = 0  # > 0: tokens per step on any world size; micro-batch and accumulation derived
+    batch_size: int = 8  # sequences per rank per micro-batch (with global_batch_tokens: the most that fit)
     grad_accum: int = 1
     lr_schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 20
@@ -359,6 +361,7 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str = "train") ->
         raise ConfigError(f"{prefix}.seq_len", t.seq_len, f"must be <= model.max_seq_len={model.max_seq_len}")
     _int(f"{prefix}.batch_size", t.batch_size)
     _int(f"{prefix}.grad_accum", t.grad_accum)
+    _int(f"{prefix}.global_batch_tokens", t.global_batch_tokens, low=0)
     _choice(f"{prefix}.lr_schedule", t.lr_schedule, ("cosine", "wsd", "constant"))
     _int(f"{prefix}.warmup_steps", t.warmup_steps, low=0)
     if not 0 <= t.decay_fraction <= 1:
@@ -407,6 +410,37 @@ def validate_launcher(lc: LauncherConfig, prefix: str = "launcher") -> None:
         raise ConfigError(f"{prefix}.nproc_per_node", n, "must be auto or an integer >= 1")
 
 
+def derive_batch(t: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(per-rank micro-batch in sequences, gradient accumulation steps) for `world_size` data-parallel ranks.
+
+    With `train.global_batch_tokens` > 0 the optimization is fixed in tokens per step, whatever the world size:
+    G tokens are G / seq_len sequences, split evenly over the ranks; each rank runs micro-batches of at most
+    `train.batch_size` sequences (what fits one device), as many as its share needs. So one recipe takes the same
+    steps on 1, 2 or 8 GPUs. With 0, `batch_size` and `grad_accum` are taken as given (per rank).
+    """
+    if t.global_batch_tokens == 0:
+        return t.batch_size, t.grad_accum
+    key = "train.global_batch_tokens"
+    if t.grad_accum != 1:
+        raise ConfigError("train.grad_accum", t.grad_accum,
+                          f"is derived when {key}={t.global_batch_tokens} > 0: leave it at 1, or set {key}=0")
+    if t.global_batch_tokens % t.seq_len:
+        raise ConfigError(key, t.global_batch_tokens, f"must be a multiple of train.seq_len={t.seq_len}")
+    sequences = t.global_batch_tokens // t.seq_len
+    if sequences % world_size:
+        raise ConfigError(key, t.global_batch_tokens, f"its {sequences} sequences of {t.seq_len} tokens do not split "
+                          f"evenly over {world_size} ranks; use a multiple of {world_size * t.seq_len} tokens")
+    per_rank = sequences // world_size
+    micro = min(t.batch_size, per_rank)
+    if per_rank % micro:
+        fits = [d for d in range(micro, 0, -1) if per_rank % d == 0][0]
+        raise ConfigError("train.batch_size", t.batch_size,
+                          f"the micro-batch must divide the {per_rank} sequences per rank ({key}="
+                          f"{t.global_batch_tokens} = {sequences} x {t.seq_len} tokens over {world_size} ranks); "
+                          f"the largest that does is {fits}")
+    return micro, per_rank // micro
+
+
 def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """Validate the whole run config; return the mesh's (replicate, shard) sizes."""
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -419,6 +453,7 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"data.tokenizer=bpe needs at least {MIN_BPE_VOCAB_SIZE} entries (256 bytes + EOS)")
     validate_train(cfg.train, cfg.model)
+    derive_batch(cfg.train, world_size)
     validate_logging(cfg.logging)
     validate_launcher(cfg.launcher)
     return validate_mesh(cfg.mesh, world_size)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from muon_recipes.config import ConfigError, RunConfig, to_dataclass, validate
+from muon_recipes.config import ConfigError, RunConfig, derive_batch, to_dataclass, validate
 from muon_recipes.parallel.distributed import (broadcast_object, init_distributed, rank_from_env,
                                                resolve_device_type, shutdown_distributed, world_size_from_env)
 from muon_recipes.train.checkpoint import CheckpointError
@@ -113,6 +113,7 @@ def prepare(cfg: Any) -> tuple[RunConfig, str, int, int]:
     """Typed + validated config, device type and mesh sizes. Raises ConfigError; touches no process group."""
     rc = cfg if isinstance(cfg, RunConfig) else to_dataclass(cfg)
     replicate, shard = validate(rc, world_size_from_env())
+    rc.train.batch_size, rc.train.grad_accum = derive_batch(rc.train, world_size_from_env())
     device_type = resolve_device_type(rc.device)
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", rc.device, "no CUDA device is visible; use device=cpu or device=auto")
@@ -226,6 +227,7 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
         print(f"run dir {run_dir} | world {ctx.world_size} ({rc.mesh.kind} {ctx.replicate}x{ctx.shard}) on "
               f"{ctx.device.type} | model {rc.model.name} {n_params / 1e6:.2f}M params | "
               f"{trainer.tokens_per_step} tokens/step | peak {trainer.peak_source}", flush=True)
+        print(trainer.describe_budget(), flush=True)
         print(describe_param_groups(optimizer), flush=True)
         if resume_from is not None:
             print(f"resumed from {resume_from} at step {trainer.step} ({trainer.tokens_seen:,} tokens)"

@@ -11,7 +11,21 @@ import os
 from typing import Any, Optional
 
 
+def _duration(seconds: float) -> str:
+    """12s, 4m05s, 2h03m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def _fmt(key: str, value: Any) -> str:
+    if key == "eta_s":
+        return f"eta {_duration(value)}"
+    if key == "tokens_left":
+        return f"{value / 1e6:,.1f}M tokens left"
     if isinstance(value, float):
         if key in ("lr",):
             return f"{key} {value:.2e}"
@@ -29,7 +43,7 @@ def _fmt(key: str, value: Any) -> str:
 
 class ConsoleLogger:
     KEYS = ("step", "loss", "bpb", "eval_loss", "eval_bpb", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s",
-            "optim_time_s", "peak_mem_gib")
+            "optim_time_s", "peak_mem_gib", "eta_s", "tokens_left")
 
     def log(self, metrics: dict) -> None:
         parts = [_fmt(k, metrics[k]) for k in self.KEYS if metrics.get(k) is not None]

@@ -96,6 +96,29 @@ class Trainer:
         self.autocast = (ctx.mesh is None and ctx.device.type == "cuda" and self._bf16())
         self.history: list[dict] = []  # logged metrics, for callers that run the trainer in-process
 
+    def budget_tokens(self) -> int:
+        """Tokens the whole run trains on: `train.steps` steps, or `train.tokens` if that comes first."""
+        t = self.cfg.train
+        total = t.steps * self.tokens_per_step
+        return min(total, -(-t.tokens // self.tokens_per_step) * self.tokens_per_step) if t.tokens else total
+
+    def describe_budget(self) -> str:
+        """The start-up line about the batch the recipe asked for and what this world size makes of it, and the
+        token budget against the data (a budget over one epoch repeats windows: said here, before training)."""
+        t, world = self.cfg.train, self.ctx.dp_world_size
+        sequences = self.tokens_per_step // t.seq_len
+        line = (f"recipe {t.recipe} | batch {self.tokens_per_step:,} tokens/step = {sequences} x {t.seq_len} = "
+                f"{world} rank{'s' if world > 1 else ''} x micro-batch {t.batch_size} x {t.grad_accum} accumulation "
+                f"step{'s' if t.grad_accum > 1 else ''} | budget {self.budget_tokens() / 1e6:,.1f}M tokens")
+        rows = getattr(self.train_loader, "num_rows", None)
+        if rows:
+            epoch_tokens = rows * t.seq_len
+            epochs = self.budget_tokens() / epoch_tokens
+            line += f" = {epochs:.2f} epochs of {epoch_tokens / 1e6:,.1f}M training tokens"
+            if epochs > 1:
+                line += " (repeats data: lower train.steps or use a larger corpus, e.g. data.scope=site-packages)"
+        return line
+
     def _bf16(self) -> bool:
         mp = self.cfg.train.mixed_precision
         return mp == "bf16" or (mp == "auto" and self.ctx.device.type == "cuda")
@@ -270,9 +293,11 @@ class Trainer:
                 now = time.perf_counter()
                 elapsed = now - window_start
                 tokens_per_s = window_tokens / elapsed
+                tokens_left = max(self.budget_tokens() - self.tokens_seen, 0)
                 metrics.update(step=self.step, tokens=self.tokens_seen, step_time_s=now - step_start,
                                tokens_per_s=tokens_per_s, wall_time_s=self._wall_time(now),
-                               skipped_steps=self.skipped_total)
+                               skipped_steps=self.skipped_total, tokens_left=tokens_left,
+                               eta_s=tokens_left / tokens_per_s)
                 if self.peak_flops:
                     metrics["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size)
                 mem = peak_memory_gib(self.ctx.device)

@@ -107,3 +107,19 @@ def test_periodic_eval_and_empty_held_out_split(tmp_path):
     rows = [json.loads(line) for line in (empty / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and not any("eval_loss" in r for r in rows)
     assert "no evaluation" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_global_batch_gives_the_same_steps_on_one_and_two_ranks(tmp_path):
+    """train.global_batch_tokens fixes the optimization whatever the world size: 512 tokens = 8 sequences of 64 are
+    2 micro-batches of 4 accumulated on one rank, or one micro-batch of 4 on each of two ranks. The start-up line
+    says which."""
+    args = ["model=moe_tiny", "optim=adamw", "train.steps=6", "train.global_batch_tokens=512", "train.batch_size=4"]
+    one = train(tmp_path / "one", *args, nproc=1)
+    two = train(tmp_path / "two", *args, nproc=2)
+    assert "512 tokens/step = 8 x 64 = 1 rank x micro-batch 4 x 2 accumulation steps" in one.stdout
+    assert "512 tokens/step = 8 x 64 = 2 ranks x micro-batch 4 x 1 accumulation step " in two.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6 and a[-1] < a[0]
+    for x, y in zip(a, b):
+        assert abs(x - y) < 2e-4 * max(1.0, abs(x)), (a, b)
