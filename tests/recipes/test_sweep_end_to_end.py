@@ -85,6 +85,7 @@ def _recompute(job: Path, last_k: int) -> dict:
     no_eval = [x for x in steady if "eval_loss" not in x]
     return {"final loss": float(np.mean([x["loss"] for x in r[-last_k:]])),
             "final eval loss": [x["eval_loss"] for x in r if "eval_loss" in x][-1],
+            "final eval bpb": [x["eval_bpb"] for x in r if "eval_bpb" in x][-1],
             "tokens/s": float(np.median([x["tokens_per_s"] for x in no_eval])),
             "step time (s)": float(np.median([x["step_time_s"] for x in no_eval]))}
 
@@ -120,6 +121,10 @@ def test_compare_runs_on_the_sweep(sweep):
     assert diff["diff"] == pytest.approx(np.mean(split) - np.mean(fused), rel=1e-9)
     assert diff["se"] == pytest.approx(np.sqrt(np.var(fused, ddof=1) / 2 + np.var(split, ddof=1) / 2), rel=1e-6)
     assert "## Differences vs `optim.split.qkv=fused`" in table
+    # Ranked by final eval bpb, lowest first, with the arms' means.
+    ranked = sorted(expected, key=lambda arm: np.mean([run["final eval bpb"] for run in expected[arm]]))
+    section = table.split("## Arms ranked by final eval bpb (lowest first)")[1].split("##")[0]
+    assert re.findall(r"`([^`]+)`", section) == ranked
 
 
 def test_notebook_runs_headless_on_the_sweep(sweep, tmp_path, monkeypatch):
