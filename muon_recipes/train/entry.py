@@ -156,6 +156,7 @@ def build_loggers(rc: RunConfig, run_dir: str, config_dict: dict, wandb_run_id: 
 
 def run(cfg: Any) -> list[dict]:
     """Train one run; returns the logged metrics (rank 0 has them all, other ranks the same values)."""
+    launch_time = time.perf_counter()
     try:
         rc, device_type, replicate, shard = prepare(cfg)
         from muon_recipes.data import build_tokenizer
@@ -173,7 +174,7 @@ def run(cfg: Any) -> list[dict]:
     config_dict = _resolved_config(cfg)
     ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard)
     try:
-        return _train(rc, ctx, broadcast_object(run_dir), tokenizer, config_dict)
+        return _train(rc, ctx, broadcast_object(run_dir), tokenizer, config_dict, launch_time)
     except (ConfigError, CheckpointError) as e:  # raised alike on every rank (same files, same model)
         _fail(str(e))
     except NonFiniteError as e:  # every rank sees the same all-reduced loss and global gradient norm
@@ -182,7 +183,7 @@ def run(cfg: Any) -> list[dict]:
         shutdown_distributed()
 
 
-def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> list[dict]:
+def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict, launch_time: float) -> list[dict]:
     from muon_recipes.data import DistributedLoader, build_datasets
     from muon_recipes.models import build_model
     from muon_recipes.optim.param_groups import build_optimizer, describe_param_groups
@@ -238,6 +239,7 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
                 print(f"nothing left to train: step {trainer.step} reaches train.steps={rc.train.steps}"
                       + (f" or train.tokens={rc.train.tokens}" if rc.train.tokens else ""), flush=True)
     trainer.start_time = time.perf_counter()
+    trainer.launch_time = launch_time
     try:
         history = trainer.fit()
     finally:

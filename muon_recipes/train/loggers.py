@@ -21,11 +21,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def token_count(n: float) -> str:
+    """24,576 / 47.2M / 1.3B: a number of tokens as people read it."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{int(n):,}"
+
+
 def _fmt(key: str, value: Any) -> str:
     if key == "eta_s":
         return f"eta {_duration(value)}"
     if key == "tokens_left":
-        return f"{value / 1e6:,.1f}M tokens left"
+        return f"{token_count(value)} tokens left"
     if isinstance(value, float):
         if key in ("lr",):
             return f"{key} {value:.2e}"

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from muon_recipes.config import RunConfig
 from muon_recipes.optim.schedules import lr_multiplier
 from muon_recipes.parallel.distributed import DistributedContext, all_reduce_mean, all_reduce_sum
-from muon_recipes.train.loggers import Loggers
+from muon_recipes.train.loggers import Loggers, token_count
 from muon_recipes.train.metrics import Stopwatch, bits_per_byte, device_peak_flops, peak_memory_gib
 
 
@@ -95,6 +95,9 @@ class Trainer:
         self.byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)) if tokenizer is not None else None
         self.autocast = (ctx.mesh is None and ctx.device.type == "cuda" and self._bf16())
         self.history: list[dict] = []  # logged metrics, for callers that run the trainer in-process
+        self.first_optimizer_step = True
+        self.launch_time: Optional[float] = None  # perf_counter() when the run started
+        self.time_to_first_step_s: Optional[float] = None
 
     def budget_tokens(self) -> int:
         """Tokens the whole run trains on: `train.steps` steps, or `train.tokens` if that comes first."""
@@ -109,12 +112,12 @@ class Trainer:
         sequences = self.tokens_per_step // t.seq_len
         line = (f"recipe {t.recipe} | batch {self.tokens_per_step:,} tokens/step = {sequences} x {t.seq_len} = "
                 f"{world} rank{'s' if world > 1 else ''} x micro-batch {t.batch_size} x {t.grad_accum} accumulation "
-                f"step{'s' if t.grad_accum > 1 else ''} | budget {self.budget_tokens() / 1e6:,.1f}M tokens")
+                f"step{'s' if t.grad_accum > 1 else ''} | budget {token_count(self.budget_tokens())} tokens")
         rows = getattr(self.train_loader, "num_rows", None)
         if rows:
             epoch_tokens = rows * t.seq_len
             epochs = self.budget_tokens() / epoch_tokens
-            line += f" = {epochs:.2f} epochs of {epoch_tokens / 1e6:,.1f}M training tokens"
+            line += f" = {epochs:.2f} epochs of {token_count(epoch_tokens)} training tokens"
             if epochs > 1:
                 line += " (repeats data: lower train.steps or use a larger corpus, e.g. data.scope=site-packages)"
         return line
@@ -180,7 +183,10 @@ class Trainer:
         self.skipped_in_a_row = 0
         if hasattr(self.optimizer, "profile"):
             self.optimizer.profile = profile
-        self.optimizer.step()
+        if self.first_optimizer_step:
+            self._first_optimizer_step()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         loads = self._update_router_biases()
@@ -204,6 +210,22 @@ class Trainer:
             for i, v in enumerate(imbalance):
                 metrics[f"expert_load/layer{i}"] = v
         return metrics
+
+    def _first_optimizer_step(self) -> None:
+        """The process's first optimizer step, timed and said in one line: on a GPU it chooses the Newton-Schulz
+        kernels' tiles for every new problem shape (timing candidates, or reading earlier choices from Triton's disk
+        cache), which can take seconds before any training is seen."""
+        self.first_optimizer_step = False
+        tuned = _tuned_problem_count if self.ctx.device.type == "cuda" else None
+        before = tuned() if tuned else 0
+        watch = Stopwatch(self.ctx.device)
+        self.optimizer.step()
+        seconds = watch.lap()
+        if tuned and self.ctx.is_main:
+            chosen = tuned() - before
+            print(f"optimizer: first step {seconds:.2f} s, choosing Newton-Schulz kernel tiles for {chosen} problem "
+                  f"shapes ({'timed now or read from the disk cache in TRITON_CACHE_DIR' if chosen else 'none new'})",
+                  flush=True)
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         t = self.cfg.train
@@ -298,6 +320,10 @@ class Trainer:
                                tokens_per_s=tokens_per_s, wall_time_s=self._wall_time(now),
                                skipped_steps=self.skipped_total, tokens_left=tokens_left,
                                eta_s=tokens_left / tokens_per_s)
+                if self.launch_time is not None and self.time_to_first_step_s is None:
+                    # Start-up through the end of the first step: data, model, compilation, kernel tuning.
+                    self.time_to_first_step_s = now - self.launch_time
+                    metrics["time_to_first_step_s"] = self.time_to_first_step_s
                 if self.peak_flops:
                     metrics["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size)
                 mem = peak_memory_gib(self.ctx.device)
@@ -374,6 +400,17 @@ class Trainer:
                                  f"finite); no checkpoint is written from this state")
         extras, rank_extras = self.checkpoint_extras()
         self.checkpointer.save(self.step, self.model, self.optimizer, extras, rank_extras, self.config_dict)
+
+
+def _tuned_problem_count() -> int:
+    """Tile choices the Newton-Schulz kernels hold in this process (0 where Triton is not in use)."""
+    from muon_recipes.optim.kernels.availability import triton_available
+
+    if not triton_available():
+        return 0
+    from muon_recipes.optim.kernels.tuning import tuned_problem_count
+
+    return tuned_problem_count()
 
 
 def _progress_bar(total: int, initial: int):

@@ -298,10 +298,10 @@ if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
     _interpreter_main()
 
 
-def test_autotuning_disk_cache_is_opt_in(monkeypatch):
-    """MUON_NS_AUTOTUNE_CACHE=1 asks Triton (>= 3.4) to keep the tile choices on disk; unset, nothing is asked.
-    A fresh process with it set builds both autotuned kernels with the cache on (Triton itself never caches
-    under its interpreter)."""
+def test_autotuning_disk_cache_is_on_by_default(monkeypatch):
+    """Unset, Triton (>= 3.4) is asked to keep the tile choices on disk; MUON_NS_AUTOTUNE_CACHE=0 asks for nothing.
+    A fresh process builds both autotuned kernels with the cache on (Triton itself never caches under its
+    interpreter)."""
     pytest.importorskip("triton")
     import inspect
 
@@ -310,13 +310,13 @@ def test_autotuning_disk_cache_is_opt_in(monkeypatch):
     from muon_recipes.optim.kernels.tuning import autotune_options
 
     supported = "cache_results" in inspect.signature(triton.autotune).parameters
-    monkeypatch.delenv("MUON_NS_AUTOTUNE_CACHE", raising=False)
+    monkeypatch.setenv("MUON_NS_AUTOTUNE_CACHE", "0")
     assert autotune_options() == {}
-    monkeypatch.setenv("MUON_NS_AUTOTUNE_CACHE", "1")
+    monkeypatch.delenv("MUON_NS_AUTOTUNE_CACHE", raising=False)
     assert autotune_options() == ({"cache_results": True} if supported else {})
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "MUON_NS_AUTOTUNE_CACHE": "1", "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {k: v for k, v in os.environ.items() if k != "MUON_NS_AUTOTUNE_CACHE"}
+    env.update(TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     probe = ("from muon_recipes.optim.kernels.symmetric import _symmetric_matmul_kernel as s; "
              "from muon_recipes.optim.kernels.update import _update_kernel as u; "
              "print(bool(s.cache_results), bool(u.cache_results))")

@@ -31,15 +31,15 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def autotune_options() -> dict:
     """Keyword arguments for `triton.autotune` shared by the matmul kernels.
 
-    The tile search of one new block shape takes seconds (43 s for the first moe_small step on an H200), and
-    every process of every run and sweep job pays it again. Triton >= 3.4 can keep each result on disk
-    (`cache_results`, in TRITON_CACHE_DIR, keyed by the Triton version, the GPU, the kernel source, the tuning
-    key and the candidate configs), so a later process on the same machine reads the choice instead of timing
-    every candidate again. MUON_NS_AUTOTUNE_CACHE=1 turns it on. It is off by default until a GPU run has
-    checked it here (what it saves and that Triton 3.6 reads its own files back); off, each process searches
-    anew, as before.
+    The tile search of one new block shape takes seconds, and without a cache every process of every run and
+    sweep job pays it again. Triton >= 3.4 keeps each result on disk (`cache_results`, in TRITON_CACHE_DIR,
+    default ~/.triton/cache), keyed by the Triton version, the GPU, the kernel source, the tuning key and the
+    candidate configs, so every later process on the machine (every rank, every job of a sweep) reads the choice
+    instead of timing every candidate again. Triton writes each file under a temporary name and renames it into
+    place, so concurrent writers cannot leave a torn file. On by default; MUON_NS_AUTOTUNE_CACHE=0 turns it off
+    (each process then searches anew).
     """
-    if os.environ.get("MUON_NS_AUTOTUNE_CACHE", "0") != "1":
+    if os.environ.get("MUON_NS_AUTOTUNE_CACHE", "1") == "0":
         return {}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         return {"cache_results": True}
@@ -136,3 +136,17 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         kept.append(config)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def autotuned_kernels() -> list:
+    """The Newton-Schulz kernels under `triton.autotune`; each keeps its chosen tile per problem key in `.cache`."""
+    from triton.runtime.autotuner import Autotuner
+
+    from muon_recipes.optim.kernels import symmetric, update
+
+    return [obj for module in (symmetric, update) for obj in vars(module).values() if isinstance(obj, Autotuner)]
+
+
+def tuned_problem_count() -> int:
+    """How many (kernel, problem key) tile choices this process holds: timed here, or read from the disk cache."""
+    return sum(len(kernel.cache) for kernel in autotuned_kernels())
