@@ -38,7 +38,8 @@ for stage in ${STAGES:-data coldwarm recipes literal}; do
       done ;;
     coldwarm)
       rm -rf "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
-      train moe_small-muon_split-cold 300 model=moe_small optim=muon_split train.steps=$steps
+      # Triton prints each tile search it runs (kernel, problem key, seconds): where a cold first step goes.
+      TRITON_PRINT_AUTOTUNING=1 train moe_small-muon_split-cold 300 model=moe_small optim=muon_split train.steps=$steps
       train moe_small-muon_split-warm 300 model=moe_small optim=muon_split train.steps=$steps ;;
     recipes)
       runs=()
