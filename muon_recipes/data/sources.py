@@ -21,6 +21,7 @@ changes.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -128,9 +129,17 @@ def corpus_files(source: str, scope: str, paths: list) -> list[tuple[str, Path]]
 def corpus_fingerprint(source: str, scope: str, paths: list, *settings: Any) -> str:
     """A hex digest naming the corpus: every file's key, size and modification time, plus `settings` (caps,
     the held-out fraction: whatever else decides which text goes where). Costs one `stat` per file."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps([source, scope if source == "embedded" else "", list(map(str, settings))]).encode())
-    for key, path in corpus_files(source, scope, paths):
+    digest = hashlib.blake2b(json.dumps([list(map(str, settings))]).encode(), digest_size=16)
+    digest.update(_files_fingerprint(source, scope if source == "embedded" else "", tuple(map(str, paths))).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _files_fingerprint(source: str, scope: str, paths: tuple) -> str:
+    """The listing part of `corpus_fingerprint`, once per process: the tokenizer and the token cache both need it,
+    and listing every installed distribution's files takes seconds."""
+    digest = hashlib.blake2b(json.dumps([source, scope]).encode(), digest_size=16)
+    for key, path in corpus_files(source, scope, list(paths)):
         st = path.stat()
         digest.update(f"\x1e{key}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode("utf-8"))
     return digest.hexdigest()

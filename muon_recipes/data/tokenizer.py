@@ -131,7 +131,8 @@ def build_tokenizer(cfg: DataConfig, model_vocab_size: int | None = None) -> Tok
         if model_vocab_size is None:
             raise ConfigError("data.tokenizer", "bpe", "needs the model's vocab_size to fit a vocabulary of that size")
         directory = fitted_bpe(cfg, model_vocab_size)
-        tokenizer = load_hf_tokenizer(str(directory))
+        # Read with `tokenizers` itself, which wrote it: importing transformers would cost seconds at every start.
+        tokenizer = load_hf_tokenizer(str(directory), use_transformers=False)
         tokenizer.name = f"bpe-{model_vocab_size}"
         return tokenizer
     return load_hf_tokenizer(str(cfg.tokenizer))
@@ -177,7 +178,9 @@ def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
                           f"must be >= the tokenizer's vocab_size {tokenizer.vocab_size} ({tokenizer.name})")
 
 
-def load_hf_tokenizer(path: str) -> HFTokenizer:
+def load_hf_tokenizer(path: str, use_transformers: bool = True) -> HFTokenizer:
+    """A local tokenizer directory (or its tokenizer.json): through `transformers.AutoTokenizer` when installed and
+    `use_transformers`, which honours every file of a saved tokenizer, else through `tokenizers` (tokenizer.json)."""
     valid = "must be 'byte' or a local Hugging Face tokenizer directory holding tokenizer.json (nothing is downloaded)"
     expanded = os.path.expanduser(path)
     directory = os.path.dirname(expanded) if os.path.isfile(expanded) else expanded
@@ -185,7 +188,7 @@ def load_hf_tokenizer(path: str) -> HFTokenizer:
         raise ConfigError("data.tokenizer", path, valid)
     tokenizer_json = expanded if os.path.isfile(expanded) else os.path.join(directory, "tokenizer.json")
 
-    if importlib.util.find_spec("transformers") is not None and os.path.isdir(expanded):
+    if use_transformers and importlib.util.find_spec("transformers") is not None and os.path.isdir(expanded):
         from transformers import AutoTokenizer
 
         try:
