@@ -52,7 +52,10 @@ def _grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
     (experts on their own mesh next to the FSDP one) each mesh's norm is reduced on its own, then combined.
     """
     grads = [p for p in params if p.grad is not None]
-    meshes = {getattr(p.grad, "device_mesh", None) for p in grads}
+    meshes = []  # in parameter order, the same on every rank (a set's order follows per-process string hashes)
+    for p in grads:
+        if getattr(p.grad, "device_mesh", None) not in meshes:
+            meshes.append(getattr(p.grad, "device_mesh", None))
     if len(meshes) > 1:
         from muon_recipes.optim.muon import local
 
