@@ -44,6 +44,7 @@ batch, exactly FSDP2's reduction (sum over ranks, then divide by their number) o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -106,7 +107,7 @@ class Router(nn.Module):
         self.expert_bias.zero_()
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExpertParallel:
     """Where this rank's routed experts live and how their gradients are reduced (see the module docstring)."""
 
@@ -115,6 +116,25 @@ class ExpertParallel:
     rank: int  # this rank's index in it: it holds experts [rank*E/P, (rank+1)*E/P)
     replica_group: Optional[dist.ProcessGroup]  # the ranks holding the same experts; None when there is one copy
     data_parallel_size: int  # ranks whose batches make up one step's batch (the world size)
+    # With `profile` set, the seconds this layer spends in its all-to-alls (counts, dispatch, combine; forward and
+    # backward) add up in `all_to_all_s`; the device is synchronized around each, so use it to measure, not to train.
+    profile: bool = False
+    all_to_all_s: float = 0.0
+
+
+def _all_to_all(out: torch.Tensor, rows: torch.Tensor, recv_splits: Optional[list[int]],
+                send_splits: Optional[list[int]], ep: ExpertParallel) -> None:
+    """`all_to_all_single` over the ep group, timed when `ep.profile` is set."""
+    if not ep.profile:
+        dist.all_to_all_single(out, rows, recv_splits, send_splits, group=ep.group)
+        return
+    if rows.is_cuda:
+        torch.cuda.synchronize(rows.device)
+    start = time.perf_counter()
+    dist.all_to_all_single(out, rows, recv_splits, send_splits, group=ep.group)
+    if rows.is_cuda:
+        torch.cuda.synchronize(rows.device)
+    ep.all_to_all_s += time.perf_counter() - start
 
 
 class _ExpertGradientMean(torch.autograd.Function):
@@ -140,15 +160,15 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int],
-                group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
+                ep: ExpertParallel) -> torch.Tensor:
+        ctx.recv_splits, ctx.send_splits, ctx.ep = recv_splits, send_splits, ep
         out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        _all_to_all(out, rows.contiguous(), recv_splits, send_splits, ep)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _AllToAll.apply(grad, ctx.send_splits, ctx.recv_splits, ctx.group), None, None, None
+        return _AllToAll.apply(grad, ctx.send_splits, ctx.recv_splits, ctx.ep), None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -310,18 +330,18 @@ class MoE(nn.Module):
         local_experts = self.n_experts // ep.size
         # Counts first: peer r receives counts[r*E/P:(r+1)*E/P], the rows this rank will send to each of its experts.
         received_counts = torch.empty_like(counts)
-        dist.all_to_all_single(received_counts, counts, group=ep.group)
+        _all_to_all(received_counts, counts, None, None, ep)
         received_counts = received_counts.view(ep.size, local_experts)  # [source rank, local expert]
         send_splits, recv_splits = torch.stack([counts.view(ep.size, local_experts).sum(1),
                                                 received_counts.sum(1)]).tolist()  # the one host sync
-        received = _AllToAll.apply(x_sorted, recv_splits, send_splits, ep.group)
+        received = _AllToAll.apply(x_sorted, recv_splits, send_splits, ep)
         # Received rows are ordered (source, expert); the grouped experts want them ordered by expert.
         row_expert = torch.repeat_interleave(torch.arange(local_experts, device=counts.device).repeat(ep.size),
                                              received_counts.reshape(-1), output_size=sum(recv_splits))
         by_expert = torch.argsort(row_expert, stable=True)
         y = self.experts(received[by_expert], row_expert[by_expert], received_counts.sum(0))
         y = torch.index_copy(torch.zeros_like(y), 0, by_expert, y)  # back to (source, expert) order
-        return _AllToAll.apply(y, send_splits, recv_splits, ep.group)
+        return _AllToAll.apply(y, send_splits, recv_splits, ep)
 
     @torch.no_grad()
     def record_load(self, counts: torch.Tensor) -> None:

@@ -274,3 +274,28 @@ def test_resume_across_ep_and_world_sizes(runs):
     for name, straight in (("ep2-to-ep1", straight_ep), ("ep2-to-ep4", straight_ep), ("fsdp-to-ep2", straight_fsdp)):
         resumed = _losses(runs / name)
         _assert_close_losses(resumed, straight, range(3, 6), name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark recipe, at CPU size
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_bench_expert_parallel_on_cpu(tmp_path):
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "recipes/bench_expert_parallel.py", "--model", "moe_tiny", "--device", "cpu", "--ep", "1,2,4",
+         "--batch-size", "2", "--seq-len", "64", "--steps", "2", "--warmup", "1", "--out", str(out)],
+        cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["ep"]: r for r in json.loads(out.read_text())["results"]}
+    assert "skipped" in results[4]  # 4 does not divide the world size 2
+    for ep in (1, 2):
+        r = results[ep]
+        assert r["tokens_per_step"] == 2 * 2 * 64
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1e3))
+    assert results[1]["all_to_all_ms"] == 0 < results[2]["all_to_all_ms"] < results[2]["step_ms"]
+    assert "| 2 |" in proc.stdout and "all-to-all ms/step" in proc.stdout
