@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -33,14 +32,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "recipes"))
 
-from bench_optimizer import load_config, worst_over_ranks  # noqa: E402
+from bench_optimizer import load_config, worst_over_ranks, write_report  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -157,7 +155,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from muon_recipes.parallel.distributed import init_distributed, resolve_device_type
+    from muon_recipes.parallel.distributed import init_distributed, resolve_device_type, shutdown_distributed
 
     args = parse_args(argv)
     device_type = resolve_device_type(args.device)
@@ -170,16 +168,10 @@ def main(argv=None) -> dict:
               "warmup": args.warmup, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
     try:
         report["results"] = [bench_ep(ep, model_cfg, optim_cfg, ctx, args) for ep in args.ep]
-        if ctx.is_main:
-            text = markdown(report)
-            print(text, flush=True)
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({**report, "table": text}, indent=1))
-            print(f"wrote {out}", flush=True)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
+    if ctx.is_main:
+        write_report(report, markdown(report), args.out)
     return report
 
 
