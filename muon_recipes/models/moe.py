@@ -149,7 +149,7 @@ class _ExpertGradientMean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         if ctx.ep.replica_group is not None:
             dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.ep.replica_group)
         return grad.div_(ctx.ep.data_parallel_size), None
