@@ -8,8 +8,9 @@ Three levels, each against an independent reference:
   fault (the replicas' gradient sum left out) must change the gradients;
 * the optimizer: expert weights sharded over ep go through Muon's local rule (no bucket, no communication);
 * the trainer through its real entry point: `mesh=ep` against `mesh=fsdp` on the same ranks (per-step losses, the
-  weights and router biases after 5 steps) with muon_split and adamw on 2 processes, ep=2 and ep=4 on 4; DCP
-  resumes of an ep=2 checkpoint with ep=1 and ep=4 on another world size, and of an fsdp one with ep=2.
+  weights and router biases after 5 steps) with muon_split and adamw (the latter with gradient accumulation and
+  activation checkpointing) on 2 processes, ep=2 and ep=4 on 4; DCP resumes of an ep=2 checkpoint with ep=1 on
+  the same 2 ranks and with ep=1 and ep=4 on 4, and of an fsdp one with ep=2.
 
 Bad mesh values fail with one line and exit 2 before any process group (`test_bad_inputs.py`'s harness).
 """
@@ -185,6 +186,7 @@ COMMON = ["device=cpu", "logging.wandb.mode=disabled", "logging.console=false", 
           "train.seq_len=64", "data.max_chars=200000", "train.log_every=1", "train.eval_every=0",
           "train.warmup_steps=2", "optim.ns_dtype=float32", "model=moe_tiny", "train.steps=5"]
 CHECKPOINTS = ["train.checkpoint.every=2", "train.checkpoint.keep=3"]  # steps 2, 4 and 5
+ACCUMULATE = ["train.batch_size=2", "train.grad_accum=2", "train.activation_checkpointing=true"]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -218,8 +220,10 @@ def runs(tmp_path_factory) -> Path:
     # A fresh world for the resume, so that nothing but the files on disk carries over from the straight run.
     two = [(name, [*args, f"run_dir={root / name}"]) for name, args in {
         "ep2-to-ep1-same-world": ["optim=muon_split", "mesh=ep", "mesh.ep=1", "train.batch_size=4", step2("ep2-muon")],
-        "fsdp2-adamw": ["optim=adamw", "mesh=fsdp", "train.batch_size=4"],
-        "ep2-adamw": ["optim=adamw", "mesh=ep", "mesh.ep=2", "train.batch_size=4"],
+        # The same global batch in 2 micro-batches, recomputed in backward: the expert gradients of both
+        # micro-batches add up, and the recomputed forward repeats its all-to-alls.
+        "fsdp2-adamw": ["optim=adamw", "mesh=fsdp", *ACCUMULATE],
+        "ep2-adamw": ["optim=adamw", "mesh=ep", "mesh.ep=2", *ACCUMULATE],
     }.items()]
     codes.update(spawn_trainer_runs(2, two, root / "spawn-2-resume", COMMON))
     four = [(name, [*args, f"run_dir={root / name}"]) for name, args in {
