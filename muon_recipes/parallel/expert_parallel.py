@@ -65,10 +65,3 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
             data_parallel_size=dist.get_world_size())
     return sharded
 
-
-def expert_parallel_size(param) -> int:
-    """The ep size a parameter is spread over: the size of its mesh's `ep` dim when sharded there, else 1."""
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is None or mesh.mesh_dim_names != MESH_DIMS:
-        return 1
-    return mesh.size(1) if isinstance(param.placements[1], Shard) else 1
