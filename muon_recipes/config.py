@@ -100,12 +100,15 @@ class OptimConfig:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class MeshConfig:
-    """`single`: no sharding; `fsdp`: shard over all ranks; `hsdp`: replicate x shard (sizes multiply to world)."""
+    """`single`: no sharding; `fsdp`: shard over all ranks; `hsdp`: replicate x shard (sizes multiply to world);
+    `ep`: FSDP over all ranks, the routed experts of MoE layers spread whole over groups of `ep` ranks
+    (`muon_recipes/parallel/expert_parallel.py`)."""
 
     name: str = "fsdp"
-    kind: str = "fsdp"  # single | fsdp | hsdp
+    kind: str = "fsdp"  # single | fsdp | hsdp | ep
     replicate: int = 1  # hsdp only; 0 = world // shard
     shard: int = 0  # 0 = all ranks (fsdp) or world // replicate (hsdp)
+    ep: int = 1  # ep only: ranks one MoE layer's routed experts are spread over; must divide world and n_experts
 
 
 # A byte-level BPE's smallest vocabulary: the 256 byte values and the end-of-sequence token.
@@ -332,9 +335,19 @@ def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
 
 def validate_mesh(mesh: MeshConfig, world_size: int, prefix: str = "mesh") -> tuple[int, int]:
     """Check the mesh against the world size; return (replicate, shard)."""
-    _choice(f"{prefix}.kind", mesh.kind, ("single", "fsdp", "hsdp"))
+    _choice(f"{prefix}.kind", mesh.kind, ("single", "fsdp", "hsdp", "ep"))
     _int(f"{prefix}.replicate", mesh.replicate, low=0)
     _int(f"{prefix}.shard", mesh.shard, low=0)
+    _int(f"{prefix}.ep", mesh.ep)
+    if mesh.kind != "ep" and mesh.ep != 1:
+        raise ConfigError(f"{prefix}.ep", mesh.ep, f"expert parallelism needs mesh=ep (this mesh is {mesh.kind}); "
+                          f"leave mesh.ep=1 or use mesh=ep")
+    if mesh.kind == "ep":
+        if world_size % mesh.ep:
+            raise ConfigError(f"{prefix}.ep", mesh.ep, f"must divide the world size {world_size}")
+        if mesh.shard not in (0, world_size):
+            raise ConfigError(f"{prefix}.shard", mesh.shard, f"ep shards dense weights over all ranks: 0 or {world_size}")
+        return 1, world_size
     if mesh.kind == "single":
         if world_size != 1:
             raise ConfigError(f"{prefix}.kind", mesh.kind,
@@ -351,6 +364,18 @@ def validate_mesh(mesh: MeshConfig, world_size: int, prefix: str = "mesh") -> tu
         raise ConfigError(f"{prefix}.replicate", f"{mesh.replicate}x{mesh.shard}",
                           f"replicate x shard must equal the world size {world_size}")
     return replicate, shard
+
+
+def validate_expert_parallel(mesh: MeshConfig, model: ModelConfig, prefix: str = "mesh") -> None:
+    """mesh=ep needs routed experts, and a whole number of them on every rank of an ep group."""
+    if mesh.kind != "ep":
+        return
+    if not model.n_experts:
+        raise ConfigError(f"{prefix}.ep", mesh.ep, f"expert parallelism needs an MoE model, and model={model.name} "
+                          f"has no experts (model.n_experts=0); use mesh=fsdp")
+    if model.n_experts % mesh.ep:
+        raise ConfigError(f"{prefix}.ep", mesh.ep, f"must divide model.n_experts={model.n_experts} (every rank of "
+                          f"an ep group holds n_experts/ep whole experts)")
 
 
 def validate_train(t: TrainConfig, model: ModelConfig, prefix: str = "train") -> None:
@@ -456,7 +481,9 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     derive_batch(cfg.train, world_size)
     validate_logging(cfg.logging)
     validate_launcher(cfg.launcher)
-    return validate_mesh(cfg.mesh, world_size)
+    sizes = validate_mesh(cfg.mesh, world_size)
+    validate_expert_parallel(cfg.mesh, cfg.model)
+    return sizes
 
 
 def to_dataclass(cfg: Any) -> RunConfig:

@@ -276,6 +276,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict, table: str, out: str) -> None:
+    """Print the markdown table and write it with every number to `out` (JSON). Rank 0 only."""
+    print(table, flush=True)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**report, "table": table}, indent=1))
+    print(f"wrote {path}", flush=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     ctx, mesh_kind = setup(args)
@@ -294,12 +303,7 @@ def main(argv=None) -> dict:
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
         if ctx.is_main:
-            text = markdown(report)
-            print(text, flush=True)
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({**report, "table": text}, indent=1))
-            print(f"wrote {out}", flush=True)
+            write_report(report, markdown(report), args.out)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

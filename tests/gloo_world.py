@@ -32,3 +32,46 @@ def joined_world(rank: int, world: int, init_file: str):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _run_trainer_jobs(rank: int, world: int, jobs: list, init_files: list, out: str, common: list) -> None:
+    """Worker: each job (name, overrides) through `muon_recipes.train.run` in its own process group; the exit codes
+    (with stderr) of jobs that stopped are written to `codes-<rank>.json`."""
+    import contextlib
+    import io
+    import json
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from muon_recipes.config import register_configs
+    from muon_recipes.train.entry import run
+
+    torch.set_num_threads(1)
+    register_configs()
+    codes = {}
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+        for (name, overrides), init_file in zip(jobs, init_files):
+            cfg = compose("config", overrides=common + overrides)
+            stderr = io.StringIO()
+            try:
+                with joined_world(rank, world, init_file), contextlib.redirect_stderr(stderr):
+                    run(cfg)
+                codes[name] = [0, ""]
+            except SystemExit as e:
+                codes[name] = [e.code, stderr.getvalue()]
+    Path(out, f"codes-{rank}.json").write_text(json.dumps(codes))
+
+
+def spawn_trainer_runs(world: int, jobs: list, out: Path, common: list) -> dict:
+    """Run the trainer jobs (name, overrides; `common` overrides first) one after the other in one spawned gloo
+    world of `world` processes; returns rank 0's {name: [exit code, stderr]}."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    init_files = rendezvous_files(out / "rendezvous", len(jobs))
+    mp.spawn(_run_trainer_jobs, args=(world, jobs, init_files, str(out), common), nprocs=world, join=True)
+    return json.loads((out / "codes-0.json").read_text())

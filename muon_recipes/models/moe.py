@@ -22,13 +22,34 @@ weights are 3-D parameters `[n_experts, out, in]` so that the optimizer sees `n_
 
 Shared experts (DeepSeekMoE, arXiv:2401.06066) process every token; `n_shared_experts` of them of width
 `expert_ffn_dim` are one SwiGLU MLP of width `n_shared_experts * expert_ffn_dim`, which is the same function.
+
+Expert parallelism (GShard, Lepikhin et al. 2020, arXiv:2006.16668, section 2.2; the dropless form of MegaBlocks,
+Gale et al. 2022, arXiv:2211.15841): with `GroupedExperts.expert_parallel` set (by
+`muon_recipes.parallel.expert_parallel.shard_experts`), rank `r` of an ep group of `P` ranks holds experts
+`[r*E/P, (r+1)*E/P)` whole, as the local shard of a DTensor sharded on the expert dim. A forward then
+
+1. exchanges the per-expert counts (an all-to-all of `E` integers), so every rank knows how many rows it sends
+   to and receives from every peer (variable splits; one host sync per layer for the split sizes);
+2. dispatches the expert-sorted rows with `all_to_all_single` (they arrive ordered by source, then expert),
+   reorders them by expert and runs the local experts through the same grouped path as without parallelism;
+3. undoes the reordering and combines: a second all-to-all sends every result back to its token's rank, where the
+   gate-weighted sum over the `top_k` slots is computed as without parallelism.
+
+Routing, the gates, the balance loss and the load counts stay on the token's rank, so they are computed exactly
+as without parallelism. Gradients: the backward of each all-to-all is the all-to-all with the splits swapped, so a
+local expert's gradient sums the contributions of the ep group's tokens; `_ExpertGradientMean` then sums it over
+the expert's replicas (the other ep groups) and divides by the data-parallel size -- the mean over the whole
+batch, exactly FSDP2's reduction (sum over ranks, then divide by their number) of the same gradient.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -86,11 +107,77 @@ class Router(nn.Module):
         self.expert_bias.zero_()
 
 
+@dataclass
+class ExpertParallel:
+    """Where this rank's routed experts live and how their gradients are reduced (see the module docstring)."""
+
+    group: dist.ProcessGroup  # the ep group: the ranks one layer's experts are spread over
+    size: int  # ranks in the ep group (P)
+    rank: int  # this rank's index in it: it holds experts [rank*E/P, (rank+1)*E/P)
+    replica_group: Optional[dist.ProcessGroup]  # the ranks holding the same experts; None when there is one copy
+    data_parallel_size: int  # ranks whose batches make up one step's batch (the world size)
+    # With `profile` set, the seconds this layer spends in its all-to-alls (counts, dispatch, combine; forward and
+    # backward) add up in `all_to_all_s`; the device is synchronized around each, so use it to measure, not to train.
+    profile: bool = False
+    all_to_all_s: float = 0.0
+
+
+def _all_to_all(out: torch.Tensor, rows: torch.Tensor, recv_splits: Optional[list[int]],
+                send_splits: Optional[list[int]], ep: ExpertParallel) -> None:
+    """`all_to_all_single` over the ep group, timed when `ep.profile` is set."""
+    if not ep.profile:
+        dist.all_to_all_single(out, rows, recv_splits, send_splits, group=ep.group)
+        return
+    if rows.is_cuda:
+        torch.cuda.synchronize(rows.device)
+    start = time.perf_counter()
+    dist.all_to_all_single(out, rows, recv_splits, send_splits, group=ep.group)
+    if rows.is_cuda:
+        torch.cuda.synchronize(rows.device)
+    ep.all_to_all_s += time.perf_counter() - start
+
+
+class _ExpertGradientMean(torch.autograd.Function):
+    """Identity forward on a local expert weight; backward: its gradient summed over the replicas of these experts
+    and divided by the data-parallel size (FSDP2 on fp32 gradients: a sum over ranks, then one division by their
+    number, its `ReduceOp.AVG`). Runs once per backward of a forward (per micro-batch)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+        ctx.ep = ep
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        if ctx.ep.replica_group is not None:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.ep.replica_group)
+        return grad.div_(ctx.ep.data_parallel_size), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """`all_to_all_single` of rows with variable splits; its backward sends the gradients back (splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, recv_splits: list[int], send_splits: list[int],
+                ep: ExpertParallel) -> torch.Tensor:
+        ctx.recv_splits, ctx.send_splits, ctx.ep = recv_splits, send_splits, ep
+        out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
+        _all_to_all(out, rows.contiguous(), recv_splits, send_splits, ep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad, ctx.send_splits, ctx.recv_splits, ctx.ep), None, None, None
+
+
 class GroupedExperts(nn.Module):
     """`n_experts` SwiGLU MLPs stored as 3-D weights: gate/up `[E, 2*hidden, dim]` (or `[E, hidden, dim]` each),
     down `[E, dim, hidden]`.
 
-    `forward` takes tokens already sorted by expert (`counts[e]` consecutive rows for expert `e`).
+    `forward` takes tokens already sorted by expert (`counts[e]` consecutive rows for expert `e`); under expert
+    parallelism the weights are DTensors sharded on the expert dim and `forward` runs this rank's experts only
+    (`counts` has one entry per local expert).
     `backend`: `auto` (grouped GEMM when `grouped_mm_supported`, else the loop), `grouped_mm` (force it; also
     works on CPU where torch implements it) or `loop` (one GEMM per expert; exact, but the per-expert split needs
     the counts on the host, i.e. one device sync per layer).
@@ -101,6 +188,7 @@ class GroupedExperts(nn.Module):
         self.n_experts, self.dim, self.hidden, self.fused = n_experts, dim, hidden, fused
         self.init_std, self.down_std = init_std, down_std
         self.backend = "auto"
+        self.expert_parallel: Optional[ExpertParallel] = None
         if fused:
             self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         else:
@@ -131,20 +219,30 @@ class GroupedExperts(nn.Module):
             return self._forward_grouped_mm(x, expert_ids, counts)
         return self._forward_loop(x, counts)
 
+    def _weight(self, name: str) -> torch.Tensor:
+        """The weight the forward multiplies by: the parameter, or under expert parallelism its local experts."""
+        weight = getattr(self, name)
+        if self.expert_parallel is None:
+            return weight
+        return _ExpertGradientMean.apply(weight.to_local(), self.expert_parallel)
+
     def _swiglu(self, x: torch.Tensor, project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The expert MLP `down(silu(gate x) * up x)` with `project(x, W3d)` applying each row's expert."""
         if self.fused:
-            gate, up = project(x, self.gate_up_proj).chunk(2, dim=-1)
+            gate, up = project(x, self._weight("gate_up_proj")).chunk(2, dim=-1)
         else:
-            gate, up = project(x, self.gate_proj), project(x, self.up_proj)
-        return project(F.silu(gate) * up, self.down_proj)
+            gate, up = project(x, self._weight("gate_proj")), project(x, self._weight("up_proj"))
+        return project(F.silu(gate) * up, self._weight("down_proj"))
 
     def _forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for e, rows in enumerate(x.split(counts.tolist())):
-            if rows.shape[0]:
-                outputs.append(self._swiglu(rows, lambda a, w: F.linear(a, w[e].to(a.dtype))))
-        return torch.cat(outputs) if outputs else x.new_zeros(0, self.dim)
+        # Experts without rows run too (empty GEMMs): every weight and the input stay in the autograd graph, so
+        # the backward is the same sequence of operations on every rank -- under expert parallelism, a rank
+        # whose experts got no token still joins the collectives of the backward (with zero gradients).
+        def project(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch.cat([F.linear(rows, w[e].to(a.dtype)) for e, rows in enumerate(a.split(sizes))])
+
+        sizes = counts.tolist()
+        return self._swiglu(x, project)
 
     def _forward_grouped_mm(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # Scatter the sorted rows into a buffer whose expert groups start at multiples of GROUP_ALIGN. Its size is
@@ -152,7 +250,7 @@ class GroupedExperts(nn.Module):
         # The slack after the last group is given to the last expert (offs[-1] = capacity): zero rows, computed
         # and discarded, instead of uninitialized rows whose NaNs could leak into the backward.
         rows = x.shape[0]
-        capacity = _round_up(rows + self.n_experts * (GROUP_ALIGN - 1), GROUP_ALIGN)
+        capacity = _round_up(rows + counts.numel() * (GROUP_ALIGN - 1), GROUP_ALIGN)  # local experts under EP
         padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
         padded_end = padded.cumsum(0)
         start, padded_start = counts.cumsum(0) - counts, padded_end - padded
@@ -207,7 +305,10 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))  # bincount without a host sync
         order = torch.argsort(flat_experts, stable=True)
-        y_sorted = self.experts(x[order // k], flat_experts[order], counts)
+        if self.experts.expert_parallel is None:
+            y_sorted = self.experts(x[order // k], flat_experts[order], counts)
+        else:
+            y_sorted = self._expert_parallel_forward(x[order // k], counts, self.experts.expert_parallel)
 
         # Back to (token, slot) order, weight each slot by its gate, sum the k slots.
         y = torch.index_copy(torch.zeros_like(y_sorted), 0, order, y_sorted).view(n_tokens, k, -1)
@@ -221,6 +322,26 @@ class MoE(nn.Module):
             mean_affinity = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)  # P_i, sums to 1
             aux_loss = self.aux_loss_coef * self.n_experts * (load_share * mean_affinity).sum()
         return out.view(shape), aux_loss, counts
+
+    def _expert_parallel_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                                 ep: ExpertParallel) -> torch.Tensor:
+        """The routed experts' outputs for rows `x_sorted` (sorted by expert, `counts[e]` for expert `e`), computed
+        by the ranks that hold the experts: counts exchange, dispatch, local experts, combine (module docstring)."""
+        local_experts = self.n_experts // ep.size
+        # Counts first: peer r receives counts[r*E/P:(r+1)*E/P], the rows this rank will send to each of its experts.
+        received_counts = torch.empty_like(counts)
+        _all_to_all(received_counts, counts, None, None, ep)
+        received_counts = received_counts.view(ep.size, local_experts)  # [source rank, local expert]
+        send_splits, recv_splits = torch.stack([counts.view(ep.size, local_experts).sum(1),
+                                                received_counts.sum(1)]).tolist()  # the one host sync
+        received = _AllToAll.apply(x_sorted, recv_splits, send_splits, ep)
+        # Received rows are ordered (source, expert); the grouped experts want them ordered by expert.
+        row_expert = torch.repeat_interleave(torch.arange(local_experts, device=counts.device).repeat(ep.size),
+                                             received_counts.reshape(-1), output_size=sum(recv_splits))
+        by_expert = torch.argsort(row_expert, stable=True)
+        y = self.experts(received[by_expert], row_expert[by_expert], received_counts.sum(0))
+        y = torch.index_copy(torch.zeros_like(y), 0, by_expert, y)  # back to (source, expert) order
+        return _AllToAll.apply(y, send_splits, recv_splits, ep)
 
     @torch.no_grad()
     def record_load(self, counts: torch.Tensor) -> None:

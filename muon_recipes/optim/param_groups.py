@@ -95,13 +95,32 @@ def build_optimizer(model: nn.Module, optim_cfg: Any) -> Muon:
                 eps=optim_cfg.adamw.eps)
 
 
+def _expert_parallel_size(group: dict) -> int:
+    """The ep size of a group's expert weights: the size of the mesh dim named "ep" they are sharded over
+    (`muon_recipes.parallel.expert_parallel`), 1 when they are not spread that way."""
+    for p in group["params"]:
+        mesh = getattr(p, "device_mesh", None)
+        names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+        if "ep" in names and mesh.size(names.index("ep")) > 1:
+            return mesh.size(names.index("ep"))
+    return 1
+
+
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> str:
-    """One log line: every group's name and parameter count in millions (global counts under FSDP2)."""
+    """One log line: every group's name and parameter count in millions (global counts under FSDP2); groups with
+    expert-parallel weights say their ep and whether Newton-Schulz runs where they are (per expert: no
+    communication) or on experts assembled across the ep group (experts=fused)."""
     parts = []
     for i, group in enumerate(optimizer.param_groups):
         count = sum(p.numel() for p in group["params"])
         name, algorithm = group.get("name") or f"group{i}", group.get("algorithm", "?")
         label = name if name.startswith(algorithm) else f"{name} ({algorithm})"
+        ep = _expert_parallel_size(group)
+        if ep > 1 and algorithm == "muon":
+            local = group.get("experts") == "per_expert"
+            label += f" (experts ep={ep}, Newton-Schulz {'local' if local else 'on experts assembled over ep'})"
+        elif ep > 1:
+            label += f" (experts ep={ep})"
         parts.append(f"{label} {count / 1e6:.2f}M")
     total = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     return f"param groups: {' | '.join(parts)} | total {total / 1e6:.2f}M"

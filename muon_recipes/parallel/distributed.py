@@ -27,6 +27,8 @@ class DistributedContext:
     mesh: Optional[DeviceMesh]  # None for mesh=single
     replicate: int
     shard: int
+    expert_mesh: Optional[DeviceMesh] = None  # mesh=ep with ep > 1: (world/ep, ep), see expert_parallel.py
+    ep: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -34,7 +36,8 @@ class DistributedContext:
 
     @property
     def dp_rank(self) -> int:
-        """Every rank is a data-parallel rank under FSDP and HSDP (no tensor/pipeline parallelism here)."""
+        """Every rank is a data-parallel rank under FSDP, HSDP and EP (each reads its own share of the batch; no
+        tensor/pipeline parallelism here)."""
         return self.rank
 
     @property
@@ -63,8 +66,10 @@ def _free_port() -> int:
 
 
 def init_distributed(device_type: str, mesh_kind: str, replicate: int, shard: int,
-                     timeout_s: float = 1800.0) -> DistributedContext:
-    """Start the process group (env:// under torchrun, a local store otherwise) and build the mesh."""
+                     timeout_s: float = 1800.0, ep: int = 1) -> DistributedContext:
+    """Start the process group (env:// under torchrun, a local store otherwise) and build the mesh(es).
+
+    mesh_kind "ep": the dense mesh of mesh=fsdp, and for ep > 1 the experts' `(world/ep, ep)` mesh."""
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -85,11 +90,17 @@ def init_distributed(device_type: str, mesh_kind: str, replicate: int, shard: in
         dist.init_process_group(**kwargs)
     if mesh_kind == "single":
         mesh = None
-    elif mesh_kind == "fsdp":
+    elif mesh_kind in ("fsdp", "ep"):
         mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
     else:
         mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
-    return DistributedContext(rank, world_size, local_rank, device, mesh, replicate, shard)
+    experts = None
+    if mesh_kind == "ep" and ep > 1:
+        from muon_recipes.parallel.expert_parallel import expert_mesh
+
+        experts = expert_mesh(device_type, world_size, ep)
+    return DistributedContext(rank, world_size, local_rank, device, mesh, replicate, shard, experts,
+                              ep if mesh_kind == "ep" else 1)
 
 
 def shutdown_distributed() -> None:

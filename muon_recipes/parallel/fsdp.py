@@ -5,6 +5,9 @@ Order follows the FSDP2 recipe (torchtitan): per-block activation checkpointing 
 neighbouring blocks' compute) and finally on the root (embeddings, final norm, head). Blocks are compiled in
 place (`Module.compile`) and checkpointed through a flag, so parameter names never change: the optimizer's
 parameter layouts and checkpoints stay keyed by the same names with or without these switches.
+
+Under expert parallelism (`expert_mesh`), the routed experts are placed on their own mesh first
+(`expert_parallel.shard_experts`) and every `fully_shard` is told to leave them alone (`ignored_params`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ except ImportError:  # pragma: no cover - older releases
 
 
 def parallelize(model: nn.Module, mesh: Optional[DeviceMesh], *, bf16: bool, compile: bool,
-                activation_checkpointing: bool) -> nn.Module:
-    """Shard `model` in place over `mesh` (a 1-D FSDP or 2-D replicate x shard HSDP mesh); no-op mesh=None."""
+                activation_checkpointing: bool, expert_mesh: Optional[DeviceMesh] = None) -> nn.Module:
+    """Shard `model` in place over `mesh` (a 1-D FSDP or 2-D replicate x shard HSDP mesh); no-op mesh=None.
+
+    `expert_mesh` (an `expert_parallel.expert_mesh` with ep > 1): routed experts spread over it instead."""
     for block in model.layers:
         block.activation_checkpointing = activation_checkpointing
         if compile:
@@ -32,9 +37,19 @@ def parallelize(model: nn.Module, mesh: Optional[DeviceMesh], *, bf16: bool, com
         return model
     # bf16 compute and all-gathers, fp32 gradient reduction and fp32 sharded master weights.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    experts = None
+    if expert_mesh is not None:
+        from muon_recipes.parallel.expert_parallel import shard_experts
+
+        experts = shard_experts(model, expert_mesh)
     n = len(model.layers)
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again first in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1, **_ignoring(experts))
+    fully_shard(model, mesh=mesh, mp_policy=mp, **_ignoring(experts))
     return model
+
+
+def _ignoring(params: Optional[set]) -> dict:
+    """`fully_shard`'s `ignored_params` argument when there are parameters it must not manage (torch >= 2.7)."""
+    return {"ignored_params": params} if params else {}

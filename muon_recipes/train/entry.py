@@ -172,7 +172,7 @@ def run(cfg: Any) -> list[dict]:
     except (ConfigError, CheckpointError) as e:
         _fail(str(e))
     config_dict = _resolved_config(cfg)
-    ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard)
+    ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard, ep=rc.mesh.ep)
     try:
         return _train(rc, ctx, broadcast_object(run_dir), tokenizer, config_dict, launch_time)
     except (ConfigError, CheckpointError) as e:  # raised alike on every rank (same files, same model)
@@ -198,7 +198,7 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict, launc
         model = build_model(rc.model)  # initializes its weights (Transformer.init_weights) from the seeded RNG
     bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
     parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
-                activation_checkpointing=rc.train.activation_checkpointing)
+                activation_checkpointing=rc.train.activation_checkpointing, expert_mesh=ctx.expert_mesh)
     optimizer = build_optimizer(model, rc.optim)
     train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
     loader = DistributedLoader(train_ds, batch_size=rc.train.batch_size, rank=ctx.dp_rank,
@@ -225,7 +225,8 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict, launc
         trainer.wandb_run_id = _wandb_run_id(loggers)
         trainer.loggers = loggers
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"run dir {run_dir} | world {ctx.world_size} ({rc.mesh.kind} {ctx.replicate}x{ctx.shard}) on "
+        mesh = f"{rc.mesh.kind} {ctx.replicate}x{ctx.shard}" + (f", experts ep={ctx.ep}" if rc.mesh.kind == "ep" else "")
+        print(f"run dir {run_dir} | world {ctx.world_size} ({mesh}) on "
               f"{ctx.device.type} | model {rc.model.name} {n_params / 1e6:.2f}M params | "
               f"{trainer.tokens_per_step} tokens/step | peak {trainer.peak_source}", flush=True)
         print(trainer.describe_budget(), flush=True)

@@ -48,9 +48,24 @@ def _grad_norm_and_clip(params: list, max_norm: float) -> torch.Tensor:
     """Global L2 grad norm over all (DTensor or plain) grads; clips in place when max_norm > 0.
 
     `clip_grad_norm_` reduces DTensor norms over their mesh (sharded and replicated dims alike), so the norm is
-    the one of the full unsharded gradient on every rank.
+    the one of the full unsharded gradient on every rank. DTensor ops cannot mix meshes: under expert parallelism
+    (experts on their own mesh next to the FSDP one) each mesh's norm is reduced on its own, then combined.
     """
     grads = [p for p in params if p.grad is not None]
+    meshes = []  # in parameter order, the same on every rank (a set's order follows per-process string hashes)
+    for p in grads:
+        if getattr(p.grad, "device_mesh", None) not in meshes:
+            meshes.append(getattr(p.grad, "device_mesh", None))
+    if len(meshes) > 1:
+        from muon_recipes.optim.muon import local
+
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in grads if getattr(p.grad, "device_mesh", None) == m],
+                                               foreach=True) for m in meshes]
+        norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n
+                                                     for n in norms]))
+        if max_norm > 0:  # torch.nn.utils.clip_grads_with_norm_, on the local shards
+            torch._foreach_mul_([local(p.grad) for p in grads], (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from gloo_world import joined_world, rendezvous_files  # noqa: E402
+from gloo_world import spawn_trainer_runs  # noqa: E402
 COMMON = ["device=cpu", "logging.wandb.mode=disabled", "logging.console=false", "logging.progress=false",
           "train.seq_len=64", "data.max_chars=200000", "train.log_every=1", "train.eval_every=0",
           "train.warmup_steps=5", "optim.ns_dtype=float32"]
@@ -41,41 +41,8 @@ CASES = {
 # ----------------------------------------------------------------------------------------------------------------
 # In-process runs in a spawned gloo world
 # ----------------------------------------------------------------------------------------------------------------
-def _worker(rank: int, world: int, jobs: list, init_files: list, out: str) -> None:
-    """Run each job (a list of overrides) through `muon_recipes.train.run`; record exit codes of failed ones."""
-    import contextlib
-    import io
-
-    import torch
-    from hydra import compose, initialize_config_dir
-
-    from muon_recipes.config import register_configs
-    from muon_recipes.train.entry import run
-
-    torch.set_num_threads(1)
-    register_configs()
-    codes = {}
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        for (name, overrides), init_file in zip(jobs, init_files):
-            cfg = compose("config", overrides=COMMON + overrides)
-            stderr = io.StringIO()
-            try:
-                with joined_world(rank, world, init_file), contextlib.redirect_stderr(stderr):
-                    run(cfg)
-                codes[name] = [0, ""]
-            except SystemExit as e:
-                codes[name] = [e.code, stderr.getvalue()]
-    Path(out, f"codes-{rank}.json").write_text(json.dumps(codes))
-
-
 def spawn_runs(world: int, jobs: list[tuple[str, list]], out: Path) -> dict:
-    import torch.multiprocessing as mp
-
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    init_files = rendezvous_files(out / "rendezvous", len(jobs))
-    mp.spawn(_worker, args=(world, jobs, init_files, str(out)), nprocs=world, join=True)
-    return json.loads((out / "codes-0.json").read_text())
+    return spawn_trainer_runs(world, jobs, out, COMMON)
 
 
 def error_lines(stderr: str) -> list[str]:
