@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from muon_recipes.config import ModelConfig
-from muon_recipes.models import build_model
-from muon_recipes.models.flops import flops_per_token
-from muon_recipes.train.metrics import device_peak_flops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, like the other recipes
+
+from muon_recipes.config import ModelConfig  # noqa: E402
+from muon_recipes.models import build_model  # noqa: E402
+from muon_recipes.models.flops import flops_per_token  # noqa: E402
+from muon_recipes.train.metrics import device_peak_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
