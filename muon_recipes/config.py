@@ -499,3 +499,14 @@ def to_dataclass(cfg: Any) -> RunConfig:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         raise ConfigError(key, getattr(e, "value", None), msg) from None
+
+
+def load_option(path: Any, group: str) -> Any:
+    """One option file of a config group (`conf/<group>/<name>.yaml`) as its typed dataclass, without composing the
+    whole run config (benchmarks and tests that need one model's or one optimizer's settings). Hydra's `defaults`
+    list in the file (a model's recipe) selects other configs; it is not one of the group's values."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    return getattr(to_dataclass({group: raw}), group)

@@ -76,11 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_config(group: str, name: str):
-    from omegaconf import OmegaConf
+    from muon_recipes.config import load_option
 
-    from muon_recipes.config import to_dataclass
-
-    return getattr(to_dataclass({group: OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml")}), group)
+    return load_option(ROOT / "conf" / group / f"{name}.yaml", group)
 
 
 # --------------------------------------------------------------------------------------------------------------

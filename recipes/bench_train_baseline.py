@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, like the other recipes
 
-from muon_recipes.config import ModelConfig  # noqa: E402
+from muon_recipes.config import ModelConfig, load_option  # noqa: E402
 from muon_recipes.models import build_model  # noqa: E402
 from muon_recipes.models.flops import flops_per_token  # noqa: E402
 from muon_recipes.train.metrics import device_peak_flops  # noqa: E402
@@ -31,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_model_config(name: str) -> ModelConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
-    return OmegaConf.to_object(merged)
+    return load_option(ROOT / "conf" / "model" / f"{name}.yaml", "model")
 
 
 def main() -> None:

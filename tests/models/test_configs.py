@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from muon_recipes.config import ModelConfig
+from muon_recipes.config import ModelConfig, load_option
 from muon_recipes.models import build_model, param_counts
 from muon_recipes.optim.blocks import collect_layouts
 
@@ -16,7 +15,7 @@ EXPECTED = {"dense_tiny", "gqa_tiny", "moe_tiny", "dense_small", "gqa_small", "m
 
 
 def load(path: Path) -> ModelConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+    return load_option(path, "model")
 
 
 def test_the_zoo_is_complete():
