@@ -15,7 +15,7 @@ optimizer, so LR schedulers, `state_dict()` and DCP checkpoints see one object. 
 
 A step has three phases, each over all groups at once so blocks of equal shape share one batched call:
 (1) momentum on the local gradients, (2) orthogonalize -- parameters sharded by FSDP2 are assembled across
-their shard group first (`distributed.py`), every other one is done in place -- and (3) scale and apply.
+their shard group first (`sharded.py`), every other one is done in place -- and (3) scale and apply.
 The AdamW groups run during (2), while the sharded path's messages are in flight. `last_step_timings`
 reports the seconds spent in Newton-Schulz, in communication and in the rest.
 """
@@ -215,7 +215,7 @@ class Muon(torch.optim.Optimizer):
             plan = BlockPlan.build(p.shape, group["split_sizes"], group["experts"])
             scale = plan.row_scale(group["adjust_lr"])
             if is_dtensor(p):
-                from muon_recipes.optim.distributed import local_slice
+                from muon_recipes.optim.sharded import local_slice
                 scale = local_slice(scale, p)
             cached = (key, plan, scale.to(local(p).device), _row_segments(scale))
             self._plans[p] = cached
@@ -223,11 +223,11 @@ class Muon(torch.optim.Optimizer):
 
     # (2) orthogonalize ----------------------------------------------------------------------------------------
     def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer, overlap) -> list[Tensor]:
-        """Orthogonalized local update of every item; sharded parameters go through `distributed.py`.
+        """Orthogonalized local update of every item; sharded parameters go through `sharded.py`.
 
         `overlap` (the AdamW groups) runs while the sharded path's first messages are in flight."""
         if any(is_dtensor(item.param) for item in items):
-            from muon_recipes.optim.distributed import orthogonalize_sharded
+            from muon_recipes.optim.sharded import orthogonalize_sharded
             return orthogonalize_sharded(items, timer, self._dist_cache, bucket_mb=self.bucket_mb,
                                          replica_spread=self.replica_spread, overlap=overlap)
         overlap()

@@ -7,7 +7,7 @@ block's shape, never the fused tensor's. `BlockPlan` says how a full update spli
 ratio each row gets; `orthogonalize` takes the full updates of many parameters, stacks every block of the
 same shape (across parameters too) into one batch and runs one `newton_schulz` call per shape.
 
-Both the single-process path and the sharded path (`distributed.py`, which first assembles full matrices)
+Both the single-process path and the sharded path (`sharded.py`, which first assembles full matrices)
 go through `orthogonalize`, so they compute the same numbers.
 """
 

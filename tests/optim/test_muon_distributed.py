@@ -126,7 +126,7 @@ def _fsdp_worker(rank, world, init_file):
                                                          set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
 
-    from muon_recipes.optim import distributed as muon_distributed
+    from muon_recipes.optim import sharded
 
     _init(rank, world, init_file)
     mesh = init_device_mesh("cpu", (world,))
@@ -164,8 +164,8 @@ def _fsdp_worker(rank, world, init_file):
         _assert_same(_full(fresh), _full(model), 0, 0, "dcp round trip")
 
         # Planted fault: shards assembled in reverse order must change the assembled matrices' updates.
-        real = muon_distributed.assemble_shards
-        muon_distributed.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
+        real = sharded.assemble_shards
+        sharded.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
         try:
             cfg = _cfg(split=False)
             model, _ = _sharded(cfg, mesh, STEPS, backward=False)
@@ -173,7 +173,7 @@ def _fsdp_worker(rank, world, init_file):
                             ["blocks.0.wo", "blocks.1.down", "blocks.0.tiny", "blocks.0.qkv",
                              "blocks.1.experts_gate_up"], f"fsdp world={world}")
         finally:
-            muon_distributed.assemble_shards = real
+            sharded.assemble_shards = real
     finally:
         dist.destroy_process_group()
 
@@ -181,7 +181,7 @@ def _fsdp_worker(rank, world, init_file):
 def _hsdp_worker(rank, world, init_file):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from muon_recipes.optim import distributed as muon_distributed
+    from muon_recipes.optim import sharded
 
     _init(rank, world, init_file)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
@@ -199,13 +199,13 @@ def _hsdp_worker(rank, world, init_file):
                 assert torch.equal(copies[0], copies[1]), f"hsdp spread={spread}: replicas differ on {name}"
             _assert_same(_full(model), want, 1e-5, 1e-6, f"hsdp spread={spread}")
 
-        real = muon_distributed.assemble_shards
-        muon_distributed.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
+        real = sharded.assemble_shards
+        sharded.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
         try:
             model, _ = _sharded(cfg, mesh, STEPS, backward=False, replica_spread=True)
             _assert_differs(_full(model), want, ["blocks.0.wo", "blocks.1.down"], "hsdp")
         finally:
-            muon_distributed.assemble_shards = real
+            sharded.assemble_shards = real
     finally:
         dist.destroy_process_group()
 
