@@ -175,7 +175,7 @@ class LoggingConfig:
 
 @dataclass
 class LauncherConfig:
-    """How a job of a Hydra multirun (`python train.py -m ...`) runs; see muon_recipes/launch.py."""
+    """How a job of a Hydra multirun (`python train.py -m ...`) runs; see muon_recipes/sweep.py."""
 
     # auto: one process per visible GPU (in-process on CPU); N: a torchrun world of N processes per job.
     nproc_per_node: Any = "auto"
