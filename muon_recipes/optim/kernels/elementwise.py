@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.kernels.launch import FastLaunch
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
 from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, interpreting
 

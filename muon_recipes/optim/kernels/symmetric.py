@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.kernels.launch import FastLaunch
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
 from muon_recipes.optim.kernels.tuning import (KERNEL_DTYPES, autotune_options, input_precision, interpreting,
