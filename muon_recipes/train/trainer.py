@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from muon_recipes.config import RunConfig
-from muon_recipes.optim.schedules import lr_multiplier
+from muon_recipes.train.schedules import lr_multiplier
 from muon_recipes.parallel.distributed import DistributedContext, all_reduce_mean, all_reduce_sum
 from muon_recipes.train.loggers import Loggers
 from muon_recipes.train.metrics import Stopwatch, device_peak_flops, peak_memory_gib
