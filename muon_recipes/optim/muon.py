@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from muon_recipes.optim.newton_schulz import BACKENDS, METHODS, SCHEDULES, resolve_dtype, triton_kernels
-from muon_recipes.optim.orthogonalize import ADJUST_LR, EXPERT_MODES, BlockPlan, NSSettings, orthogonalize
+from muon_recipes.optim.blocks import ADJUST_LR, EXPERT_MODES, BlockPlan
+from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
 
 ALGORITHMS = ("muon", "adamw")
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)

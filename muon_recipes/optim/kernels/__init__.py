@@ -6,7 +6,7 @@ their Gram form. `prefer_triton(X)` says whether the kernels measured faster tha
 this machine; `triton_available()` whether they can run here at all. The kernels themselves
 (`symmetric_gram`, `symmetric_polynomial`, `commuting_product`, `fused_update`, and the normalization
 `divide_matrices`) are exported for tests and benchmarks; `copy_transposed` moves tall blocks
-into and out of their buckets (`muon_recipes.optim.orthogonalize.copy_block`); `momentum_update` and
+into and out of their buckets (`muon_recipes.optim.blocks.copy_block`); `momentum_update` and
 `scaled_add_` are Muon's momentum and its final weight update, one pass each (`muon_recipes.optim.muon`).
 
 Nothing here imports Triton until it is known to import, so the package loads on machines without it
