@@ -27,12 +27,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from muon_recipes.choices import ADJUST_LR, EXPERT_MODES, FUSE_KINDS, ROLES
 from muon_recipes.optim.newton_schulz import gram_restarts, triton_kernels, uses_gram_form
-
-ROLES = ("embedding", "output", "norm", "bias", "router", "matrix")
-FUSE_KINDS = ("qkv", "gate_up")
-ADJUST_LR = ("spectral_norm", "rms_norm", "none")
-EXPERT_MODES = ("per_expert", "fused")
 
 
 @dataclass(frozen=True)

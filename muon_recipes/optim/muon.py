@@ -30,11 +30,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from muon_recipes.optim.newton_schulz import BACKENDS, METHODS, SCHEDULES, resolve_dtype, triton_kernels
-from muon_recipes.optim.blocks import ADJUST_LR, EXPERT_MODES, BlockPlan
+from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, SCHEDULES
+from muon_recipes.optim.blocks import BlockPlan
+from muon_recipes.optim.newton_schulz import resolve_dtype, triton_kernels
 from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
 
-ALGORITHMS = ("muon", "adamw")
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)
 # The one-pass weight update (kernels/elementwise.py) is used for 2-D weights of at least this many elements.
 # Measured on one H200 (recipes/bench_optimizer.py, 2026-12-01): on dense_1b (2-D matrices of 1-11.5M elements)
@@ -347,9 +347,12 @@ def _validate_group(group: dict, index: int) -> None:
     if not group["weight_decay"] >= 0:
         raise bad("weight_decay", "must be >= 0")
     try:
-        group["ns_dtype"] = _dtype_name(group["ns_dtype"])
+        name = _dtype_name(group["ns_dtype"])
     except ValueError:
-        raise bad("ns_dtype", "must be bfloat16, float32 (a torch.dtype or its name)") from None
+        name = None
+    if name not in NS_DTYPES:
+        raise bad("ns_dtype", "must be one of " + ", ".join(NS_DTYPES) + " (a torch.dtype or its name)")
+    group["ns_dtype"] = name
     if group["algorithm"] == "adamw":
         betas = tuple(group["betas"])
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):

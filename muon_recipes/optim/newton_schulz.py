@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import torch
 
-SCHEDULES = ("keller", "polar_express")
-BACKENDS = ("auto", "torch", "triton")
-METHODS = ("standard", "gram")
+from muon_recipes.choices import BACKENDS, METHODS, SCHEDULES
+
 # On a GPU the Gram form's extra launches (five products per step, small ones) cost more than its saved FLOPs
 # below this small side: one H200, 5 Keller steps, recipes/bench_newton_schulz.py (2026-12-01): 32 x 512 x
 # 2048 took 0.78 ms in the Gram form against 0.95 ms, 64 x 768 x 2048 3.16 against 3.46 ms, but

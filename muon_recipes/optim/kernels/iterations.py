@@ -32,11 +32,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from muon_recipes.choices import ITERATION_KERNELS
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, input_precision, interpreting
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
 
-KERNEL_CHOICES = ("auto", "triton")
+KERNEL_CHOICES = ITERATION_KERNELS
 
 
 @dataclass(frozen=True)
