@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from muon_recipes.choices import ADJUST_LR, EXPERT_MODES, FUSE_KINDS, ROLES
-from muon_recipes.optim.newton_schulz import gram_restarts, triton_kernels, uses_gram_form
+from muon_recipes.optim import dispatch
+from muon_recipes.optim.newton_schulz import gram_restarts
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class BlockPlan:
         restarts = len(gram_restarts(steps))
         for count, rows, cols in self.block_shapes():
             m, n = min(rows, cols), max(rows, cols)
-            if uses_gram_form(method, rows, cols, on_cuda):
+            if dispatch.uses_gram_form(method, rows, cols, on_cuda):
                 total += count * ((2 + 2 * restarts) * m * m * n + (4 * steps - 3 * restarts - 3) * m ** 3)
             else:
                 total += count * steps * (2 * m * m * n + m ** 3)
@@ -201,8 +202,7 @@ class BlockPlan:
 def copy_block(dst: torch.Tensor, src: torch.Tensor) -> None:
     """`dst.copy_(src)`; a transposed `src` on a GPU goes through the tiled Triton copy (kernels/transpose.py),
     which reads and writes coalesced where torch's elementwise copy reads with a large stride."""
-    kernels = triton_kernels() if src.is_cuda else None   # the package holds no kernels without Triton
-    if getattr(kernels, "copy_transposed_applies", None) is not None and kernels.copy_transposed_applies(dst, src):
-        kernels.copy_transposed(dst, src)
+    if dispatch.copy_transposed_on_triton(dst, src):
+        dispatch.kernels().copy_transposed(dst, src)
     else:
         dst.copy_(src)

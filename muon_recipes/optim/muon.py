@@ -32,16 +32,11 @@ from torch import Tensor
 
 from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, SCHEDULES
 from muon_recipes.optim.blocks import BlockPlan
-from muon_recipes.optim.newton_schulz import resolve_dtype, triton_kernels
+from muon_recipes.optim import dispatch
+from muon_recipes.optim.newton_schulz import resolve_dtype
 from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
 
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)
-# The one-pass weight update (kernels/elementwise.py) is used for 2-D weights of at least this many elements.
-# Measured on one H200 (recipes/bench_optimizer.py, 2026-12-01): on dense_1b (2-D matrices of 1-11.5M elements)
-# it saved about 1.3 ms per step. On moe_small, whose 3-D expert weights would take it too, a run with it on
-# every weight took 16.2 ms against 9.6 ms without, for a reason not found yet; 3-D weights and small
-# matrices stay on torch's add until that is understood.
-SCALED_ADD_MIN_NUMEL = 1 << 22
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether `t` is a DTensor, without importing torch.distributed.tensor (seconds) when nobody else has:
@@ -190,10 +185,9 @@ class Muon(torch.optim.Optimizer):
             bufs.append(local(state["momentum_buffer"]))
         mu, nesterov = group["momentum"], group["nesterov"]
         ns_dtype = resolve_dtype(group["ns_dtype"])
-        kernels = triton_kernels() if grads and grads[0].is_cuda else None
-        fused = getattr(kernels, "momentum_update", None)
-        if fused is not None and all(kernels.momentum_applies(g, b) for g, b in zip(grads, bufs)):
+        if dispatch.momentum_on_triton(grads, bufs):
             # One pass per tensor, the update already in the Newton-Schulz dtype (kernels/elementwise.py).
+            fused = dispatch.kernels().momentum_update
             updates = [fused(g, b, mu, nesterov, ns_dtype) for g, b in zip(grads, bufs)]
         else:
             torch._foreach_mul_(bufs, mu)
@@ -242,13 +236,10 @@ class Muon(torch.optim.Optimizer):
         group, p = item.group, local(item.param)
         lr, wd = group["lr"], group["weight_decay"]
         _, scale, segments = self._plan(item.param, group)
-        if (segments is not None and len(segments) == 1 and ortho.shape == p.shape and p.ndim == 2
-                and p.numel() >= SCALED_ADD_MIN_NUMEL):
-            kernels = triton_kernels() if p.is_cuda else None
-            if getattr(kernels, "scaled_add_", None) is not None and kernels.scaled_add_applies(p, ortho):
-                # Decay and update in one vectorized pass (kernels/elementwise.py).
-                kernels.scaled_add_(p, ortho, alpha=-lr * segments[0][2], decay=1 - lr * wd)
-                return
+        if segments is not None and len(segments) == 1 and dispatch.scaled_add_on_triton(p, ortho):
+            # Decay and update in one vectorized pass (kernels/elementwise.py).
+            dispatch.kernels().scaled_add_(p, ortho, alpha=-lr * segments[0][2], decay=1 - lr * wd)
+            return
         if wd:
             p.mul_(1 - lr * wd)
         if segments is None:
@@ -281,14 +272,14 @@ class Muon(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if _fused_adamw_applies(lp) and state["step"].device != lp.device:
+            if dispatch.fused_adamw(lp) and state["step"].device != lp.device:
                 state["step"] = state["step"].to(lp.device)  # the fused kernel reads the step on the device
             lists = by_kind.setdefault((lp.device, lp.dtype), [[], [], [], [], []])
             for lst, t in zip(lists, (lp, local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
                                       state["step"])):
                 lst.append(t)
         for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
-            if _fused_adamw_applies(params[0]):
+            if dispatch.fused_adamw(params[0]):
                 # One pass over the memory instead of the ~8 of the multi-tensor ops below (same math: decoupled
                 # decay, bias correction); 3x faster on the dense_1b parameter set on an H100.
                 torch._foreach_add_(steps, 1)
@@ -326,11 +317,6 @@ def _row_segments(scale: Tensor) -> Optional[list[tuple[int, int, float]]]:
             segments.append((start, r, values[start]))
             start = r
     return segments
-
-
-def _fused_adamw_applies(t: Tensor) -> bool:
-    """torch's fused AdamW kernel exists for CUDA floating-point tensors (torch >= 2.2)."""
-    return t.is_cuda and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and hasattr(torch, "_fused_adamw_")
 
 
 def _validate_group(group: dict, index: int) -> None:

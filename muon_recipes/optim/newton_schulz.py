@@ -32,20 +32,17 @@ Two forms of the same iteration (`method`):
 
 Layout: each matrix with more rows than columns is transposed first so the Gram matrix X X^T is the small
 side (m <= n); the decision is per matrix shape. The per-step loop is `ns_iterations_torch`; a Triton
-implementation with the same contract lives in `muon_recipes.optim.kernels` and is chosen by `backend`.
+implementation with the same contract lives in `muon_recipes.optim.kernels`; `backend` and
+`muon_recipes.optim.dispatch` choose between them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from muon_recipes.choices import BACKENDS, METHODS, SCHEDULES
+from muon_recipes.choices import METHODS, SCHEDULES
+from muon_recipes.optim import dispatch
 
-# On a GPU the Gram form's extra launches (five products per step, small ones) cost more than its saved FLOPs
-# below this small side: one H200, 5 Keller steps, recipes/bench_newton_schulz.py (2026-12-01): 32 x 512 x
-# 2048 took 0.78 ms in the Gram form against 0.95 ms, 64 x 768 x 2048 3.16 against 3.46 ms, but
-# 128 x 256 x 1024 0.89 against 0.63 ms. Smaller blocks there keep the standard form.
-GRAM_MIN_SIDE_CUDA = 512
 
 # Keller Jordan's Muon (github.com/KellerJordan/Muon, muon.py): one quintic for every step.
 KELLER_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -123,12 +120,6 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
     return tuple(range(3, steps, 3))
 
 
-def uses_gram_form(method: str, rows: int, cols: int, on_cuda: bool) -> bool:
-    """Whether `newton_schulz(method=method)` runs a rows x cols matrix in the Gram form: non-square, and on a
-    GPU at least GRAM_MIN_SIDE_CUDA on its small side."""
-    return method == "gram" and rows != cols and (not on_cuda or min(rows, cols) >= GRAM_MIN_SIDE_CUDA)
-
-
 def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, float]],
                           restarts: tuple[int, ...]) -> torch.Tensor:
     """The Gram form of `ns_iterations_torch` on a normalized batch X: [B, m, n], m <= n (see the module doc).
@@ -155,32 +146,6 @@ def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float
     return torch.bmm(Q, X)
 
 
-def triton_kernels():
-    """The Triton kernels module, or None when it (or Triton) is not available."""
-    try:
-        from muon_recipes.optim import kernels
-    except ImportError:
-        return None
-    return kernels
-
-
-def _use_triton(X: torch.Tensor, backend: str) -> bool:
-    """Whether `backend` runs this batch on the Triton kernels (an error when it asks for them and they are
-    missing)."""
-    if backend == "torch":
-        return False
-    kernels = triton_kernels()
-    if backend == "triton":
-        if getattr(kernels, "ns_iterations_triton", None) is None:
-            raise RuntimeError("backend='triton': muon_recipes.optim.kernels.ns_iterations_triton is not "
-                               "available (Triton missing or kernels not built); use backend='torch' or 'auto'")
-        return True
-    if backend == "auto":
-        prefer = getattr(kernels, "prefer_triton", None)
-        return prefer is not None and prefer(X)
-    raise ValueError(f"backend={backend!r}: must be one of {', '.join(BACKENDS)}")
-
-
 def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
                   dtype: torch.dtype | str = torch.bfloat16, backend: str = "auto",
                   eps: float = 1e-7, method: str = "standard") -> torch.Tensor:
@@ -190,7 +155,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     Frobenius norm bounds it; the norm itself is accumulated in float32), transposed when rows > cols,
     iterated, and transposed back. `method="gram"` iterates in the Gram form on non-square matrices (in
     float16 when `dtype` is a 16-bit type; see the module doc) and in the standard form on square ones and,
-    on a GPU, on those whose small side is under GRAM_MIN_SIDE_CUDA.
+    on a GPU, on those whose small side is under `dispatch.GRAM_MIN_SIDE_CUDA`.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: G must have at least 2 dims [..., rows, cols], got shape {tuple(G.shape)}")
@@ -202,8 +167,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     X = G.reshape(-1, rows, cols).to(dtype)
     if X.numel() == 0:
         return X.reshape(G.shape)
-    triton = _use_triton(X, backend)
-    gram = uses_gram_form(method, rows, cols, X.is_cuda)
+    triton = dispatch.newton_schulz_on_triton(X, backend)
+    kernels = dispatch.kernels() if triton else None
+    gram = dispatch.uses_gram_form(method, rows, cols, X.is_cuda)
     half = dtype in (torch.bfloat16, torch.float16)
     work = torch.float16 if gram and half else dtype
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
@@ -211,8 +177,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     # One pass: the division runs in float32 and rounds once into a fresh `work` buffer (a plain `X / norm`
     # would write a float32 copy first and convert it in a second pass). G itself is never written.
     normalized = torch.empty(X.shape, dtype=work, device=X.device)
-    if triton and X.is_contiguous() and X.dtype != torch.float64:
-        X = triton_kernels().divide_matrices(X, divisor, out=normalized)   # the same numbers, vectorized
+    if triton and dispatch.divide_on_triton(X):
+        X = kernels.divide_matrices(X, divisor, out=normalized)   # the same numbers, vectorized
     else:
         X = torch.div(X, divisor, out=normalized)
     transpose = rows > cols
@@ -224,10 +190,10 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     X = X.to(compute).contiguous()
     if gram:
         restarts = gram_restarts(steps)
-        X = (triton_kernels().gram_iterations_triton(X, coeffs, restarts, out_dtype=dtype) if triton
+        X = (kernels.gram_iterations_triton(X, coeffs, restarts, out_dtype=dtype) if triton
              else gram_iterations_torch(X, coeffs, restarts))
     else:
-        X = triton_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)
+        X = kernels.ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)
     X = X.to(dtype)
     if transpose:
         X = X.mT

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting, momentum_applies, scaled_add_applies
 from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, interpreting
 
 _BLOCK = 4096
 
@@ -54,14 +54,6 @@ def _momentum_kernel(grad_ptr, buf_ptr, out_ptr, numel, momentum,
 
 
 _launch_momentum = FastLaunch(_momentum_kernel)
-
-
-def momentum_applies(grad: torch.Tensor, buf: torch.Tensor) -> bool:
-    """Whether `momentum_update` takes this pair: same shape and device, contiguous, float, on a GPU (or in
-    the interpreter)."""
-    return (grad.shape == buf.shape and grad.device == buf.device and grad.is_contiguous()
-            and buf.is_contiguous() and grad.dtype in KERNEL_DTYPES and buf.dtype in KERNEL_DTYPES
-            and (grad.is_cuda or interpreting()))
 
 
 def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool,
@@ -92,11 +84,6 @@ def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, I
 
 
 _launch_scaled_add = FastLaunch(_scaled_add_kernel)
-
-
-def scaled_add_applies(w: torch.Tensor, o: torch.Tensor) -> bool:
-    """Whether `scaled_add_` takes this pair (the same conditions as `momentum_applies`)."""
-    return momentum_applies(o, w)
 
 
 def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float, decay: float = 1.0) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import triton
 
-from muon_recipes.optim.kernels.tuning import interpreting
+from muon_recipes.optim.dispatch import interpreting
 
 
 def unwrap(kernel) -> tuple:

@@ -33,8 +33,9 @@ from typing import Callable, Sequence
 import torch
 
 from muon_recipes.choices import ITERATION_KERNELS
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
-from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, input_precision, interpreting
+from muon_recipes.optim.kernels.tuning import input_precision
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
 
 KERNEL_CHOICES = ITERATION_KERNELS

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, interpreting
 
 # Elements per program: 16 KB of bf16, enough in flight per SM to saturate HBM with 4 warps.
 _BLOCK = 8192

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from muon_recipes.optim.dispatch import TRANSPOSE_DTYPES, interpreting
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import interpreting
 
 _TILE = 64
 
@@ -38,23 +38,10 @@ def _transposed_copy_kernel(src_ptr, dst_ptr, R, C,
              round_to_output(tile.to(tl.float32), dst_ptr, INTERPRETED), mask=inside)
 
 
-_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def is_transposed_view(t: torch.Tensor) -> bool:
-    """True for a 2-D or 3-D tensor laid out column-major in its last two dims (e.g. `x.mT` of a row-major x)."""
-    return t.ndim in (2, 3) and t.stride(-2) == 1 and t.stride(-1) != 1 and t.shape[-2] > 1
-
-
-def copy_transposed_applies(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether `copy_transposed(dst, src)` takes this pair: a column-major GPU `src`, a `dst` with unit stride
-    along its last dim, both bf16 or fp32."""
-    return (src.is_cuda and is_transposed_view(src) and dst.stride(-1) == 1
-            and src.dtype in _DTYPES and dst.dtype in _DTYPES)
 
 
 def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst.copy_(src) for a column-major `src` (see `is_transposed_view`) and a row-major `dst` of the same shape.
+    """dst.copy_(src) for a column-major `src` (see `dispatch.is_transposed_view`) and a row-major `dst` of the same shape.
 
     Both bf16 or fp32 (any pair); `dst` must not overlap `src`.
     """
@@ -63,7 +50,7 @@ def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if dst.stride(-1) != 1:
         raise ValueError("copy_transposed: dst must have unit stride along its last dim")
     for name, t in (("src", src), ("dst", dst)):
-        if t.dtype not in _DTYPES:
+        if t.dtype not in TRANSPOSE_DTYPES:
             raise ValueError(f"copy_transposed: {name}.dtype={t.dtype}: must be torch.bfloat16 or torch.float32")
     s3 = src if src.ndim == 3 else src.unsqueeze(0)
     d3 = dst if dst.ndim == 3 else dst.unsqueeze(0)
