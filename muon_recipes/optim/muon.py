@@ -25,18 +25,20 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, SCHEDULES
+from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, REPLICA_SPREAD
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim import dispatch
-from muon_recipes.optim.newton_schulz import resolve_dtype
+from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
+                                              resolve_dtype)
 from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
 
-NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)
+ADAMW_LR = 3e-3  # an AdamW group's lr when it sets none (the `optim.adamw.lr` default of conf/)
+BUCKET_MB = 256.0  # sharded parameters: target size of one communication bucket (full matrices, MB)
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether `t` is a DTensor, without importing torch.distributed.tensor (seconds) when nobody else has:
@@ -98,32 +100,51 @@ class _StepTimer:
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices and AdamW for the rest, chosen per param group by `algorithm`.
 
-    Muon group keys: lr, momentum, nesterov, weight_decay, adjust_lr (spectral_norm | rms_norm | none),
-    ns_steps, ns_schedule (keller | polar_express), ns_method (gram | standard: the Gram form of the same
-    iteration on non-square blocks, or the classic loop), ns_dtype, backend (auto | torch | triton), split_sizes
-    (row blocks of every weight in the group, or None), experts (per_expert | fused, for 3-D [E, out, in]).
-    AdamW group keys: lr, betas, eps, weight_decay -- exactly `torch.optim.AdamW` (decoupled decay, bias
-    correction). Parameters may be plain tensors or FSDP2 DTensors; the mesh comes from the parameters.
+    Every argument is the default of the group key of the same name; a param group's own key overrides it.
+
+    Muon groups (`algorithm="muon"`, the default): lr, momentum, nesterov, weight_decay, adjust_lr
+    (spectral_norm | rms_norm | none), ns_steps, ns_schedule (keller | polar_express, or a sequence of
+    (a, b, c) coefficients, one triple per iteration, the last repeated for further steps), ns_method (gram |
+    standard: the Gram form of the same iteration on non-square blocks, or the classic loop), ns_dtype,
+    backend (auto | torch | triton), split_sizes (row blocks of every weight in the group, or None), experts
+    (per_expert | fused, for 3-D [E, out, in]). The Newton-Schulz defaults are those of `newton_schulz()`.
+
+    AdamW groups (`algorithm="adamw"`): lr, betas, eps, weight_decay -- exactly `torch.optim.AdamW` (decoupled
+    decay, bias correction). A group that sets no lr or weight_decay takes `adamw_lr` / `adamw_weight_decay`,
+    never Muon's lr (0.02 would be ten times a usual AdamW lr): 3e-3 and 0, the `optim.adamw` defaults of
+    conf/ except their weight decay, which applies only where the config decides what is decayed.
+
+    Parameters may be plain tensors or FSDP2 DTensors; the mesh comes from the parameters. For sharded ones,
+    `bucket_mb` is the target size (full matrices, MB) of one communication bucket and `replica_spread`
+    (auto | True | False) whether HSDP replicas share the Newton-Schulz work ("auto": when every rank of the
+    mesh still gets a matrix). `profile` synchronizes CUDA between the phases of a step so `last_step_timings`
+    attributes GPU time to Newton-Schulz, communication and the rest (the trainer turns it on for logging
+    steps only, since it loses the overlap); without it the timings are host-side.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, adjust_lr: str = "spectral_norm", ns_steps: int = 5,
-                 ns_schedule: str = "keller", ns_dtype: torch.dtype | str = torch.bfloat16,
-                 backend: str = "auto", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 ns_method: str = "gram"):
+                 weight_decay: float = 0.0, adjust_lr: str = "spectral_norm", ns_steps: int = NS_STEPS,
+                 ns_schedule: str | Sequence[Sequence[float]] = NS_SCHEDULE, ns_method: str = NS_METHOD,
+                 ns_dtype: torch.dtype | str = NS_DTYPE, backend: str = "auto",
+                 split_sizes: Optional[Sequence[int]] = None, experts: str = "per_expert",
+                 adamw_lr: float = ADAMW_LR, adamw_weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 bucket_mb: float = BUCKET_MB, replica_spread: str | bool = "auto", profile: bool = False):
         defaults = dict(algorithm="muon", lr=lr, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, ns_steps=ns_steps,
                         ns_schedule=ns_schedule, ns_method=ns_method, ns_dtype=ns_dtype, backend=backend,
-                        betas=tuple(betas), eps=eps, split_sizes=None, experts="per_expert")
-        # The trainer sets `profile` on logging steps: CUDA is synchronized between phases so each second is
-        # attributed to NS, communication or the rest (overlap is lost, so that step runs a little slower).
-        # Without it `last_step_timings` holds host-side times, which under-count asynchronous GPU work.
-        self.profile = False
+                        betas=tuple(betas), eps=eps, split_sizes=split_sizes, experts=experts)
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb={bucket_mb!r}: must be > 0")
+        if replica_spread not in REPLICA_SPREAD:
+            raise ValueError(f"replica_spread={replica_spread!r}: must be one of "
+                             + ", ".join(map(str, REPLICA_SPREAD)))
+        # What an AdamW group lacks is filled from these, not from the Muon defaults (see the class doc).
+        self.adamw_defaults = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
+        self.profile = profile
         self.last_step_timings: dict[str, float] = {}
-        # Sharded (FSDP2) parameters: target size of one communication bucket, and whether HSDP replicas
-        # share the Newton-Schulz work ("auto": when every rank of the mesh still gets a matrix).
-        self.bucket_mb = 256.0
-        self.replica_spread = "auto"
+        self.bucket_mb = float(bucket_mb)
+        self.replica_spread = replica_spread
         self._plans: dict[Tensor, tuple] = {}
         self._dist_cache: dict = {}  # process-group maps and the sharded step plan, reused between steps
         super().__init__(params, defaults)
@@ -132,6 +153,8 @@ class Muon(torch.optim.Optimizer):
     # Groups
     # ----------------------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("algorithm", self.defaults["algorithm"]) == "adamw":
+            param_group = {**self.adamw_defaults, **param_group}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_group(group, len(self.param_groups) - 1)
@@ -147,7 +170,8 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("_dist_cache", {})
         self.__dict__.setdefault("profile", False)
         self.__dict__.setdefault("last_step_timings", {})
-        self.__dict__.setdefault("bucket_mb", 256.0)
+        self.__dict__.setdefault("bucket_mb", BUCKET_MB)
+        self.__dict__.setdefault("adamw_defaults", dict(lr=ADAMW_LR, weight_decay=0.0))
         self.__dict__.setdefault("replica_spread", "auto")
 
     # ----------------------------------------------------------------------------------------------------------
@@ -351,8 +375,10 @@ def _validate_group(group: dict, index: int) -> None:
         raise bad("momentum", "must be in [0, 1)")
     if group["adjust_lr"] not in ADJUST_LR:
         raise bad("adjust_lr", "must be one of " + ", ".join(ADJUST_LR))
-    if group["ns_schedule"] not in SCHEDULES:
-        raise bad("ns_schedule", "must be one of " + ", ".join(SCHEDULES))
+    try:
+        group["ns_schedule"] = check_schedule(group["ns_schedule"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     if group["ns_method"] not in METHODS:
         raise bad("ns_method", "must be one of " + ", ".join(METHODS))
     if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:

@@ -38,10 +38,25 @@ implementation with the same contract lives in `muon_recipes.optim.kernels`; `ba
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from typing import Sequence, Union
 
 from muon_recipes.choices import METHODS, SCHEDULES
 from muon_recipes.optim import dispatch
+
+# The defaults of `newton_schulz()`, which `Muon` shares: Keller Jordan's 5 quintic steps, in bf16, with his eps
+# added to the Frobenius norm before dividing; the Gram form where it applies (see `dispatch.uses_gram_form`).
+NS_STEPS = 5
+NS_SCHEDULE = "keller"
+NS_METHOD = "gram"
+NS_DTYPE = torch.bfloat16
+NS_EPS = 1e-7
+
+# A schedule is a name from SCHEDULES or the coefficients themselves: one (a, b, c) per iteration.
+Schedule = Union[str, Sequence[Sequence[float]]]
 
 
 # Keller Jordan's Muon (github.com/KellerJordan/Muon, muon.py): one quintic for every step.
@@ -84,16 +99,33 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"ns_dtype={dtype!r}: must be one of {', '.join(_DTYPES)} or a torch.dtype")
 
 
-def coefficients(schedule: str, steps: int) -> list[tuple[float, float, float]]:
-    """The (a, b, c) of each of `steps` iterations of `schedule`."""
+def check_schedule(schedule: Schedule, key: str = "ns_schedule") -> Union[str, tuple[tuple[float, float, float], ...]]:
+    """`schedule` as a name from SCHEDULES, or its coefficients as a tuple of (a, b, c) float triples (hashable,
+    so blocks with equal settings still share one batched call); a one-line error naming `key` otherwise."""
+    if isinstance(schedule, str):
+        if schedule in SCHEDULES:
+            return schedule
+    else:
+        try:
+            triples = tuple((float(a), float(b), float(c)) for a, b, c in schedule)
+        except (TypeError, ValueError):
+            triples = ()
+        if triples and all(math.isfinite(x) for triple in triples for x in triple):
+            return triples
+    raise ValueError(f"{key}={schedule!r}: must be one of {', '.join(SCHEDULES)} (or a non-empty sequence of "
+                     "finite (a, b, c) coefficient triples)")
+
+
+def coefficients(schedule: Schedule, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of `steps` iterations of `schedule` (a name, or the triples themselves: a table
+    shorter than `steps` repeats its last triple, as Polar Express does after its eighth)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r}: must be an integer >= 1")
+    schedule = check_schedule(schedule, "schedule")
     if schedule == "keller":
         return [KELLER_COEFFICIENTS] * steps
-    if schedule == "polar_express":
-        table = list(POLAR_EXPRESS_COEFFICIENTS)
-        return table[:steps] + [table[-1]] * max(0, steps - len(table))
-    raise ValueError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
+    table = list(POLAR_EXPRESS_COEFFICIENTS) if schedule == "polar_express" else list(schedule)
+    return table[:steps] + [table[-1]] * max(0, steps - len(table))
 
 
 def ns_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, float]]) -> torch.Tensor:
@@ -146,16 +178,18 @@ def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float
     return torch.bmm(Q, X)
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
-                  dtype: torch.dtype | str = torch.bfloat16, backend: str = "auto",
-                  eps: float = 1e-7, method: str = "standard") -> torch.Tensor:
+def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = NS_SCHEDULE,
+                  dtype: torch.dtype | str = NS_DTYPE, backend: str = "auto",
+                  eps: float = NS_EPS, method: str = NS_METHOD) -> torch.Tensor:
     """Approximate polar factor of every matrix in `G` ([..., rows, cols]); same shape, in `dtype`.
 
     Each matrix is cast to `dtype`, divided by (safety * ||X||_F + eps) so its spectral norm is <= 1 (the
     Frobenius norm bounds it; the norm itself is accumulated in float32), transposed when rows > cols,
     iterated, and transposed back. `method="gram"` iterates in the Gram form on non-square matrices (in
     float16 when `dtype` is a 16-bit type; see the module doc) and in the standard form on square ones and,
-    on a GPU, on those whose small side is under `dispatch.GRAM_MIN_SIDE_CUDA`.
+    on a GPU, on those whose small side is under `dispatch.GRAM_MIN_SIDE_CUDA`. `schedule` is a name from
+    SCHEDULES or the coefficients themselves (see `coefficients`); given coefficients are applied to
+    X / (||X||_F + eps), with no safety factor (fold one into them, as Polar Express does, if they need it).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: G must have at least 2 dims [..., rows, cols], got shape {tuple(G.shape)}")
@@ -173,7 +207,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     half = dtype in (torch.bfloat16, torch.float16)
     work = torch.float16 if gram and half else dtype
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    divisor = norm * _NORM_SAFETY[schedule] + eps
+    divisor = norm * (_NORM_SAFETY[schedule] if isinstance(schedule, str) else 1.0) + eps
     # One pass: the division runs in float32 and rounds once into a fresh `work` buffer (a plain `X / norm`
     # would write a float32 copy first and convert it in a second pass). G itself is never written.
     normalized = torch.empty(X.shape, dtype=work, device=X.device)

@@ -86,13 +86,9 @@ def build_param_groups(model: nn.Module, optim_cfg: Any,
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Any) -> Muon:
-    """The run's optimizer: `Muon` over `build_param_groups(model, optim_cfg)`."""
-    return Muon(build_param_groups(model, optim_cfg), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
-                nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay,
-                adjust_lr=optim_cfg.adjust_lr, ns_steps=optim_cfg.ns_steps, ns_schedule=optim_cfg.ns_schedule,
-                ns_method=optim_cfg.ns_method,
-                ns_dtype=optim_cfg.ns_dtype, backend=optim_cfg.backend, betas=tuple(optim_cfg.adamw.betas),
-                eps=optim_cfg.adamw.eps)
+    """The run's optimizer: `Muon` over `build_param_groups(model, optim_cfg)`, whose groups already carry every
+    hyperparameter of the config, so none is passed again as a constructor default."""
+    return Muon(build_param_groups(model, optim_cfg))
 
 
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> str:
