@@ -1,8 +1,9 @@
 """Per-block orthogonalization of whole parameter updates: the batched Newton-Schulz call.
 
-Muon is defined on matrices, so a fused update is orthogonalized per *block* (`blocks.BlockPlan` says how
-a full update splits into blocks and which lr ratio each row gets); `orthogonalize` takes the full updates of many parameters, stacks every block of the
-same shape (across parameters too) into one batch and runs one `newton_schulz` call per shape.
+Muon is defined on matrices, so a fused update is orthogonalized per *block* (`blocks.BlockPlan` says how a
+full update splits into blocks and which lr ratio each row gets). `orthogonalize` takes the full updates of
+many parameters, stacks every block of the same shape (across parameters too) into one batch and runs one
+`newton_schulz` call per shape.
 
 Both the single-process path and the sharded path (`sharded.py`, which first assembles full matrices)
 go through `orthogonalize`, so they compute the same numbers.

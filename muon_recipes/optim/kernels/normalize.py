@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
 
 # Elements per program: 16 KB of bf16, enough in flight per SM to saturate HBM with 4 warps.
@@ -33,6 +34,9 @@ def _divide_kernel(x_ptr, d_ptr, out_ptr, per_matrix, BLOCK: tl.constexpr, INTER
     # div_rn takes two tensors of one shape: broadcast the matrix's divisor over the block first.
     quotient = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * divisor)
     tl.store(out_ptr + base + offsets, round_to_output(quotient, out_ptr, INTERPRETED), mask=inside)
+
+
+_launch_divide = FastLaunch(_divide_kernel)
 
 
 def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,6 +61,6 @@ def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor |
                          f"{out.dtype} {tuple(out.shape)}")
     per_matrix = x.shape[1] * x.shape[2]
     if x.numel():
-        _divide_kernel[(triton.cdiv(per_matrix, _BLOCK), batch)](
-            x, divisors.contiguous(), out, per_matrix, BLOCK=_BLOCK, INTERPRETED=interpreting(), num_warps=4)
+        _launch_divide(lambda meta: (triton.cdiv(per_matrix, meta["BLOCK"]), batch),
+                       (x, divisors.contiguous(), out, per_matrix), {"BLOCK": _BLOCK, "INTERPRETED": interpreting()})
     return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import TRANSPOSE_DTYPES, interpreting
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
 
 _TILE = 64
@@ -38,10 +39,14 @@ def _transposed_copy_kernel(src_ptr, dst_ptr, R, C,
              round_to_output(tile.to(tl.float32), dst_ptr, INTERPRETED), mask=inside)
 
 
+_launch_transposed_copy = FastLaunch(_transposed_copy_kernel)
+
+
 
 
 def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst.copy_(src) for a column-major `src` (see `dispatch.is_transposed_view`) and a row-major `dst` of the same shape.
+    """dst.copy_(src) for a column-major `src` (see `dispatch.is_transposed_view`) and a row-major `dst` of the
+    same shape.
 
     Both bf16 or fp32 (any pair); `dst` must not overlap `src`.
     """
@@ -58,7 +63,7 @@ def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if batch > 65535:
         raise ValueError(f"copy_transposed: {batch} matrices, at most 65535 per call (the launch grid's batch axis)")
     if s3.numel():
-        grid = (triton.cdiv(rows, _TILE), triton.cdiv(cols, _TILE), batch)
-        _transposed_copy_kernel[grid](s3, d3, rows, cols, *s3.stride(), *d3.stride(), TILE=_TILE,
-                                      INTERPRETED=interpreting(), num_warps=4)
+        grid = lambda meta: (triton.cdiv(rows, meta["TILE"]), triton.cdiv(cols, meta["TILE"]), batch)  # noqa: E731
+        _launch_transposed_copy(grid, (s3, d3, rows, cols, *s3.stride(), *d3.stride()),
+                                {"TILE": _TILE, "INTERPRETED": interpreting()})
     return dst
