@@ -8,10 +8,10 @@ default) and, for hidden matrices, what is fused inside it:
 * an expert weight `[E, out, in]` stacks `E` independent matrices along dim 0 (`experts=E`); combined with a
   fused gate/up inside the experts it has row blocks `(ffn, ffn)` within each expert.
 
-Modules expose `param_layouts() -> dict[local_name, ParamLayout]` for their *direct* parameters only; `collect_layouts(model)` walks the module tree
-and returns them keyed by the same fully-qualified names as `model.named_parameters()`. The optimizer never parses
-names: the policy (`split` vs `fused`, `per_expert` vs `fused`) is applied to these declarations by
-`param_groups.py`.
+Modules expose `param_layouts() -> dict[local_name, ParamLayout]` for their *direct* parameters only;
+`collect_layouts(model)` walks the module tree and returns them keyed by the same fully-qualified names as
+`model.named_parameters()`. The optimizer never parses names: the policy (`split` vs `fused`, `per_expert` vs
+`fused`) is applied to these declarations by `param_groups.py`.
 
 `BlockPlan` is the optimizer's side of the same contract: once the policy is applied, it says how a full
 update of a parameter splits into the matrices Muon orthogonalizes, and which lr ratio (`adjust_lr`) each

@@ -1,6 +1,6 @@
 """The training loop: build everything from a validated `RunConfig`, then step, evaluate, log.
 
-Order of start-up (see DESIGN.md): config validated (before any process group) -> process group + mesh ->
+Order of start-up (`entry.run`): config validated (before any process group) -> process group + mesh ->
 model built whole on the device with the run's seed, then sharded with FSDP2 (so the initial weights are the same
 for every world size) -> optimizer from the model's declared parameter layouts -> data -> resume -> loop.
 

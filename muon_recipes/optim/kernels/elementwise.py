@@ -5,11 +5,10 @@ Momentum, writing the update straight in the Newton-Schulz dtype:
     B <- momentum * B + G;   U = G + momentum * B  (Nesterov)   or   U = B
 
 As three multi-tensor torch ops (`B *= mu`, `B += G`, `U = G + mu B`) this reads and writes float32 seven
-times per element and leaves U in float32, which the bucket copy then reads again to cast it: on the dense_1b
-parameter set (0.72 B matrix elements) about 6 ms of a 58 ms optimizer step on an H200
-(recipes/bench_optimizer.py --trace). Here one program per stretch of a tensor reads G and B once, writes B
-and writes U already rounded to the bucket's dtype (bf16): 14 bytes per element instead of 32, and the
-bucket copy reads 2 bytes instead of 4.
+times per element and leaves U in float32, which the bucket copy then reads again to cast it (the largest
+memory pass of a dense_1b step: docs/benchmarks.md, "Where a single-GPU step goes"). Here one program per
+stretch of a tensor reads G and B once, writes B and writes U already rounded to the bucket's dtype (bf16):
+14 bytes per element instead of 32, and the bucket copy reads 2 bytes instead of 4.
 
 B is updated in float32 arithmetic and rounded once to its own dtype; U is computed from the unrounded B.
 For float32 buffers that is torch's arithmetic up to the contraction of `mu * B + G` into one fused
@@ -20,8 +19,9 @@ Applying the orthogonalized update O (bf16) to a float32 weight W with decoupled
     W <- (1 - lr * wd) W - lr * ratio * O
 
 torch's `W.add_(O, alpha=...)` with W float32 and O bf16 is a mixed-dtype add, which runs on torch's
-unrolled, unvectorized elementwise kernel: 3.0 ms per dense_1b step on an H200 (--trace), plus a separate
-`mul_` pass when wd > 0. `scaled_add_` reads W and O once and writes W once, vectorized.
+unrolled, unvectorized elementwise kernel (docs/benchmarks.md, "The Gram form of Newton-Schulz and a
+one-pass momentum"), plus a separate `mul_` pass when wd > 0. `scaled_add_` reads W and O once and writes W
+once, vectorized.
 """
 
 from __future__ import annotations

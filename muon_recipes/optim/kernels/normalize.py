@@ -2,8 +2,8 @@
 
 Before iterating, each matrix X_i of a bucket is divided by (safety * ||X_i||_F + eps). In torch that is
 `X / d` with `d` of shape [B, 1, 1] in float32: a broadcast, mixed-dtype elementwise op that takes torch's
-generic (non-vectorized) kernel, measured at about 0.8 TB/s on an H200 (3.5 ms of a 65 ms optimizer step on
-the dense_1b parameter set, recipes/bench_optimizer.py --trace). Here each program reads one contiguous
+generic (non-vectorized) kernel, a fraction of the memory's bandwidth (docs/benchmarks.md, "Where a
+single-GPU step goes"). Here each program reads one contiguous
 stretch of one matrix and its divisor once, divides in fp32 with correct rounding (`div_rn`, as torch's
 true division) and rounds once to the output dtype, so the result equals torch's bit for bit.
 """

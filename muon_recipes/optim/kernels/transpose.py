@@ -2,8 +2,8 @@
 
 Newton-Schulz runs on wide matrices (m <= n), so every tall block (a gate or up half of a fused SwiGLU weight,
 5632 x 2048 in dense_1b) is copied transposed into its bucket, and its result copied transposed back. torch's
-`dst.copy_(src.mT)` walks the output in order and reads the input with a large stride: about 0.8 TB/s on an
-H200, 5 ms of a 62 ms dense_1b optimizer step (recipes/bench_optimizer.py --trace). Here each program loads a
+`dst.copy_(src.mT)` walks the output in order and reads the input with a large stride, far below the memory's
+bandwidth (docs/benchmarks.md, "Where a single-GPU step goes"). Here each program loads a
 tile with the source's unit-stride axis contiguous and stores it with the destination's; Triton exchanges the
 layout through shared memory between the two. The cast rounds to nearest even, as torch's copy does, so the
 result is the same bit for bit.

@@ -31,7 +31,7 @@ _SHARED_MEMORY_BUDGET = 200 * 1024
 def autotune_options() -> dict:
     """Keyword arguments for `triton.autotune` shared by the matmul kernels.
 
-    The tile search of one new block shape takes seconds (43 s for the first moe_small step on an H200), and
+    The tile search of one new block shape takes seconds (docs/benchmarks.md gives the first moe_small step), and
     every process of every run and sweep job pays it again. Triton >= 3.4 can keep each result on disk
     (`cache_results`, in TRITON_CACHE_DIR, keyed by the Triton version, the GPU, the kernel source, the tuning
     key and the candidate configs), so a later process on the same machine reads the choice instead of timing
