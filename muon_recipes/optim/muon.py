@@ -217,7 +217,8 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=mu) if nesterov else bufs
-        ns = NSSettings(group["ns_steps"], group["ns_schedule"], ns_dtype, group["backend"], NS_EPS,
+        # check_schedule: coefficients that came back from a state dict as lists become hashable tuples again.
+        ns = NSSettings(group["ns_steps"], check_schedule(group["ns_schedule"]), ns_dtype, group["backend"], NS_EPS,
                         group["ns_method"])
         return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns) for p, u in zip(params, updates)]
 

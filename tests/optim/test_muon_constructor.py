@@ -1,6 +1,7 @@
 """`Muon(...)` as a library user builds it: every knob an argument, coefficients given as numbers, AdamW groups
 that never inherit Muon's lr, and defaults shared with `newton_schulz()`."""
 
+import copy
 import inspect
 
 import pytest
@@ -83,6 +84,26 @@ def test_coefficients_given_as_numbers():
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     torch.testing.assert_close(ours, W0 - 0.1 * X.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_coefficients_survive_a_state_dict_round_trip_as_lists():
+    """A checkpoint may hand the coefficients back as lists (JSON, DCP); the loaded optimizer steps as the
+    original does."""
+    table = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
+    params = [_params(6)[0], _params(6)[0]]
+    first = Muon([params[0]], ns_schedule=table, ns_steps=3, backend="torch")
+    second = Muon([params[1]], backend="torch")
+    _grads([params[0]], 0)
+    first.step()
+    state = copy.deepcopy(first.state_dict())   # as from a checkpoint: no tensor shared with `first`
+    state["param_groups"][0]["ns_schedule"] = [list(t) for t in state["param_groups"][0]["ns_schedule"]]
+    second.load_state_dict(state)
+    with torch.no_grad():
+        params[1].copy_(params[0])
+    for opt, p in ((first, params[0]), (second, params[1])):
+        _grads([p], 1)
+        opt.step()
+    assert torch.equal(params[0], params[1])
 
 
 def test_newton_schulz_and_muon_share_their_defaults():
