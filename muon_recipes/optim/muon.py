@@ -8,7 +8,7 @@ the orthogonalized momentum:
     O  = NewtonSchulz(U)  per block                (approximately the polar factor of each block)
     W <- (1 - lr * weight_decay) * W - lr * ratio(block) * O
 
-with decoupled weight decay (Loshchilov & Hutter 2019) and `ratio` from `adjust_lr` (see `orthogonalize`).
+with decoupled weight decay (Loshchilov & Hutter 2019) and `ratio` from `adjust_lr` (see `blocks.adjust_lr_ratio`).
 Embeddings, the output head, norms, biases and routers are not hidden matrices; they get AdamW in the same
 optimizer, so LR schedulers, `state_dict()` and DCP checkpoints see one object. Each param group says its
 `algorithm`; any key of a group overrides the constructor's default.
@@ -31,14 +31,15 @@ import torch
 from torch import Tensor
 
 from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, REPLICA_SPREAD
-from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim import dispatch
+from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
                                               resolve_dtype)
 from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
 
 ADAMW_LR = 3e-3  # an AdamW group's lr when it sets none (the `optim.adamw.lr` default of conf/)
 BUCKET_MB = 256.0  # sharded parameters: target size of one communication bucket (full matrices, MB)
+
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether `t` is a DTensor, without importing torch.distributed.tensor (seconds) when nobody else has:
@@ -110,9 +111,9 @@ class Muon(torch.optim.Optimizer):
     (per_expert | fused, for 3-D [E, out, in]). The Newton-Schulz defaults are those of `newton_schulz()`.
 
     AdamW groups (`algorithm="adamw"`): lr, betas, eps, weight_decay -- exactly `torch.optim.AdamW` (decoupled
-    decay, bias correction). A group that sets no lr or weight_decay takes `adamw_lr` / `adamw_weight_decay`,
-    never Muon's lr (0.02 would be ten times a usual AdamW lr): 3e-3 and 0, the `optim.adamw` defaults of
-    conf/ except their weight decay, which applies only where the config decides what is decayed.
+    decay, bias correction). A group that sets no lr or weight_decay takes `adamw_lr` (3e-3, the `optim.adamw.lr`
+    of conf/) or `adamw_weight_decay` (0: which AdamW parameters to decay is the caller's choice, per group),
+    never Muon's lr or weight decay (an lr of 0.02 is about ten times a usual AdamW lr).
 
     Parameters may be plain tensors or FSDP2 DTensors; the mesh comes from the parameters. For sharded ones,
     `bucket_mb` is the target size (full matrices, MB) of one communication bucket and `replica_spread`
