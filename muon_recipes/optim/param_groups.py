@@ -85,10 +85,11 @@ def build_param_groups(model: nn.Module, optim_cfg: Any,
     return sorted(groups.values(), key=lambda g: (g["algorithm"] != "muon", g["name"]))
 
 
-def build_optimizer(model: nn.Module, optim_cfg: Any) -> Muon:
+def build_optimizer(model: nn.Module, optim_cfg: Any, **options: Any) -> Muon:
     """The run's optimizer: `Muon` over `build_param_groups(model, optim_cfg)`, whose groups already carry every
-    hyperparameter of the config, so none is passed again as a constructor default."""
-    return Muon(build_param_groups(model, optim_cfg))
+    hyperparameter of the config, so none is passed again as a constructor default. `options` are the
+    optimizer-wide arguments no group carries (`bucket_mb`, `replica_spread`, `profile`)."""
+    return Muon(build_param_groups(model, optim_cfg), **options)
 
 
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> str:

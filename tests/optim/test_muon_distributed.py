@@ -60,14 +60,14 @@ def _tokens(step: int, ranks):
     return tokens.chunk(world)[rank]
 
 
-def _sharded(cfg, mesh, steps, backward: bool, **optim_attrs):
+def _sharded(cfg, mesh, steps, backward: bool, **optim_options):
     """The same run with the model under fully_shard on `mesh`; returns the model and the optimizer."""
-    model, opt = _build_sharded(cfg, mesh, **optim_attrs)
+    model, opt = _build_sharded(cfg, mesh, **optim_options)
     _run_sharded(model, opt, mesh, range(steps), backward)
     return model, opt
 
 
-def _build_sharded(cfg, mesh, seed: int = 0, **optim_attrs):
+def _build_sharded(cfg, mesh, seed: int = 0, **optim_options):
     from torch.distributed.fsdp import fully_shard
 
     from muon_recipes.optim import build_optimizer
@@ -78,10 +78,7 @@ def _build_sharded(cfg, mesh, seed: int = 0, **optim_attrs):
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = build_optimizer(model, cfg)
-    for key, value in optim_attrs.items():
-        setattr(opt, key, value)
-    return model, opt
+    return model, build_optimizer(model, cfg, **optim_options)
 
 
 def _run_sharded(model, opt, mesh, steps, backward: bool):
