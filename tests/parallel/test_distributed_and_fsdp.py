@@ -2,7 +2,6 @@
 `parallelize` (FSDP2 per block and at the root), on a world of one and on 2 gloo CPU processes. The sharded
 model is checked against the same model unsharded."""
 
-import os
 import sys
 import tempfile
 from pathlib import Path
