@@ -38,8 +38,6 @@ from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
 
-KERNEL_CHOICES = ITERATION_KERNELS
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -270,8 +268,8 @@ def gram_iterations_triton(X: torch.Tensor, coefficients: Sequence, restarts: Se
 def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torch.Tensor:
     coeffs = _check_coefficients(coefficients)
     _check_input(X)
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={kernels!r}: must be one of {', '.join(KERNEL_CHOICES)}")
+    if kernels not in ITERATION_KERNELS:
+        raise ValueError(f"kernels={kernels!r}: must be one of {', '.join(ITERATION_KERNELS)}")
     if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
         raise ValueError(f"out_dtype={out_dtype}: must be one of {', '.join(map(str, KERNEL_DTYPES))}")
     if not coeffs:
