@@ -28,7 +28,7 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from muon_recipes.launch import run_job  # multirun jobs on several devices: a torchrun world each
+    from muon_recipes.sweep import run_job  # multirun jobs on several devices: a torchrun world each
     from muon_recipes.train import run
 
     run_job(cfg, run)

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, EXPERT_MODES, LR_SCHEDULES,
+                                  METHODS, NS_DTYPES, ROLES, SCHEDULES, SPLIT_MODES)
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message is one line: key, value, what is valid."""
@@ -187,7 +190,7 @@ class LoggingConfig:
 
 @dataclass
 class LauncherConfig:
-    """How a job of a Hydra multirun (`python train.py -m ...`) runs; see muon_recipes/launch.py."""
+    """How a job of a Hydra multirun (`python train.py -m ...`) runs; see muon_recipes/sweep.py."""
 
     # auto: one process per visible GPU (in-process on CPU); N: a torchrun world of N processes per job.
     nproc_per_node: Any = "auto"
@@ -306,24 +309,23 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 
 
 def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
-    _choice(f"{prefix}.algorithm", o.algorithm, ("muon", "adamw"))
+    _choice(f"{prefix}.algorithm", o.algorithm, ALGORITHMS)
     _positive(f"{prefix}.lr", o.lr)
     _positive(f"{prefix}.momentum", o.momentum, allow_zero=True)
     if o.momentum >= 1:
         raise ConfigError(f"{prefix}.momentum", o.momentum, "must be in [0, 1)")
     _positive(f"{prefix}.weight_decay", o.weight_decay, allow_zero=True)
-    _choice(f"{prefix}.adjust_lr", o.adjust_lr, ("spectral_norm", "rms_norm", "none"))
+    _choice(f"{prefix}.adjust_lr", o.adjust_lr, ADJUST_LR)
     _int(f"{prefix}.ns_steps", o.ns_steps)
-    _choice(f"{prefix}.ns_schedule", o.ns_schedule, ("keller", "polar_express"))
-    _choice(f"{prefix}.ns_method", o.ns_method, ("gram", "standard"))
-    _choice(f"{prefix}.ns_dtype", o.ns_dtype, ("bfloat16", "float32"))
-    _choice(f"{prefix}.backend", o.backend, ("auto", "torch", "triton"))
-    _choice(f"{prefix}.split.qkv", o.split.qkv, ("split", "fused"))
-    _choice(f"{prefix}.split.gate_up", o.split.gate_up, ("split", "fused"))
-    _choice(f"{prefix}.split.experts", o.split.experts, ("per_expert", "fused"))
-    roles = ("embedding", "output", "norm", "bias", "router", "matrix")
+    _choice(f"{prefix}.ns_schedule", o.ns_schedule, SCHEDULES)
+    _choice(f"{prefix}.ns_method", o.ns_method, METHODS)
+    _choice(f"{prefix}.ns_dtype", o.ns_dtype, NS_DTYPES)
+    _choice(f"{prefix}.backend", o.backend, BACKENDS)
+    _choice(f"{prefix}.split.qkv", o.split.qkv, SPLIT_MODES)
+    _choice(f"{prefix}.split.gate_up", o.split.gate_up, SPLIT_MODES)
+    _choice(f"{prefix}.split.experts", o.split.experts, EXPERT_MODES)
     for r in o.adamw_roles:
-        _choice(f"{prefix}.adamw_roles", r, roles)
+        _choice(f"{prefix}.adamw_roles", r, ROLES)
     _positive(f"{prefix}.adamw.lr", o.adamw.lr)
     betas = list(o.adamw.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
@@ -387,7 +389,7 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str = "train") ->
     _int(f"{prefix}.batch_size", t.batch_size)
     _int(f"{prefix}.grad_accum", t.grad_accum)
     _int(f"{prefix}.global_batch_tokens", t.global_batch_tokens, low=0)
-    _choice(f"{prefix}.lr_schedule", t.lr_schedule, ("cosine", "wsd", "constant"))
+    _choice(f"{prefix}.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _int(f"{prefix}.warmup_steps", t.warmup_steps, low=0)
     if not 0 <= t.decay_fraction <= 1:
         raise ConfigError(f"{prefix}.decay_fraction", t.decay_fraction, "must be in [0, 1]")
@@ -407,7 +409,7 @@ def validate_train(t: TrainConfig, model: ModelConfig, prefix: str = "train") ->
 
 def validate_data(d: DataConfig, prefix: str = "data") -> None:
     _choice(f"{prefix}.source", d.source, ("embedded", "files", "hub"))
-    _choice(f"{prefix}.scope", d.scope, ("stdlib", "site-packages"))
+    _choice(f"{prefix}.scope", d.scope, CORPUS_SCOPES)
     if not isinstance(d.tokenizer, str) or not d.tokenizer:
         raise ConfigError(f"{prefix}.tokenizer", d.tokenizer, "must be byte, bpe or a local tokenizer directory")
     if d.tokenizer == "bpe" and d.source == "hub":

@@ -232,8 +232,8 @@ def main() -> None:
     if args.steps < 1:
         raise SystemExit(f"--steps={args.steps}: must be >= 1")
 
-    from muon_recipes.optim.kernels import (clear_cuda_graphs, gram_iterations_triton, ns_iterations_triton,
-                                            prefer_triton)
+    from muon_recipes.optim.dispatch import prefer_triton
+    from muon_recipes.optim.kernels import clear_cuda_graphs, gram_iterations_triton, ns_iterations_triton
     from muon_recipes.optim.newton_schulz import gram_restarts
     from muon_recipes.optim.kernels.iterations import _plans
     import triton

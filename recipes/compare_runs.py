@@ -38,9 +38,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-# Overrides that name where or how a run is logged, not what it trains: never an arm.
-NOT_ARM_KEYS = ("seed", "run_dir", "logging.wandb.name", "logging.wandb.group", "logging.wandb.tags",
-                "logging.wandb.mode", "launch.nproc_per_node", "device")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from muon_recipes.sweep import NOT_ARM_KEYS  # noqa: E402  (where or how a run is logged or launched: never an arm)
+
 CONFIG_FILES = ("config.json", ".hydra/config.yaml")
 PLOTS = ("loss_vs_step.png", "loss_vs_wall_time.png", "eval_loss.png", "eval_bpb.png", "step_time_breakdown.png",
          "tokens_per_s.png")

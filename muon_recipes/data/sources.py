@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from muon_recipes.choices import CORPUS_SCOPES
 from muon_recipes.config import ConfigError
 
 TEXT = "text"
@@ -55,8 +56,6 @@ def stable_hash(*parts: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-SCOPES = ("stdlib", "site-packages")
-
 # site-packages: what counts as a distribution's text. Python sources and documentation; not stubs (they repeat
 # the sources' signatures), not the RECORD/entry-point bookkeeping of .dist-info (its METADATA, the README, is
 # kept). Files over the size cap are generated tables (unicode data, vendored parsers), not language.
@@ -73,7 +72,7 @@ def embedded_files(scope: str = "stdlib") -> list[tuple[str, Path]]:
     if scope == "site-packages":
         return site_package_files()
     if scope != "stdlib":
-        raise ConfigError("data.scope", scope, "must be one of " + ", ".join(SCOPES))
+        raise ConfigError("data.scope", scope, "must be one of " + ", ".join(CORPUS_SCOPES))
     root = sysconfig.get_paths()["stdlib"]
     found = []
     for directory, subdirectories, filenames in os.walk(root):

@@ -12,7 +12,9 @@ Initialization (`Transformer.init_weights`) is normal(0, init_std) for every wei
 with the output projections of each residual branch (attention out, MLP down, expert down) scaled by
 `1/sqrt(2 * n_layers)` (GPT-2, Radford et al. 2019, section 2.3; Megatron-LM, Shoeybi et al. 2019): each of the
 `2 * n_layers` branches adds to the residual stream, so its variance stays independent of depth. Norm weights are 1.
-The model is meant to be built on the meta device, sharded, materialized with `to_empty`, then initialized.
+The trainer builds the model whole on its device with the run's seed, then shards it with FSDP2 (`train/entry.py`),
+so the initial weights are the same for every world size; `init_weights` also serves a model built on the meta
+device and materialized with `to_empty`.
 """
 
 from __future__ import annotations

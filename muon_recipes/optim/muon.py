@@ -8,14 +8,14 @@ the orthogonalized momentum:
     O  = NewtonSchulz(U)  per block                (approximately the polar factor of each block)
     W <- (1 - lr * weight_decay) * W - lr * ratio(block) * O
 
-with decoupled weight decay (Loshchilov & Hutter 2019) and `ratio` from `adjust_lr` (see `orthogonalize`).
+with decoupled weight decay (Loshchilov & Hutter 2019) and `ratio` from `adjust_lr` (see `blocks.adjust_lr_ratio`).
 Embeddings, the output head, norms, biases and routers are not hidden matrices; they get AdamW in the same
 optimizer, so LR schedulers, `state_dict()` and DCP checkpoints see one object. Each param group says its
 `algorithm`; any key of a group overrides the constructor's default.
 
 A step has three phases, each over all groups at once so blocks of equal shape share one batched call:
 (1) momentum on the local gradients, (2) orthogonalize -- parameters sharded by FSDP2 are assembled across
-their shard group first (`distributed.py`), every other one is done in place -- and (3) scale and apply.
+their shard group first (`sharded.py`), every other one is done in place -- and (3) scale and apply.
 The AdamW groups run during (2), while the sharded path's messages are in flight. `last_step_timings`
 reports the seconds spent in Newton-Schulz, in communication and in the rest.
 """
@@ -25,22 +25,21 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from muon_recipes.optim.newton_schulz import BACKENDS, METHODS, SCHEDULES, resolve_dtype, triton_kernels
-from muon_recipes.optim.orthogonalize import ADJUST_LR, EXPERT_MODES, BlockPlan, NSSettings, orthogonalize
+from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, REPLICA_SPREAD
+from muon_recipes.optim import dispatch
+from muon_recipes.optim.blocks import BlockPlan
+from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
+                                              resolve_dtype)
+from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
 
-ALGORITHMS = ("muon", "adamw")
-NS_EPS = 1e-7  # added to the Frobenius norm before dividing (Keller Jordan's Muon)
-# The one-pass weight update (kernels/elementwise.py) is used for 2-D weights of at least this many elements.
-# Measured on one H200 (recipes/bench_optimizer.py, 2026-12-01): on dense_1b (2-D matrices of 1-11.5M elements)
-# it saved about 1.3 ms per step. On moe_small, whose 3-D expert weights would take it too, a run with it on
-# every weight took 16.2 ms against 9.6 ms without, for a reason not found yet; 3-D weights and small
-# matrices stay on torch's add until that is understood.
-SCALED_ADD_MIN_NUMEL = 1 << 22
+ADAMW_LR = 3e-3  # an AdamW group's lr when it sets none (the `optim.adamw.lr` default of conf/)
+BUCKET_MB = 256.0  # sharded parameters: target size of one communication bucket (full matrices, MB)
+
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether `t` is a DTensor, without importing torch.distributed.tensor (seconds) when nobody else has:
@@ -102,32 +101,51 @@ class _StepTimer:
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices and AdamW for the rest, chosen per param group by `algorithm`.
 
-    Muon group keys: lr, momentum, nesterov, weight_decay, adjust_lr (spectral_norm | rms_norm | none),
-    ns_steps, ns_schedule (keller | polar_express), ns_method (gram | standard: the Gram form of the same
-    iteration on non-square blocks, or the classic loop), ns_dtype, backend (auto | torch | triton), split_sizes
-    (row blocks of every weight in the group, or None), experts (per_expert | fused, for 3-D [E, out, in]).
-    AdamW group keys: lr, betas, eps, weight_decay -- exactly `torch.optim.AdamW` (decoupled decay, bias
-    correction). Parameters may be plain tensors or FSDP2 DTensors; the mesh comes from the parameters.
+    Every argument is the default of the group key of the same name; a param group's own key overrides it.
+
+    Muon groups (`algorithm="muon"`, the default): lr, momentum, nesterov, weight_decay, adjust_lr
+    (spectral_norm | rms_norm | none), ns_steps, ns_schedule (keller | polar_express, or a sequence of
+    (a, b, c) coefficients, one triple per iteration, the last repeated for further steps), ns_method (gram |
+    standard: the Gram form of the same iteration on non-square blocks, or the classic loop), ns_dtype,
+    backend (auto | torch | triton), split_sizes (row blocks of every weight in the group, or None), experts
+    (per_expert | fused, for 3-D [E, out, in]). The Newton-Schulz defaults are those of `newton_schulz()`.
+
+    AdamW groups (`algorithm="adamw"`): lr, betas, eps, weight_decay -- exactly `torch.optim.AdamW` (decoupled
+    decay, bias correction). A group that sets no lr or weight_decay takes `adamw_lr` (3e-3, the `optim.adamw.lr`
+    of conf/) or `adamw_weight_decay` (0: which AdamW parameters to decay is the caller's choice, per group),
+    never Muon's lr or weight decay (an lr of 0.02 is about ten times a usual AdamW lr).
+
+    Parameters may be plain tensors or FSDP2 DTensors; the mesh comes from the parameters. For sharded ones,
+    `bucket_mb` is the target size (full matrices, MB) of one communication bucket and `replica_spread`
+    (auto | True | False) whether HSDP replicas share the Newton-Schulz work ("auto": when every rank of the
+    mesh still gets a matrix). `profile` synchronizes CUDA between the phases of a step so `last_step_timings`
+    attributes GPU time to Newton-Schulz, communication and the rest (the trainer turns it on for logging
+    steps only, since it loses the overlap); without it the timings are host-side.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, adjust_lr: str = "spectral_norm", ns_steps: int = 5,
-                 ns_schedule: str = "keller", ns_dtype: torch.dtype | str = torch.bfloat16,
-                 backend: str = "auto", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 ns_method: str = "gram"):
+                 weight_decay: float = 0.0, adjust_lr: str = "spectral_norm", ns_steps: int = NS_STEPS,
+                 ns_schedule: str | Sequence[Sequence[float]] = NS_SCHEDULE, ns_method: str = NS_METHOD,
+                 ns_dtype: torch.dtype | str = NS_DTYPE, backend: str = "auto",
+                 split_sizes: Optional[Sequence[int]] = None, experts: str = "per_expert",
+                 adamw_lr: float = ADAMW_LR, adamw_weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 bucket_mb: float = BUCKET_MB, replica_spread: str | bool = "auto", profile: bool = False):
         defaults = dict(algorithm="muon", lr=lr, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, ns_steps=ns_steps,
                         ns_schedule=ns_schedule, ns_method=ns_method, ns_dtype=ns_dtype, backend=backend,
-                        betas=tuple(betas), eps=eps, split_sizes=None, experts="per_expert")
-        # The trainer sets `profile` on logging steps: CUDA is synchronized between phases so each second is
-        # attributed to NS, communication or the rest (overlap is lost, so that step runs a little slower).
-        # Without it `last_step_timings` holds host-side times, which under-count asynchronous GPU work.
-        self.profile = False
+                        betas=tuple(betas), eps=eps, split_sizes=split_sizes, experts=experts)
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb={bucket_mb!r}: must be > 0")
+        if replica_spread not in REPLICA_SPREAD:
+            raise ValueError(f"replica_spread={replica_spread!r}: must be one of "
+                             + ", ".join(map(str, REPLICA_SPREAD)))
+        # What an AdamW group lacks is filled from these, not from the Muon defaults (see the class doc).
+        self.adamw_defaults = dict(lr=adamw_lr, weight_decay=adamw_weight_decay)
+        self.profile = profile
         self.last_step_timings: dict[str, float] = {}
-        # Sharded (FSDP2) parameters: target size of one communication bucket, and whether HSDP replicas
-        # share the Newton-Schulz work ("auto": when every rank of the mesh still gets a matrix).
-        self.bucket_mb = 256.0
-        self.replica_spread = "auto"
+        self.bucket_mb = float(bucket_mb)
+        self.replica_spread = replica_spread
         self._plans: dict[Tensor, tuple] = {}
         self._dist_cache: dict = {}  # process-group maps and the sharded step plan, reused between steps
         super().__init__(params, defaults)
@@ -136,6 +154,8 @@ class Muon(torch.optim.Optimizer):
     # Groups
     # ----------------------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("algorithm", self.defaults["algorithm"]) == "adamw":
+            param_group = {**self.adamw_defaults, **param_group}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_group(group, len(self.param_groups) - 1)
@@ -151,7 +171,8 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("_dist_cache", {})
         self.__dict__.setdefault("profile", False)
         self.__dict__.setdefault("last_step_timings", {})
-        self.__dict__.setdefault("bucket_mb", 256.0)
+        self.__dict__.setdefault("bucket_mb", BUCKET_MB)
+        self.__dict__.setdefault("adamw_defaults", dict(lr=ADAMW_LR, weight_decay=0.0))
         self.__dict__.setdefault("replica_spread", "auto")
 
     # ----------------------------------------------------------------------------------------------------------
@@ -189,16 +210,16 @@ class Muon(torch.optim.Optimizer):
             bufs.append(local(state["momentum_buffer"]))
         mu, nesterov = group["momentum"], group["nesterov"]
         ns_dtype = resolve_dtype(group["ns_dtype"])
-        kernels = triton_kernels() if grads and grads[0].is_cuda else None
-        fused = getattr(kernels, "momentum_update", None)
-        if fused is not None and all(kernels.momentum_applies(g, b) for g, b in zip(grads, bufs)):
+        if dispatch.momentum_on_triton(grads, bufs):
             # One pass per tensor, the update already in the Newton-Schulz dtype (kernels/elementwise.py).
+            fused = dispatch.kernels().momentum_update
             updates = [fused(g, b, mu, nesterov, ns_dtype) for g, b in zip(grads, bufs)]
         else:
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=mu) if nesterov else bufs
-        ns = NSSettings(group["ns_steps"], group["ns_schedule"], ns_dtype, group["backend"], NS_EPS,
+        # check_schedule: coefficients that came back from a state dict as lists become hashable tuples again.
+        ns = NSSettings(group["ns_steps"], check_schedule(group["ns_schedule"]), ns_dtype, group["backend"], NS_EPS,
                         group["ns_method"])
         return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns) for p, u in zip(params, updates)]
 
@@ -215,7 +236,7 @@ class Muon(torch.optim.Optimizer):
             plan = BlockPlan.build(p.shape, group["split_sizes"], group["experts"])
             scale = plan.row_scale(group["adjust_lr"])
             if is_dtensor(p):
-                from muon_recipes.optim.distributed import local_slice
+                from muon_recipes.optim.sharded import local_slice
                 scale = local_slice(scale, p)
             cached = (key, plan, scale.to(local(p).device), _row_segments(scale))
             self._plans[p] = cached
@@ -223,11 +244,11 @@ class Muon(torch.optim.Optimizer):
 
     # (2) orthogonalize ----------------------------------------------------------------------------------------
     def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer, overlap) -> list[Tensor]:
-        """Orthogonalized local update of every item; sharded parameters go through `distributed.py`.
+        """Orthogonalized local update of every item; sharded parameters go through `sharded.py`.
 
         `overlap` (the AdamW groups) runs while the sharded path's first messages are in flight."""
         if any(is_dtensor(item.param) for item in items):
-            from muon_recipes.optim.distributed import orthogonalize_sharded
+            from muon_recipes.optim.sharded import orthogonalize_sharded
             return orthogonalize_sharded(items, timer, self._dist_cache, bucket_mb=self.bucket_mb,
                                          replica_spread=self.replica_spread, overlap=overlap)
         overlap()
@@ -241,13 +262,10 @@ class Muon(torch.optim.Optimizer):
         group, p = item.group, local(item.param)
         lr, wd = group["lr"], group["weight_decay"]
         _, scale, segments = self._plan(item.param, group)
-        if (segments is not None and len(segments) == 1 and ortho.shape == p.shape and p.ndim == 2
-                and p.numel() >= SCALED_ADD_MIN_NUMEL):
-            kernels = triton_kernels() if p.is_cuda else None
-            if getattr(kernels, "scaled_add_", None) is not None and kernels.scaled_add_applies(p, ortho):
-                # Decay and update in one vectorized pass (kernels/elementwise.py).
-                kernels.scaled_add_(p, ortho, alpha=-lr * segments[0][2], decay=1 - lr * wd)
-                return
+        if segments is not None and len(segments) == 1 and dispatch.scaled_add_on_triton(p, ortho):
+            # Decay and update in one vectorized pass (kernels/elementwise.py).
+            dispatch.kernels().scaled_add_(p, ortho, alpha=-lr * segments[0][2], decay=1 - lr * wd)
+            return
         if wd:
             p.mul_(1 - lr * wd)
         if segments is None:
@@ -280,16 +298,16 @@ class Muon(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if _fused_adamw_applies(lp) and state["step"].device != lp.device:
+            if dispatch.fused_adamw(lp) and state["step"].device != lp.device:
                 state["step"] = state["step"].to(lp.device)  # the fused kernel reads the step on the device
             lists = by_kind.setdefault((lp.device, lp.dtype), [[], [], [], [], []])
             for lst, t in zip(lists, (lp, local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
                                       state["step"])):
                 lst.append(t)
         for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
-            if _fused_adamw_applies(params[0]):
+            if dispatch.fused_adamw(params[0]):
                 # One pass over the memory instead of the ~8 of the multi-tensor ops below (same math: decoupled
-                # decay, bias correction); 3x faster on the dense_1b parameter set on an H100.
+                # decay, bias correction); `dispatch.fused_adamw` says when.
                 torch._foreach_add_(steps, 1)
                 torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr,
                                     beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=False)
@@ -327,11 +345,6 @@ def _row_segments(scale: Tensor) -> Optional[list[tuple[int, int, float]]]:
     return segments
 
 
-def _fused_adamw_applies(t: Tensor) -> bool:
-    """torch's fused AdamW kernel exists for CUDA floating-point tensors (torch >= 2.2)."""
-    return t.is_cuda and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and hasattr(torch, "_fused_adamw_")
-
-
 def _validate_group(group: dict, index: int) -> None:
     """One-line errors naming the group, the key, the value and what is valid; normalizes dtype and tuples."""
     where = f"param_groups[{index}]" + (f" ({group['name']})" if group.get("name") else "")
@@ -346,9 +359,12 @@ def _validate_group(group: dict, index: int) -> None:
     if not group["weight_decay"] >= 0:
         raise bad("weight_decay", "must be >= 0")
     try:
-        group["ns_dtype"] = _dtype_name(group["ns_dtype"])
+        name = _dtype_name(group["ns_dtype"])
     except ValueError:
-        raise bad("ns_dtype", "must be bfloat16, float32 (a torch.dtype or its name)") from None
+        name = None
+    if name not in NS_DTYPES:
+        raise bad("ns_dtype", "must be one of " + ", ".join(NS_DTYPES) + " (a torch.dtype or its name)")
+    group["ns_dtype"] = name
     if group["algorithm"] == "adamw":
         betas = tuple(group["betas"])
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -361,8 +377,10 @@ def _validate_group(group: dict, index: int) -> None:
         raise bad("momentum", "must be in [0, 1)")
     if group["adjust_lr"] not in ADJUST_LR:
         raise bad("adjust_lr", "must be one of " + ", ".join(ADJUST_LR))
-    if group["ns_schedule"] not in SCHEDULES:
-        raise bad("ns_schedule", "must be one of " + ", ".join(SCHEDULES))
+    try:
+        group["ns_schedule"] = check_schedule(group["ns_schedule"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     if group["ns_method"] not in METHODS:
         raise bad("ns_method", "must be one of " + ", ".join(METHODS))
     if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:

@@ -32,21 +32,32 @@ Two forms of the same iteration (`method`):
 
 Layout: each matrix with more rows than columns is transposed first so the Gram matrix X X^T is the small
 side (m <= n); the decision is per matrix shape. The per-step loop is `ns_iterations_torch`; a Triton
-implementation with the same contract lives in `muon_recipes.optim.kernels` and is chosen by `backend`.
+implementation with the same contract lives in `muon_recipes.optim.kernels`; `backend` and
+`muon_recipes.optim.dispatch` choose between them.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-SCHEDULES = ("keller", "polar_express")
-BACKENDS = ("auto", "torch", "triton")
-METHODS = ("standard", "gram")
-# On a GPU the Gram form's extra launches (five products per step, small ones) cost more than its saved FLOPs
-# below this small side: one H200, 5 Keller steps, recipes/bench_newton_schulz.py (2026-12-01): 32 x 512 x
-# 2048 took 0.78 ms in the Gram form against 0.95 ms, 64 x 768 x 2048 3.16 against 3.46 ms, but
-# 128 x 256 x 1024 0.89 against 0.63 ms. Smaller blocks there keep the standard form.
-GRAM_MIN_SIDE_CUDA = 512
+from typing import Sequence, Union
+
+from muon_recipes.choices import METHODS, SCHEDULES
+from muon_recipes.optim import dispatch
+
+# The defaults of `newton_schulz()`, which `Muon` shares: Keller Jordan's 5 quintic steps, in bf16, with his eps
+# added to the Frobenius norm before dividing; the Gram form where it applies (see `dispatch.uses_gram_form`).
+NS_STEPS = 5
+NS_SCHEDULE = "keller"
+NS_METHOD = "gram"
+NS_DTYPE = torch.bfloat16
+NS_EPS = 1e-7
+
+# A schedule is a name from SCHEDULES or the coefficients themselves: one (a, b, c) per iteration.
+Schedule = Union[str, Sequence[Sequence[float]]]
+
 
 # Keller Jordan's Muon (github.com/KellerJordan/Muon, muon.py): one quintic for every step.
 KELLER_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -88,16 +99,33 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"ns_dtype={dtype!r}: must be one of {', '.join(_DTYPES)} or a torch.dtype")
 
 
-def coefficients(schedule: str, steps: int) -> list[tuple[float, float, float]]:
-    """The (a, b, c) of each of `steps` iterations of `schedule`."""
+def check_schedule(schedule: Schedule, key: str = "ns_schedule") -> Union[str, tuple[tuple[float, float, float], ...]]:
+    """`schedule` as a name from SCHEDULES, or its coefficients as a tuple of (a, b, c) float triples (hashable,
+    so blocks with equal settings still share one batched call); a one-line error naming `key` otherwise."""
+    if isinstance(schedule, str):
+        if schedule in SCHEDULES:
+            return schedule
+    else:
+        try:
+            triples = tuple((float(a), float(b), float(c)) for a, b, c in schedule)
+        except (TypeError, ValueError):
+            triples = ()
+        if triples and all(math.isfinite(x) for triple in triples for x in triple):
+            return triples
+    raise ValueError(f"{key}={schedule!r}: must be one of {', '.join(SCHEDULES)} (or a non-empty sequence of "
+                     "finite (a, b, c) coefficient triples)")
+
+
+def coefficients(schedule: Schedule, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of `steps` iterations of `schedule` (a name, or the triples themselves: a table
+    shorter than `steps` repeats its last triple, as Polar Express does after its eighth)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r}: must be an integer >= 1")
+    schedule = check_schedule(schedule, "schedule")
     if schedule == "keller":
         return [KELLER_COEFFICIENTS] * steps
-    if schedule == "polar_express":
-        table = list(POLAR_EXPRESS_COEFFICIENTS)
-        return table[:steps] + [table[-1]] * max(0, steps - len(table))
-    raise ValueError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
+    table = list(POLAR_EXPRESS_COEFFICIENTS) if schedule == "polar_express" else list(schedule)
+    return table[:steps] + [table[-1]] * max(0, steps - len(table))
 
 
 def ns_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, float]]) -> torch.Tensor:
@@ -122,12 +150,6 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
     grows with the steps since the last restart, and the last segment is what reaches the output.
     """
     return tuple(range(3, steps, 3))
-
-
-def uses_gram_form(method: str, rows: int, cols: int, on_cuda: bool) -> bool:
-    """Whether `newton_schulz(method=method)` runs a rows x cols matrix in the Gram form: non-square, and on a
-    GPU at least GRAM_MIN_SIDE_CUDA on its small side."""
-    return method == "gram" and rows != cols and (not on_cuda or min(rows, cols) >= GRAM_MIN_SIDE_CUDA)
 
 
 def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float, float]],
@@ -156,42 +178,18 @@ def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float
     return torch.bmm(Q, X)
 
 
-def triton_kernels():
-    """The Triton kernels module, or None when it (or Triton) is not available."""
-    try:
-        from muon_recipes.optim import kernels
-    except ImportError:
-        return None
-    return kernels
-
-
-def _use_triton(X: torch.Tensor, backend: str) -> bool:
-    """Whether `backend` runs this batch on the Triton kernels (an error when it asks for them and they are
-    missing)."""
-    if backend == "torch":
-        return False
-    kernels = triton_kernels()
-    if backend == "triton":
-        if getattr(kernels, "ns_iterations_triton", None) is None:
-            raise RuntimeError("backend='triton': muon_recipes.optim.kernels.ns_iterations_triton is not "
-                               "available (Triton missing or kernels not built); use backend='torch' or 'auto'")
-        return True
-    if backend == "auto":
-        prefer = getattr(kernels, "prefer_triton", None)
-        return prefer is not None and prefer(X)
-    raise ValueError(f"backend={backend!r}: must be one of {', '.join(BACKENDS)}")
-
-
-def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
-                  dtype: torch.dtype | str = torch.bfloat16, backend: str = "auto",
-                  eps: float = 1e-7, method: str = "standard") -> torch.Tensor:
+def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = NS_SCHEDULE,
+                  dtype: torch.dtype | str = NS_DTYPE, backend: str = "auto",
+                  eps: float = NS_EPS, method: str = NS_METHOD) -> torch.Tensor:
     """Approximate polar factor of every matrix in `G` ([..., rows, cols]); same shape, in `dtype`.
 
     Each matrix is cast to `dtype`, divided by (safety * ||X||_F + eps) so its spectral norm is <= 1 (the
     Frobenius norm bounds it; the norm itself is accumulated in float32), transposed when rows > cols,
     iterated, and transposed back. `method="gram"` iterates in the Gram form on non-square matrices (in
     float16 when `dtype` is a 16-bit type; see the module doc) and in the standard form on square ones and,
-    on a GPU, on those whose small side is under GRAM_MIN_SIDE_CUDA.
+    on a GPU, on those whose small side is under `dispatch.GRAM_MIN_SIDE_CUDA`. `schedule` is a name from
+    SCHEDULES or the coefficients themselves (see `coefficients`); given coefficients are applied to
+    X / (||X||_F + eps), with no safety factor (fold one into them, as Polar Express does, if they need it).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: G must have at least 2 dims [..., rows, cols], got shape {tuple(G.shape)}")
@@ -203,17 +201,18 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     X = G.reshape(-1, rows, cols).to(dtype)
     if X.numel() == 0:
         return X.reshape(G.shape)
-    triton = _use_triton(X, backend)
-    gram = uses_gram_form(method, rows, cols, X.is_cuda)
+    triton = dispatch.newton_schulz_on_triton(X, backend)
+    kernels = dispatch.kernels() if triton else None
+    gram = dispatch.uses_gram_form(method, rows, cols, X.is_cuda)
     half = dtype in (torch.bfloat16, torch.float16)
     work = torch.float16 if gram and half else dtype
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    divisor = norm * _NORM_SAFETY[schedule] + eps
+    divisor = norm * (_NORM_SAFETY[schedule] if isinstance(schedule, str) else 1.0) + eps
     # One pass: the division runs in float32 and rounds once into a fresh `work` buffer (a plain `X / norm`
     # would write a float32 copy first and convert it in a second pass). G itself is never written.
     normalized = torch.empty(X.shape, dtype=work, device=X.device)
-    if triton and X.is_contiguous() and X.dtype != torch.float64:
-        X = triton_kernels().divide_matrices(X, divisor, out=normalized)   # the same numbers, vectorized
+    if triton and dispatch.divide_on_triton(X):
+        X = kernels.divide_matrices(X, divisor, out=normalized)   # the same numbers, vectorized
     else:
         X = torch.div(X, divisor, out=normalized)
     transpose = rows > cols
@@ -225,10 +224,10 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, schedule: str = "keller",
     X = X.to(compute).contiguous()
     if gram:
         restarts = gram_restarts(steps)
-        X = (triton_kernels().gram_iterations_triton(X, coeffs, restarts, out_dtype=dtype) if triton
+        X = (kernels.gram_iterations_triton(X, coeffs, restarts, out_dtype=dtype) if triton
              else gram_iterations_torch(X, coeffs, restarts))
     else:
-        X = triton_kernels().ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)
+        X = kernels.ns_iterations_triton(X, coeffs) if triton else ns_iterations_torch(X, coeffs)
     X = X.to(dtype)
     if transpose:
         X = X.mT

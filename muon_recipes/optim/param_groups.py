@@ -85,14 +85,11 @@ def build_param_groups(model: nn.Module, optim_cfg: Any,
     return sorted(groups.values(), key=lambda g: (g["algorithm"] != "muon", g["name"]))
 
 
-def build_optimizer(model: nn.Module, optim_cfg: Any) -> Muon:
-    """The run's optimizer: `Muon` over `build_param_groups(model, optim_cfg)`."""
-    return Muon(build_param_groups(model, optim_cfg), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
-                nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay,
-                adjust_lr=optim_cfg.adjust_lr, ns_steps=optim_cfg.ns_steps, ns_schedule=optim_cfg.ns_schedule,
-                ns_method=optim_cfg.ns_method,
-                ns_dtype=optim_cfg.ns_dtype, backend=optim_cfg.backend, betas=tuple(optim_cfg.adamw.betas),
-                eps=optim_cfg.adamw.eps)
+def build_optimizer(model: nn.Module, optim_cfg: Any, **options: Any) -> Muon:
+    """The run's optimizer: `Muon` over `build_param_groups(model, optim_cfg)`, whose groups already carry every
+    hyperparameter of the config, so none is passed again as a constructor default. `options` are the
+    optimizer-wide arguments no group carries (`bucket_mb`, `replica_spread`, `profile`)."""
+    return Muon(build_param_groups(model, optim_cfg), **options)
 
 
 def _expert_parallel_size(group: dict) -> int:

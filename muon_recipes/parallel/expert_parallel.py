@@ -15,7 +15,7 @@ whole experts on every rank (`E/ep` of them), never all-gathered. We deliberatel
 over `ep_replicate` as well (torchtitan's `dp_shard_mod_ep`): that would save `(world/ep - 1)/(world/ep)` of the
 expert memory when `world > ep`, but cut every expert into row shards again, and Muon would have to assemble
 them before Newton-Schulz. With whole local experts, Muon's existing rule applies -- a 3-D weight sharded on the
-expert dim is orthogonalized where it is, per expert, with no communication (`optim/distributed.py`, step 1) --
+expert dim is orthogonalized where it is, per expert, with no communication (`optim/sharded.py`, step 1) --
 and the momentum buffers are DTensors placed like their weights, so DCP reshards them across ep sizes and world
 sizes like every other state. When `ep == world` (the usual single-node case) nothing is replicated at all.
 

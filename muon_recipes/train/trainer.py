@@ -1,6 +1,6 @@
 """The training loop: build everything from a validated `RunConfig`, then step, evaluate, log.
 
-Order of start-up (see DESIGN.md): config validated (before any process group) -> process group + mesh ->
+Order of start-up (`entry.run`): config validated (before any process group) -> process group + mesh ->
 model built whole on the device with the run's seed, then sharded with FSDP2 (so the initial weights are the same
 for every world size) -> optimizer from the model's declared parameter layouts -> data -> resume -> loop.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from muon_recipes.config import RunConfig
-from muon_recipes.optim.schedules import lr_multiplier
+from muon_recipes.train.schedules import lr_multiplier
 from muon_recipes.parallel.distributed import DistributedContext, all_reduce_mean, all_reduce_sum
 from muon_recipes.train.loggers import Loggers, token_count
 from muon_recipes.train.metrics import Stopwatch, bits_per_byte, device_peak_flops, peak_memory_gib
@@ -419,7 +419,7 @@ class Trainer:
 
 def _tuned_problem_count() -> int:
     """Tile choices the Newton-Schulz kernels hold in this process (0 where Triton is not in use)."""
-    from muon_recipes.optim.kernels.availability import triton_available
+    from muon_recipes.optim.dispatch import triton_available
 
     if not triton_available():
         return 0

@@ -48,6 +48,16 @@ def test_sizes_are_as_advertised(name, low, high):
     assert low <= param_counts(load(CONF / f"{name}.yaml")).total <= high
 
 
-def test_moe_small_has_eight_or_more_experts_top2():
+def test_moe_small_routes_two_of_eight_or_more_experts():
+    """moe_small is the zoo's sparse model: its built expert weights stack 8 or more experts, and what a token
+    skips (every routed expert but its top 2, in every MoE layer), counted on the built model, is exactly what
+    `param_counts` leaves out of the active parameters."""
     cfg = load(CONF / "moe_small.yaml")
-    assert cfg.n_experts >= 8 and cfg.top_k == 2
+    with torch.device("meta"):
+        model = build_model(cfg)
+    layouts = collect_layouts(model)
+    experts = [p for name, p in model.named_parameters() if layouts[name].experts]
+    assert experts and all(p.shape[0] >= 8 for p in experts)
+    skipped = sum(p.numel() // p.shape[0] * (p.shape[0] - 2) for p in experts)
+    counts = param_counts(cfg)
+    assert counts.total - counts.active == skipped

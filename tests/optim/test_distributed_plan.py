@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from muon_recipes.optim.distributed import ShardLayout, Topology, _bucket_members, _make_bucket, chunk_bounds
-from muon_recipes.optim.orthogonalize import BlockPlan, NSSettings
+from muon_recipes.optim.sharded import ShardLayout, Topology, _bucket_members, _make_bucket, chunk_bounds
+from muon_recipes.optim.blocks import BlockPlan
+from muon_recipes.optim.orthogonalize import NSSettings
 
 NS = NSSettings(5, "keller", torch.bfloat16, "torch", 1e-7)
 

@@ -69,143 +69,183 @@ def _exactly_symmetric(S: torch.Tensor) -> torch.Tensor:
     return torch.triu(S) + torch.triu(S, 1).mT
 
 
-def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dict:
-    from muon_recipes.optim.kernels import (commuting_product, fused_update, gram_iterations_triton,
-                                            ns_iterations_triton, symmetric_gram, symmetric_polynomial)
-    from muon_recipes.optim.newton_schulz import gram_iterations_torch
+# One function per kernel: each gets the normalized input X of the case (its batch, shape and dtype) and a
+# generator of its own, and returns its errors against float64 and torch plus the properties it must keep.
 
-    dtype = getattr(torch, dtype_name)
-    generator = torch.Generator().manual_seed(seed)
-    X = torch.randn(batch, m, n, generator=generator)
-    X = (X / X.norm(dim=(-2, -1), keepdim=True)).to(dtype)
-    a, b, c = KELLER
-    results = {}
+def _measure_gram(X, generator):
+    from muon_recipes.optim.kernels import symmetric_gram
 
-    out = torch.full((batch, m, m), float("nan"), dtype=dtype)
+    batch, m, _ = X.shape
+    out = torch.full((batch, m, m), float("nan"), dtype=X.dtype)
     symmetric_gram(X, out=out)
-    results["gram"] = {"ours": _relative_error(out, X.double() @ X.double().mT),
-                       "torch": _relative_error(X @ X.mT, X.double() @ X.double().mT),
-                       "symmetric": bool(torch.equal(out, out.mT))}
+    return {"ours": _relative_error(out, X.double() @ X.double().mT),
+            "torch": _relative_error(X @ X.mT, X.double() @ X.double().mT),
+            "symmetric": bool(torch.equal(out, out.mT))}
 
-    S = _exactly_symmetric((X.float() @ X.float().mT).to(dtype))
-    out = torch.full((batch, m, m), float("nan"), dtype=dtype)
+
+def _measure_polynomial(X, generator):
+    from muon_recipes.optim.kernels import symmetric_polynomial
+
+    _, b, c = KELLER
+    S = _exactly_symmetric((X.float() @ X.float().mT).to(X.dtype))
+    out = torch.full(S.shape, float("nan"), dtype=X.dtype)
     symmetric_polynomial(S, b, c, out=out)
     exact = b * S.double() + c * S.double() @ S.double()
-    results["polynomial"] = {"ours": _relative_error(out, exact),
-                             "torch": _relative_error(b * S + c * (S @ S), exact),
-                             "symmetric": bool(torch.equal(out, out.mT))}
+    return {"ours": _relative_error(out, exact), "torch": _relative_error(b * S + c * (S @ S), exact),
+            "symmetric": bool(torch.equal(out, out.mT))}
 
-    B = _exactly_symmetric(torch.randn(batch, m, m, generator=generator) / m).to(dtype)
-    out = torch.full((batch, m, n), float("nan"), dtype=dtype)
+
+def _measure_update(X, generator):
+    from muon_recipes.optim.kernels import fused_update
+
+    batch, m, _ = X.shape
+    a = KELLER[0]
+    B = _exactly_symmetric(torch.randn(batch, m, m, generator=generator) / m).to(X.dtype)
+    out = torch.full(X.shape, float("nan"), dtype=X.dtype)
     fused_update(X, B, a, out=out)
     exact = a * X.double() + B.double() @ X.double()
-    results["update"] = {"ours": _relative_error(out, a * X.double() + B.double() @ X.double()),
-                         "torch": _relative_error(a * X + B @ X, exact)}
+    return {"ours": _relative_error(out, exact), "torch": _relative_error(a * X + B @ X, exact)}
 
+
+def _measure_divide(X, generator):
     from muon_recipes.optim.kernels import divide_matrices
 
-    raw = torch.randn(batch, m, n, generator=generator).to(dtype)
-    divisors = torch.rand(batch, generator=generator) * 10 + 0.1
-    out = torch.full((batch, m, n), float("nan"), dtype=dtype)
+    raw = torch.randn(X.shape, generator=generator).to(X.dtype)
+    divisors = torch.rand(X.shape[0], generator=generator) * 10 + 0.1
+    out = torch.full(X.shape, float("nan"), dtype=X.dtype)
     divide_matrices(raw, divisors, out=out)
     exact = raw.double() / divisors.double().view(-1, 1, 1)
-    results["divide"] = {"ours": _relative_error(out, exact),
-                         "torch": _relative_error((raw / divisors.view(-1, 1, 1)).to(dtype), exact),
-                         # torch's one-pass form (float32 math, one rounding), as newton_schulz falls back to
-                         "equals_torch": bool(torch.equal(out, torch.div(raw, divisors.view(-1, 1, 1),
-                                                                         out=torch.empty_like(raw))))}
+    return {"ours": _relative_error(out, exact),
+            "torch": _relative_error((raw / divisors.view(-1, 1, 1)).to(X.dtype), exact),
+            # torch's one-pass form (float32 math, one rounding), as newton_schulz falls back to
+            "equals_torch": bool(torch.equal(out, torch.div(raw, divisors.view(-1, 1, 1), out=torch.empty_like(raw))))}
 
-    # Two commuting symmetric matrices (polynomials in one symmetric S), as in the Gram form.
+
+def _commuting_pair(X, generator):
+    """Two commuting symmetric matrices (polynomials in one symmetric S), as in the Gram form, and Z Q + a Q."""
+    batch, m, _ = X.shape
+    a, b, c = KELLER
     S = _exactly_symmetric(torch.randn(batch, m, m, generator=generator, dtype=torch.float64) / m)
-    Z = _exactly_symmetric(b * S + c * S @ S).to(dtype)
-    Q = _exactly_symmetric(S + 2.0 * S @ S).to(dtype)
-    out = torch.full((batch, m, m), float("nan"), dtype=dtype)
-    commuting_product(Z, Q, a, out=out)
-    exact = Z.double() @ Q.double() + a * Q.double()
-    results["commuting"] = {"ours": _relative_error(out, exact),
-                            "torch": _relative_error(Z @ Q + a * Q, exact),
-                            "symmetric": bool(torch.equal(out, out.mT))}
+    Z = _exactly_symmetric(b * S + c * S @ S).to(X.dtype)
+    Q = _exactly_symmetric(S + 2.0 * S @ S).to(X.dtype)
+    return Z, Q, Z.double() @ Q.double() + a * Q.double()
 
+
+def _measure_commuting(X, generator):
+    from muon_recipes.optim.kernels import commuting_product
+
+    a = KELLER[0]
+    Z, Q, exact = _commuting_pair(X, generator)
+    out = torch.full(Z.shape, float("nan"), dtype=X.dtype)
+    commuting_product(Z, Q, a, out=out)
+    return {"ours": _relative_error(out, exact), "torch": _relative_error(Z @ Q + a * Q, exact),
+            "symmetric": bool(torch.equal(out, out.mT))}
+
+
+def _measure_wide_tiles(X, generator):
+    """The commuting product and the Gram matrix X X^T with a tile twice as wide as tall."""
     from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 
-    # The same commuting product and the Gram matrix X X^T with wide tiles.
-    wide = torch.full((batch, m, m), float("nan"), dtype=dtype)
+    a = KELLER[0]
+    Z, Q, exact = _commuting_pair(X, generator)
+    wide = torch.full(Z.shape, float("nan"), dtype=X.dtype)
     launch_symmetric_matmul(Z, wide, alpha=1.0, beta=a, c=Q, y=Q, tile=WIDE_TILE)
-    wide_gram = torch.full((batch, m, m), float("nan"), dtype=dtype)
+    wide_gram = torch.full(Z.shape, float("nan"), dtype=X.dtype)
     launch_symmetric_matmul(X, wide_gram, tile=WIDE_TILE)
-    results["wide_tiles"] = {"ours": max(_relative_error(wide, exact),
-                                         _relative_error(wide_gram, X.double() @ X.double().mT)),
-                             "torch": max(_relative_error(Z @ Q + a * Q, exact),
-                                          _relative_error(X @ X.mT, X.double() @ X.double().mT)),
-                             "symmetric": bool(torch.equal(wide, wide.mT) and torch.equal(wide_gram, wide_gram.mT))}
+    gram = X.double() @ X.double().mT
+    return {"ours": max(_relative_error(wide, exact), _relative_error(wide_gram, gram)),
+            "torch": max(_relative_error(Z @ Q + a * Q, exact), _relative_error(X @ X.mT, gram)),
+            "symmetric": bool(torch.equal(wide, wide.mT) and torch.equal(wide_gram, wide_gram.mT))}
+
+
+def _measure_gram_iterations(X, generator):
+    from muon_recipes.optim.kernels import gram_iterations_triton
+    from muon_recipes.optim.newton_schulz import gram_iterations_torch
 
     before = X.clone()
     ours = gram_iterations_triton(X, THREE_STEPS, GRAM_RESTARTS, kernels="triton")
     exact = _torch_iterations(X.double(), THREE_STEPS)   # the standard form: equal in exact arithmetic
-    results["gram_iterations"] = {
-        "ours": _relative_error(ours, exact),
-        "torch": _relative_error(gram_iterations_torch(X, THREE_STEPS, GRAM_RESTARTS), exact),
-        "input_untouched": bool(torch.equal(X, before)),
-        "dtype_kept": ours.dtype == dtype and tuple(ours.shape) == (batch, m, n)}
     # The last product rounded straight to bf16 (what newton_schulz asks for): the same numbers to within one
     # bf16 rounding (2^-9 relative per element).
     direct = gram_iterations_triton(X, THREE_STEPS, GRAM_RESTARTS, kernels="triton", out_dtype=torch.bfloat16)
-    results["gram_iterations"]["out_dtype_rounds_once"] = (
-        direct.dtype == torch.bfloat16 and _relative_error(direct, ours) <= 2.0 ** -9)
+    return {"ours": _relative_error(ours, exact),
+            "torch": _relative_error(gram_iterations_torch(X, THREE_STEPS, GRAM_RESTARTS), exact),
+            "input_untouched": bool(torch.equal(X, before)),
+            "dtype_kept": ours.dtype == X.dtype and ours.shape == X.shape,
+            "out_dtype_rounds_once": direct.dtype == torch.bfloat16 and _relative_error(direct, ours) <= 2.0 ** -9}
+
+
+def _measure_iterations(X, generator):
+    from muon_recipes.optim.kernels import ns_iterations_triton
 
     before = X.clone()
     ours = ns_iterations_triton(X, TWO_STEPS, kernels="triton")
     exact = _torch_iterations(X.double(), TWO_STEPS)
-    results["iterations"] = {"ours": _relative_error(ours, exact),
-                             "torch": _relative_error(_torch_iterations(X, TWO_STEPS), exact),
-                             "input_untouched": bool(torch.equal(X, before)),
-                             "dtype_kept": ours.dtype == dtype and tuple(ours.shape) == (batch, m, n)}
+    return {"ours": _relative_error(ours, exact), "torch": _relative_error(_torch_iterations(X, TWO_STEPS), exact),
+            "input_untouched": bool(torch.equal(X, before)),
+            "dtype_kept": ours.dtype == X.dtype and ours.shape == X.shape}
 
+
+def _measure_momentum(X, generator):
+    """Muon's momentum on a float32 gradient and buffer, the update written in X's dtype (Nesterov), and the
+    heavy-ball form whose update is the new buffer itself."""
     from muon_recipes.optim.kernels import momentum_update
 
-    # Muon's momentum on a float32 gradient and buffer, the update written in `dtype` (Nesterov), and the
-    # heavy-ball form whose update is the new buffer itself.
-    grad, buf = torch.randn(batch, m, n, generator=generator), torch.randn(batch, m, n, generator=generator)
+    grad, buf = torch.randn(X.shape, generator=generator), torch.randn(X.shape, generator=generator)
     exact_buf = 0.95 * buf.double() + grad.double()
     exact = grad.double() + 0.95 * exact_buf
-    ours_buf, out = buf.clone(), torch.full((batch, m, n), float("nan"), dtype=dtype)
-    momentum_update(grad, ours_buf, 0.95, True, dtype, out=out)
+    ours_buf, out = buf.clone(), torch.full(X.shape, float("nan"), dtype=X.dtype)
+    momentum_update(grad, ours_buf, 0.95, True, X.dtype, out=out)
     torch_buf = buf.clone().mul_(0.95).add_(grad)
     heavy_buf = buf.clone()
-    heavy = momentum_update(grad, heavy_buf, 0.95, False, dtype)
-    results["momentum"] = {"ours": _relative_error(out, exact),
-                           "torch": _relative_error((grad + 0.95 * torch_buf).to(dtype), exact),
-                           "buffer_float32_exact": _relative_error(ours_buf, exact_buf) < 1e-6,
-                           "heavy_ball_is_buffer": bool(torch.equal(heavy, heavy_buf.to(dtype)))}
+    heavy = momentum_update(grad, heavy_buf, 0.95, False, X.dtype)
+    return {"ours": _relative_error(out, exact), "torch": _relative_error((grad + 0.95 * torch_buf).to(X.dtype), exact),
+            "buffer_float32_exact": _relative_error(ours_buf, exact_buf) < 1e-6,
+            "heavy_ball_is_buffer": bool(torch.equal(heavy, heavy_buf.to(X.dtype)))}
 
+
+def _measure_scaled_add(X, generator):
+    """The final weight update: a float32 weight, decayed, plus a scaled update in X's dtype."""
     from muon_recipes.optim.kernels import scaled_add_
 
-    # The final weight update: a float32 weight, decayed, plus a scaled update in `dtype`.
-    weight, update = torch.randn(batch, m, n, generator=generator), torch.randn(batch, m, n, generator=generator)
-    update = update.to(dtype)
+    weight = torch.randn(X.shape, generator=generator)
+    update = torch.randn(X.shape, generator=generator).to(X.dtype)
     exact = 0.999 * weight.double() - 0.02 * update.double()
     ours = scaled_add_(weight.clone(), update, alpha=-0.02, decay=0.999)
-    results["scaled_add"] = {"ours": _relative_error(ours, exact),
-                             "torch": _relative_error(weight.clone().mul_(0.999).add_(update, alpha=-0.02), exact),
-                             "dtype_kept": ours.dtype == torch.float32}
+    return {"ours": _relative_error(ours, exact),
+            "torch": _relative_error(weight.clone().mul_(0.999).add_(update, alpha=-0.02), exact),
+            "dtype_kept": ours.dtype == torch.float32}
 
-    if dtype == torch.float16:
-        return results   # the transpose copy serves bf16 and fp32 buckets only
 
-    from muon_recipes.optim.kernels.transpose import copy_transposed, is_transposed_view
+def _measure_transpose(X, generator):
+    """A tall block of a float32 update, copied transposed (and cast) into a row-major buffer, as into a bucket."""
+    from muon_recipes.optim.dispatch import is_transposed_view
+    from muon_recipes.optim.kernels.transpose import copy_transposed
 
-    # A tall block of a float32 update, copied transposed (and cast) into a row-major buffer, as into a bucket.
-    tall = torch.randn(batch, n, m, generator=generator)
-    source = tall.mT
-    out = torch.full((batch, m, n), float("nan"), dtype=dtype)
+    batch, m, n = X.shape
+    source = torch.randn(batch, n, m, generator=generator).mT
+    out = torch.full(X.shape, float("nan"), dtype=X.dtype)
     copy_transposed(out, source)
-    reference = torch.empty((batch, m, n), dtype=dtype).copy_(source)
-    results["transpose"] = {"ours": _relative_error(out, source.double()),
-                            "torch": _relative_error(reference, source.double()),
-                            "equals_torch": bool(torch.equal(out, reference)),
-                            "layouts_as_expected": is_transposed_view(source) and not is_transposed_view(out)}
+    reference = torch.empty(X.shape, dtype=X.dtype).copy_(source)
+    return {"ours": _relative_error(out, source.double()), "torch": _relative_error(reference, source.double()),
+            "equals_torch": bool(torch.equal(out, reference)),
+            "layouts_as_expected": is_transposed_view(source) and not is_transposed_view(out)}
 
-    return results
+
+MEASURE = {"gram": _measure_gram, "polynomial": _measure_polynomial, "update": _measure_update,
+           "iterations": _measure_iterations, "divide": _measure_divide, "transpose": _measure_transpose,
+           "commuting": _measure_commuting, "gram_iterations": _measure_gram_iterations,
+           "momentum": _measure_momentum, "scaled_add": _measure_scaled_add, "wide_tiles": _measure_wide_tiles}
+assert tuple(MEASURE) == KERNELS
+
+
+def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dict:
+    """Every kernel's measurements (CASES) on one shape and dtype."""
+    dtype = getattr(torch, dtype_name)
+    X = torch.randn(batch, m, n, generator=torch.Generator().manual_seed(seed))
+    X = (X / X.norm(dim=(-2, -1), keepdim=True)).to(dtype)
+    return {kernel: MEASURE[kernel](X, torch.Generator().manual_seed(1000 * seed + i))
+            for i, kernel in enumerate(KERNELS) if (dtype_name, kernel) in CASES}
 
 
 def _interpreter_main() -> None:
@@ -278,18 +318,17 @@ def test_bad_coefficients_are_named():
 
 def test_cpu_tensor_without_interpreter_is_refused():
     kernels = _kernels()
-    from muon_recipes.optim.kernels.tuning import interpreting
+    from muon_recipes.optim.dispatch import interpreting
     if interpreting():
         pytest.skip("TRITON_INTERPRET is set for this process: CPU tensors are valid here")
     with pytest.raises(ValueError, match="X.device=cpu"):
         kernels.ns_iterations_triton(torch.zeros(1, 4, 8), [KELLER])
 
 
-def test_prefer_triton_only_on_cuda():
-    from muon_recipes.optim.kernels import prefer_triton, triton_available
-    assert prefer_triton(torch.zeros(1, 1024, 4096)) is False
-    assert isinstance(triton_available(), bool)
-    if torch.cuda.is_available() and triton_available():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA side of the rule needs a GPU")
+def test_prefer_triton_on_cuda_from_the_measured_side():
+    from muon_recipes.optim.dispatch import prefer_triton, triton_available
+    if triton_available():
         assert prefer_triton(torch.zeros(8, 1024, 4096, device="cuda", dtype=torch.bfloat16)) is True
         assert prefer_triton(torch.zeros(8, 64, 128, device="cuda", dtype=torch.bfloat16)) is False
 

@@ -2,7 +2,7 @@
 
 test_kernels.py runs the kernels in Triton's CPU interpreter, which checks their arithmetic but never compiles
 the GPU branches and says nothing about registers, shared memory or instructions. Here every kernel is
-compiled for sm_90 with the Triton and ptxas of this machine (`kernels/machine_code.py`) and its machine code
+compiled for sm_90 with the Triton and ptxas of this machine (`tests/optim/machine_code.py`) and its machine code
 is read back:
 
 * every autotuning tile of the matmul kernels, at the real block shapes, keeps its accumulators in
@@ -29,8 +29,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 try:
-    from muon_recipes.optim.kernels import (elementwise, machine_code, normalize, symmetric,  # noqa: E402
-                                            transpose, update)
+    import machine_code  # noqa: E402
+    from muon_recipes.optim.kernels import elementwise, normalize, symmetric, transpose, update  # noqa: E402
 except RuntimeError as error:   # Triton 3.3's autotuner asks for a GPU driver when the kernel is defined
     pytest.skip(f"this Triton cannot define autotuned kernels without a GPU: {error}", allow_module_level=True)
 

@@ -60,14 +60,14 @@ def _tokens(step: int, ranks):
     return tokens.chunk(world)[rank]
 
 
-def _sharded(cfg, mesh, steps, backward: bool, **optim_attrs):
+def _sharded(cfg, mesh, steps, backward: bool, **optim_options):
     """The same run with the model under fully_shard on `mesh`; returns the model and the optimizer."""
-    model, opt = _build_sharded(cfg, mesh, **optim_attrs)
+    model, opt = _build_sharded(cfg, mesh, **optim_options)
     _run_sharded(model, opt, mesh, range(steps), backward)
     return model, opt
 
 
-def _build_sharded(cfg, mesh, seed: int = 0, **optim_attrs):
+def _build_sharded(cfg, mesh, seed: int = 0, **optim_options):
     from torch.distributed.fsdp import fully_shard
 
     from muon_recipes.optim import build_optimizer
@@ -78,10 +78,7 @@ def _build_sharded(cfg, mesh, seed: int = 0, **optim_attrs):
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = build_optimizer(model, cfg)
-    for key, value in optim_attrs.items():
-        setattr(opt, key, value)
-    return model, opt
+    return model, build_optimizer(model, cfg, **optim_options)
 
 
 def _run_sharded(model, opt, mesh, steps, backward: bool):
@@ -126,7 +123,7 @@ def _fsdp_worker(rank, world, init_file):
                                                          set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
 
-    from muon_recipes.optim import distributed as muon_distributed
+    from muon_recipes.optim import sharded
 
     _init(rank, world, init_file)
     mesh = init_device_mesh("cpu", (world,))
@@ -164,8 +161,8 @@ def _fsdp_worker(rank, world, init_file):
         _assert_same(_full(fresh), _full(model), 0, 0, "dcp round trip")
 
         # Planted fault: shards assembled in reverse order must change the assembled matrices' updates.
-        real = muon_distributed.assemble_shards
-        muon_distributed.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
+        real = sharded.assemble_shards
+        sharded.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
         try:
             cfg = _cfg(split=False)
             model, _ = _sharded(cfg, mesh, STEPS, backward=False)
@@ -173,7 +170,7 @@ def _fsdp_worker(rank, world, init_file):
                             ["blocks.0.wo", "blocks.1.down", "blocks.0.tiny", "blocks.0.qkv",
                              "blocks.1.experts_gate_up"], f"fsdp world={world}")
         finally:
-            muon_distributed.assemble_shards = real
+            sharded.assemble_shards = real
     finally:
         dist.destroy_process_group()
 
@@ -181,7 +178,7 @@ def _fsdp_worker(rank, world, init_file):
 def _hsdp_worker(rank, world, init_file):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from muon_recipes.optim import distributed as muon_distributed
+    from muon_recipes.optim import sharded
 
     _init(rank, world, init_file)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
@@ -199,13 +196,13 @@ def _hsdp_worker(rank, world, init_file):
                 assert torch.equal(copies[0], copies[1]), f"hsdp spread={spread}: replicas differ on {name}"
             _assert_same(_full(model), want, 1e-5, 1e-6, f"hsdp spread={spread}")
 
-        real = muon_distributed.assemble_shards
-        muon_distributed.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
+        real = sharded.assemble_shards
+        sharded.assemble_shards = lambda shards, dim: real(list(shards)[::-1], dim)
         try:
             model, _ = _sharded(cfg, mesh, STEPS, backward=False, replica_spread=True)
             _assert_differs(_full(model), want, ["blocks.0.wo", "blocks.1.down"], "hsdp")
         finally:
-            muon_distributed.assemble_shards = real
+            sharded.assemble_shards = real
     finally:
         dist.destroy_process_group()
 

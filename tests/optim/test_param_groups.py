@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from muon_recipes.config import OptimConfig, to_dataclass, validate_optim
 from muon_recipes.optim import Muon, build_optimizer, build_param_groups, describe_param_groups
+from muon_recipes.optim.blocks import BlockPlan
 from optim_toy_models import EXPERT_FFN, FFN, KV, Q, ToyModel
 
 CONF = pathlib.Path(__file__).resolve().parents[2] / "conf" / "optim"
@@ -96,10 +97,25 @@ def test_conf_files_compose_validate_and_build(path):
     assert all(not torch.equal(b, p) for b, p in zip(before, model_params.parameters()))
 
 
-def test_required_conf_files_exist():
-    names = {p.stem for p in CONF.glob("*.yaml")}
-    assert {"adamw", "muon_fused", "muon_split"} <= names
-    fused = to_dataclass({"optim": OmegaConf.load(CONF / "muon_fused.yaml")}).optim
-    split = to_dataclass({"optim": OmegaConf.load(CONF / "muon_split.yaml")}).optim
-    assert (fused.split.qkv, fused.split.gate_up, fused.split.experts) == ("fused", "fused", "fused")
-    assert (split.split.qkv, split.split.gate_up, split.split.experts) == ("split", "split", "per_expert")
+def test_recipes_orthogonalize_the_blocks_they_name():
+    """conf/optim/muon_split.yaml orthogonalizes q, k, v, gate, up and every expert separately; muon_fused.yaml
+    every stored weight whole (experts concatenated); adamw.yaml nothing. Checked on the blocks the optimizer
+    builds from each file, against the toy model's declared sizes."""
+    model = ToyModel()
+    names = {id(p): n for n, p in model.named_parameters()}
+    D = model.blocks[0].qkv.shape[1]
+    E = model.blocks[0].experts_gate_up.shape[0]
+
+    def blocks(recipe: str) -> dict:
+        opt = build_optimizer(model, to_dataclass({"optim": OmegaConf.load(CONF / f"{recipe}.yaml")}).optim)
+        return {names[id(p)]: BlockPlan.build(p.shape, g["split_sizes"], g["experts"]).block_shapes()
+                for g in opt.param_groups if g["algorithm"] == "muon" for p in g["params"]}
+
+    split, fused = blocks("muon_split"), blocks("muon_fused")
+    assert split["blocks.0.qkv"] == [(1, Q, D), (1, KV, D), (1, KV, D)]
+    assert split["blocks.0.gate_up"] == [(1, FFN, D), (1, FFN, D)]
+    assert split["blocks.0.experts_gate_up"] == [(E, EXPERT_FFN, D), (E, EXPERT_FFN, D)]
+    assert fused["blocks.0.qkv"] == [(1, Q + 2 * KV, D)]
+    assert fused["blocks.0.gate_up"] == [(1, 2 * FFN, D)]
+    assert fused["blocks.0.experts_gate_up"] == [(1, E * 2 * EXPERT_FFN, D)]
+    assert blocks("adamw") == {}

@@ -70,6 +70,20 @@ def test_arms_are_the_differing_overrides_without_seed(sweep):
     assert [sorted(r.seed for r in c.runs_of(a)) for a in c.arms] == [[0, 1, 2], [0, 1, 2]]
 
 
+def test_launch_and_logging_overrides_are_not_arms(tmp_path):
+    """Runs that differ only in how they were launched or logged (processes per job, wandb mode) are one arm;
+    the swept optimizer setting still splits them."""
+    rng = np.random.default_rng(1)
+    for num, (qkv, procs, mode) in enumerate([("fused", 1, "offline"), ("fused", 2, "disabled"),
+                                               ("split", 1, "offline"), ("split", 2, "disabled")]):
+        overrides = [f"optim.split.qkv={qkv}", f"launcher.nproc_per_node={procs}", f"logging.wandb.mode={mode}",
+                     "seed=0", f"run_dir={tmp_path / str(num)}"]
+        write_run(tmp_path / str(num), overrides, config(qkv, 0), fake_rows(rng, 10, 0.0))
+    c = cr.compare(tmp_path)
+    assert c.keys == ["optim.split.qkv"]
+    assert c.arms == ["optim.split.qkv=fused", "optim.split.qkv=split"]
+
+
 def test_summary_numbers_and_welch_difference(sweep):
     c = cr.compare(sweep, last_k=3)
     per_arm = {}

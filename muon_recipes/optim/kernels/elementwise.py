@@ -5,11 +5,10 @@ Momentum, writing the update straight in the Newton-Schulz dtype:
     B <- momentum * B + G;   U = G + momentum * B  (Nesterov)   or   U = B
 
 As three multi-tensor torch ops (`B *= mu`, `B += G`, `U = G + mu B`) this reads and writes float32 seven
-times per element and leaves U in float32, which the bucket copy then reads again to cast it: on the dense_1b
-parameter set (0.72 B matrix elements) about 6 ms of a 58 ms optimizer step on an H200
-(recipes/bench_optimizer.py --trace). Here one program per stretch of a tensor reads G and B once, writes B
-and writes U already rounded to the bucket's dtype (bf16): 14 bytes per element instead of 32, and the
-bucket copy reads 2 bytes instead of 4.
+times per element and leaves U in float32, which the bucket copy then reads again to cast it (the largest
+memory pass of a dense_1b step: docs/benchmarks.md, "Where a single-GPU step goes"). Here one program per
+stretch of a tensor reads G and B once, writes B and writes U already rounded to the bucket's dtype (bf16):
+14 bytes per element instead of 32, and the bucket copy reads 2 bytes instead of 4.
 
 B is updated in float32 arithmetic and rounded once to its own dtype; U is computed from the unrounded B.
 For float32 buffers that is torch's arithmetic up to the contraction of `mu * B + G` into one fused
@@ -20,8 +19,9 @@ Applying the orthogonalized update O (bf16) to a float32 weight W with decoupled
     W <- (1 - lr * wd) W - lr * ratio * O
 
 torch's `W.add_(O, alpha=...)` with W float32 and O bf16 is a mixed-dtype add, which runs on torch's
-unrolled, unvectorized elementwise kernel: 3.0 ms per dense_1b step on an H200 (--trace), plus a separate
-`mul_` pass when wd > 0. `scaled_add_` reads W and O once and writes W once, vectorized.
+unrolled, unvectorized elementwise kernel (docs/benchmarks.md, "The Gram form of Newton-Schulz and a
+one-pass momentum"), plus a separate `mul_` pass when wd > 0. `scaled_add_` reads W and O once and writes W
+once, vectorized.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.kernels.launch import FastLaunch
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting, momentum_applies, scaled_add_applies
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, interpreting
 
 _BLOCK = 4096
 
@@ -54,14 +54,6 @@ def _momentum_kernel(grad_ptr, buf_ptr, out_ptr, numel, momentum,
 
 
 _launch_momentum = FastLaunch(_momentum_kernel)
-
-
-def momentum_applies(grad: torch.Tensor, buf: torch.Tensor) -> bool:
-    """Whether `momentum_update` takes this pair: same shape and device, contiguous, float, on a GPU (or in
-    the interpreter)."""
-    return (grad.shape == buf.shape and grad.device == buf.device and grad.is_contiguous()
-            and buf.is_contiguous() and grad.dtype in KERNEL_DTYPES and buf.dtype in KERNEL_DTYPES
-            and (grad.is_cuda or interpreting()))
 
 
 def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool,
@@ -92,11 +84,6 @@ def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, I
 
 
 _launch_scaled_add = FastLaunch(_scaled_add_kernel)
-
-
-def scaled_add_applies(w: torch.Tensor, o: torch.Tensor) -> bool:
-    """Whether `scaled_add_` takes this pair (the same conditions as `momentum_applies`)."""
-    return momentum_applies(o, w)
 
 
 def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float, decay: float = 1.0) -> torch.Tensor:

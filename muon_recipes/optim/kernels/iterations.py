@@ -32,11 +32,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from muon_recipes.choices import ITERATION_KERNELS
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
-from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, input_precision, interpreting
+from muon_recipes.optim.kernels.tuning import input_precision
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
-
-KERNEL_CHOICES = ("auto", "triton")
 
 
 @dataclass(frozen=True)
@@ -268,8 +268,8 @@ def gram_iterations_triton(X: torch.Tensor, coefficients: Sequence, restarts: Se
 def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torch.Tensor:
     coeffs = _check_coefficients(coefficients)
     _check_input(X)
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={kernels!r}: must be one of {', '.join(KERNEL_CHOICES)}")
+    if kernels not in ITERATION_KERNELS:
+        raise ValueError(f"kernels={kernels!r}: must be one of {', '.join(ITERATION_KERNELS)}")
     if out_dtype is not None and out_dtype not in KERNEL_DTYPES:
         raise ValueError(f"out_dtype={out_dtype}: must be one of {', '.join(map(str, KERNEL_DTYPES))}")
     if not coeffs:

@@ -2,8 +2,8 @@
 
 Before iterating, each matrix X_i of a bucket is divided by (safety * ||X_i||_F + eps). In torch that is
 `X / d` with `d` of shape [B, 1, 1] in float32: a broadcast, mixed-dtype elementwise op that takes torch's
-generic (non-vectorized) kernel, measured at about 0.8 TB/s on an H200 (3.5 ms of a 65 ms optimizer step on
-the dense_1b parameter set, recipes/bench_optimizer.py --trace). Here each program reads one contiguous
+generic (non-vectorized) kernel, a fraction of the memory's bandwidth (docs/benchmarks.md, "Where a
+single-GPU step goes"). Here each program reads one contiguous
 stretch of one matrix and its divisor once, divides in fp32 with correct rounding (`div_rn`, as torch's
 true division) and rounds once to the output dtype, so the result equals torch's bit for bit.
 """
@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import KERNEL_DTYPES, interpreting
 
 # Elements per program: 16 KB of bf16, enough in flight per SM to saturate HBM with 4 warps.
 _BLOCK = 8192
@@ -33,6 +34,9 @@ def _divide_kernel(x_ptr, d_ptr, out_ptr, per_matrix, BLOCK: tl.constexpr, INTER
     # div_rn takes two tensors of one shape: broadcast the matrix's divisor over the block first.
     quotient = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * divisor)
     tl.store(out_ptr + base + offsets, round_to_output(quotient, out_ptr, INTERPRETED), mask=inside)
+
+
+_launch_divide = FastLaunch(_divide_kernel)
 
 
 def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,6 +61,6 @@ def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor |
                          f"{out.dtype} {tuple(out.shape)}")
     per_matrix = x.shape[1] * x.shape[2]
     if x.numel():
-        _divide_kernel[(triton.cdiv(per_matrix, _BLOCK), batch)](
-            x, divisors.contiguous(), out, per_matrix, BLOCK=_BLOCK, INTERPRETED=interpreting(), num_warps=4)
+        _launch_divide(lambda meta: (triton.cdiv(per_matrix, meta["BLOCK"]), batch),
+                       (x, divisors.contiguous(), out, per_matrix), {"BLOCK": _BLOCK, "INTERPRETED": interpreting()})
     return out

@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.kernels.launch import FastLaunch
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
-from muon_recipes.optim.kernels.tuning import (KERNEL_DTYPES, autotune_options, input_precision, interpreting,
-                                               matmul_configs, prune_configs)
+from muon_recipes.optim.kernels.tuning import autotune_options, input_precision, matmul_configs, prune_configs
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "K", "BATCH", "INPUT_PRECISION"],
@@ -178,7 +178,8 @@ def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1
     return out
 
 
-def _check_batched(name: str, t: torch.Tensor) -> None:
+def check_batched(name: str, t: torch.Tensor) -> None:
+    """A batch argument of the matmul kernels (here and update.py): 3-D, a kernel dtype, contiguous."""
     if t.ndim != 3:
         raise ValueError(f"{name}: expected a batch of matrices [B, m, n], got shape {tuple(t.shape)}")
     if t.dtype not in KERNEL_DTYPES:
@@ -187,7 +188,8 @@ def _check_batched(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
 
 
-def _output(name: str, out: torch.Tensor | None, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+def output_buffer(name: str, out: torch.Tensor | None, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """`out` checked to be a contiguous `shape` tensor of `like`'s dtype, or a new one when None."""
     if out is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     if tuple(out.shape) != shape or out.dtype != like.dtype or not out.is_contiguous():
@@ -198,9 +200,9 @@ def _output(name: str, out: torch.Tensor | None, like: torch.Tensor, shape: tupl
 
 def symmetric_gram(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """A = x x^T for every matrix of the batch x [B, m, n] (computes the upper triangle, mirrors the rest)."""
-    _check_batched("x", x)
+    check_batched("x", x)
     batch, m, _ = x.shape
-    out = _output("out", out, x, (batch, m, m))
+    out = output_buffer("out", out, x, (batch, m, m))
     return launch_symmetric_matmul(x, out)
 
 
@@ -209,11 +211,11 @@ def symmetric_polynomial(a: torch.Tensor, b: float, c: float, out: torch.Tensor 
 
     `a` must be symmetric (as `symmetric_gram` returns it): the kernel computes a a^T.
     """
-    _check_batched("a", a)
+    check_batched("a", a)
     batch, m, m2 = a.shape
     if m != m2:
         raise ValueError(f"a: expected square symmetric matrices [B, m, m], got shape {tuple(a.shape)}")
-    out = _output("out", out, a, (batch, m, m))
+    out = output_buffer("out", out, a, (batch, m, m))
     return launch_symmetric_matmul(a, out, alpha=float(c), beta=float(b), c=a)
 
 
@@ -223,13 +225,13 @@ def commuting_product(z: torch.Tensor, q: torch.Tensor, a: float = 0.0, out: tor
     symmetric matrix, as in the Gram form of Newton-Schulz): z q = z q^T is then symmetric, so only the
     upper-triangle tiles are computed and mirrored. The result is exactly symmetric even where rounding left
     z q slightly asymmetric; it is the upper triangle of z q + a q."""
-    _check_batched("z", z)
-    _check_batched("q", q)
+    check_batched("z", z)
+    check_batched("q", q)
     batch, m, m2 = z.shape
     if m != m2 or tuple(q.shape) != (batch, m, m) or q.dtype != z.dtype:
         raise ValueError(f"z, q: expected square matrices of one shape and dtype, got z {z.dtype} "
                          f"{tuple(z.shape)} and q {q.dtype} {tuple(q.shape)}")
-    out = _output("out", out, z, (batch, m, m))
+    out = output_buffer("out", out, z, (batch, m, m))
     if out.data_ptr() in (z.data_ptr(), q.data_ptr()):
         raise ValueError("out: must not alias z or q (each output tile reads whole rows of both)")
     return launch_symmetric_matmul(z, out, alpha=1.0, beta=float(a), c=q, y=q)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.kernels.tuning import interpreting
+from muon_recipes.optim.dispatch import interpreting
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 
 Newton-Schulz runs on wide matrices (m <= n), so every tall block (a gate or up half of a fused SwiGLU weight,
 5632 x 2048 in dense_1b) is copied transposed into its bucket, and its result copied transposed back. torch's
-`dst.copy_(src.mT)` walks the output in order and reads the input with a large stride: about 0.8 TB/s on an
-H200, 5 ms of a 62 ms dense_1b optimizer step (recipes/bench_optimizer.py --trace). Here each program loads a
+`dst.copy_(src.mT)` walks the output in order and reads the input with a large stride, far below the memory's
+bandwidth (docs/benchmarks.md, "Where a single-GPU step goes"). Here each program loads a
 tile with the source's unit-stride axis contiguous and stores it with the destination's; Triton exchanges the
 layout through shared memory between the two. The cast rounds to nearest even, as torch's copy does, so the
 result is the same bit for bit.
@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from muon_recipes.optim.dispatch import TRANSPOSE_DTYPES, interpreting
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import round_to_output
-from muon_recipes.optim.kernels.tuning import interpreting
 
 _TILE = 64
 
@@ -38,23 +39,14 @@ def _transposed_copy_kernel(src_ptr, dst_ptr, R, C,
              round_to_output(tile.to(tl.float32), dst_ptr, INTERPRETED), mask=inside)
 
 
-_DTYPES = (torch.bfloat16, torch.float32)
+_launch_transposed_copy = FastLaunch(_transposed_copy_kernel)
 
 
-def is_transposed_view(t: torch.Tensor) -> bool:
-    """True for a 2-D or 3-D tensor laid out column-major in its last two dims (e.g. `x.mT` of a row-major x)."""
-    return t.ndim in (2, 3) and t.stride(-2) == 1 and t.stride(-1) != 1 and t.shape[-2] > 1
-
-
-def copy_transposed_applies(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether `copy_transposed(dst, src)` takes this pair: a column-major GPU `src`, a `dst` with unit stride
-    along its last dim, both bf16 or fp32."""
-    return (src.is_cuda and is_transposed_view(src) and dst.stride(-1) == 1
-            and src.dtype in _DTYPES and dst.dtype in _DTYPES)
 
 
 def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst.copy_(src) for a column-major `src` (see `is_transposed_view`) and a row-major `dst` of the same shape.
+    """dst.copy_(src) for a column-major `src` (see `dispatch.is_transposed_view`) and a row-major `dst` of the
+    same shape.
 
     Both bf16 or fp32 (any pair); `dst` must not overlap `src`.
     """
@@ -63,7 +55,7 @@ def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if dst.stride(-1) != 1:
         raise ValueError("copy_transposed: dst must have unit stride along its last dim")
     for name, t in (("src", src), ("dst", dst)):
-        if t.dtype not in _DTYPES:
+        if t.dtype not in TRANSPOSE_DTYPES:
             raise ValueError(f"copy_transposed: {name}.dtype={t.dtype}: must be torch.bfloat16 or torch.float32")
     s3 = src if src.ndim == 3 else src.unsqueeze(0)
     d3 = dst if dst.ndim == 3 else dst.unsqueeze(0)
@@ -71,7 +63,7 @@ def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if batch > 65535:
         raise ValueError(f"copy_transposed: {batch} matrices, at most 65535 per call (the launch grid's batch axis)")
     if s3.numel():
-        grid = (triton.cdiv(rows, _TILE), triton.cdiv(cols, _TILE), batch)
-        _transposed_copy_kernel[grid](s3, d3, rows, cols, *s3.stride(), *d3.stride(), TILE=_TILE,
-                                      INTERPRETED=interpreting(), num_warps=4)
+        grid = lambda meta: (triton.cdiv(rows, meta["TILE"]), triton.cdiv(cols, meta["TILE"]), batch)  # noqa: E731
+        _launch_transposed_copy(grid, (s3, d3, rows, cols, *s3.stride(), *d3.stride()),
+                                {"TILE": _TILE, "INTERPRETED": interpreting()})
     return dst

@@ -20,12 +20,12 @@ import os
 import torch
 import triton
 
+from muon_recipes.optim.dispatch import interpreting
+
 # Shared memory per SM on Hopper is 228 KB (227 usable per block); leave room for the epilogue's
 # layout conversion.
 _SHARED_MEMORY_BUDGET = 200 * 1024
 
-# The element types every kernel here reads and writes (float16 is the Gram form's; the buckets are bf16/fp32).
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def autotune_options() -> dict:
@@ -44,11 +44,6 @@ def autotune_options() -> dict:
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         return {"cache_results": True}
     return {}
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.kernels.launch import FastLaunch
-from muon_recipes.optim.kernels.symmetric import _check_batched, _output
+from muon_recipes.optim.dispatch import interpreting
+from muon_recipes.optim.kernels.fast_launch import FastLaunch
+from muon_recipes.optim.kernels.symmetric import check_batched, output_buffer
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
-from muon_recipes.optim.kernels.tuning import (autotune_options, input_precision, interpreting, matmul_configs,
-                                               prune_configs)
+from muon_recipes.optim.kernels.tuning import autotune_options, input_precision, matmul_configs, prune_configs
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "N", "BATCH", "INPUT_PRECISION"],
@@ -108,13 +108,13 @@ def launch_update_cublas(x: torch.Tensor, b: torch.Tensor, a: float, out: torch.
 
 def fused_update(x: torch.Tensor, b: torch.Tensor, a: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """X' = a x + b x for a batch x [B, m, n] and b [B, m, m] (the Triton kernel; `out` must not alias x)."""
-    _check_batched("x", x)
-    _check_batched("b", b)
+    check_batched("x", x)
+    check_batched("b", b)
     batch, m, n = x.shape
     if tuple(b.shape) != (batch, m, m) or b.dtype != x.dtype:
         raise ValueError(f"b: expected a {x.dtype} tensor of shape {(batch, m, m)} for x of shape "
                          f"{tuple(x.shape)}, got {b.dtype} {tuple(b.shape)}")
-    out = _output("out", out, x, (batch, m, n))
+    out = output_buffer("out", out, x, (batch, m, n))
     if out.data_ptr() == x.data_ptr():
         raise ValueError("out: must not alias x (each output tile reads a whole column block of x)")
     return launch_update(x, b, float(a), out)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from muon_recipes.choices import LR_SCHEDULES
+
 
 def lr_multiplier(step: int, *, total_steps: int, schedule: str, warmup_steps: int,
                   min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
@@ -32,4 +34,4 @@ def lr_multiplier(step: int, *, total_steps: int, schedule: str, warmup_steps: i
             return 1.0
         progress = min(1.0, (step - decay_start + 1) / decay_steps)
         return 1.0 - (1 - min_lr_ratio) * progress
-    raise ValueError(f"lr schedule {schedule!r}: must be one of cosine, wsd, constant")
+    raise ValueError(f"lr schedule {schedule!r}: must be one of {', '.join(LR_SCHEDULES)}")

@@ -1,9 +1,8 @@
 """Launching an autotuned Triton kernel without its Python dispatch once its configuration is known.
 
 Through `kernel[grid](...)` every launch walks the autotuner (key, cache lookup), the heuristics and the
-JIT's argument binding and specialization: about 40 us of host time per launch with Triton 3.6 on an H100
-host (recipes/bench_newton_schulz.py: 580-710 us per 5-iteration call of 15 launches; about 350-420 us with
-this shortcut), more than the GPU needs for a Newton-Schulz product on a 512 x 2048 block.
+JIT's argument binding and specialization: tens of microseconds of host time per launch, more than the GPU
+needs for a Newton-Schulz product on a 512 x 2048 block (docs/benchmarks.md, "What moved the numbers").
 The first launch of each specialization takes that path (compiling and autotuning as usual); `FastLaunch`
 then keeps the compiled kernel, its grid and its constant arguments, and later launches call the compiled
 kernel directly.
@@ -21,7 +20,7 @@ from typing import Callable
 import torch
 import triton
 
-from muon_recipes.optim.kernels.tuning import interpreting
+from muon_recipes.optim.dispatch import interpreting
 
 
 def unwrap(kernel) -> tuple:

@@ -33,7 +33,8 @@ SWEEP_IDENTITY_ENV = "MUON_RECIPES_SWEEP_IDENTITY"  # JSON {"group", "name", "ta
 # Variables a world of one (plain `python train.py`) sets for itself; removed between in-process jobs so the next
 # job decides afresh (and gets a fresh port) instead of mistaking itself for a torchrun rank.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# Keys that say where or how a job is logged or launched, never which arm it is.
+# Keys that say where or how a job is logged or launched, never which arm it is (also read by
+# recipes/compare_runs.py, which groups finished runs into arms).
 NOT_ARM_KEYS = ("seed", "run_dir", "device", "launcher.nproc_per_node", "logging.wandb.mode",
                 "logging.wandb.group", "logging.wandb.name", "logging.wandb.tags")
 # Hydra overrides of the sweep that must not reach a child run (it is a single run in the job's dir).

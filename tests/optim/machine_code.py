@@ -29,7 +29,7 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from muon_recipes.optim.kernels.launch import unwrap
+from muon_recipes.optim.kernels.fast_launch import unwrap
 
 # Dynamic shared memory one block may use on Hopper (H100/H200): 227 KB.
 HOPPER_SHARED_MEMORY = 227 * 1024

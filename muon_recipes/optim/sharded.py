@@ -41,9 +41,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from muon_recipes.optim.orthogonalize import BlockPlan, orthogonalize
+from muon_recipes.choices import REPLICA_SPREAD
+from muon_recipes.optim.blocks import BlockPlan
+from muon_recipes.optim.orthogonalize import orthogonalize
 
-REPLICA_SPREAD = ("auto", True, False)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""Every closed set of names the optimizer accepts, in one place, free of torch.
+
+`config.py` validates a run's config against these before torch is imported (the sweep launcher checks
+configs without it), and the optimizer, its blocks and its kernels check their arguments against the same
+tuples, so a value the config accepts can never fail later inside the optimizer, nor the reverse. The first
+entry of each tuple is not special; defaults live with the code that uses them.
+"""
+
+# Which update a param group gets (`Muon` param groups, `optim.algorithm`).
+ALGORITHMS = ("muon", "adamw")
+# Newton-Schulz coefficient schedules (newton_schulz.py): Keller Jordan's quintic, or Polar Express.
+SCHEDULES = ("keller", "polar_express")
+# Two forms of the same Newton-Schulz iteration (newton_schulz.py): the Gram form on m x m matrices, or the
+# classic loop on X.
+METHODS = ("gram", "standard")
+# Where Newton-Schulz runs: the Triton kernels where they measured faster (auto), or always one of the two.
+BACKENDS = ("auto", "torch", "triton")
+# Newton-Schulz dtypes a config may name (`Muon` also takes the torch.dtype itself).
+NS_DTYPES = ("bfloat16", "float32")
+# Per-block lr ratio (blocks.adjust_lr_ratio): Muon's sqrt(max(1, rows/cols)), Moonlight's RMS match, or none.
+ADJUST_LR = ("spectral_norm", "rms_norm", "none")
+# A 3-D expert weight [E, out, in]: E matrices, or their [E*out, in] concatenation.
+EXPERT_MODES = ("per_expert", "fused")
+# A fused QKV or gate/up weight: orthogonalized per logical block, or as one matrix.
+SPLIT_MODES = ("split", "fused")
+# What a model says a parameter is (blocks.ParamLayout.role); `matrix` is what Muon is for.
+ROLES = ("embedding", "output", "norm", "bias", "router", "matrix")
+# What may be stacked along the rows of one weight (blocks.ParamLayout.fuse_kind).
+FUSE_KINDS = ("qkv", "gate_up")
+# Whether sharded (HSDP) Muon spreads Newton-Schulz over the replicas too (sharded.py): "auto" when every rank
+# of the mesh still gets a matrix, or always (True) / never (False).
+REPLICA_SPREAD = ("auto", True, False)
+# The lr schedule's shape (train/schedules.py).
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+# The products of the Triton Newton-Schulz iteration (kernels/iterations.py): each on whichever of the Triton
+# kernel and cuBLAS measured faster for its shape, or always on the Triton kernels.
+ITERATION_KERNELS = ("auto", "triton")
+# What the embedded corpus reads from the running Python installation (data/sources.py).
+CORPUS_SCOPES = ("stdlib", "site-packages")
