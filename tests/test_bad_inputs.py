@@ -162,6 +162,9 @@ CONFIG_CASES = [
     (["model.vocab_size=100"], 1, ["model.vocab_size=100", "tokenizer's vocabulary"]),
     (["mesh=hsdp", "mesh.replicate=3"], 2, ["mesh.replicate='3x0'", "world size 2"]),
     (["mesh=single"], 2, ["mesh.kind='single'", "world size is 2"]),
+    (["train.global_batch_tokens=512", "train.batch_size=3"], 2,
+     ["train.batch_size=3", "4 sequences per rank", "512 = 8 x 64 tokens over 2 ranks", "largest that does is 2"]),
+    (["train.global_batch_tokens=640"], 4, ["train.global_batch_tokens=640", "10 sequences", "over 4 ranks"]),
     (["mesh=fsdp", "mesh.shard=3"], 2, ["mesh.shard=3", "0 or 2"]),
 ]
 

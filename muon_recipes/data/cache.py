@@ -51,13 +51,15 @@ def cache_root(cache_dir: str = "") -> Path:
 
 @contextlib.contextmanager
 def exclusive(lock_path: Path, waiting_message: str) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` for the block; says once on stderr when another process holds it."""
+    """Hold an exclusive lock on `lock_path` for the block; rank 0 says once on stderr when another process holds
+    it (the other ranks wait as quietly as the builder works)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(waiting_message, file=sys.stderr, flush=True)
+            if current_rank() == 0:
+                print(waiting_message, file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
