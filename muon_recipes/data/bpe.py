@@ -37,8 +37,7 @@ CACHE_FORMAT = 1
 
 def bpe_directory(cfg: DataConfig, vocab_size: int) -> Path:
     """Where the BPE fitted for this corpus, held-out split and vocabulary size lives (or will)."""
-    fingerprint = sources.corpus_fingerprint(cfg.source, cfg.scope, list(cfg.paths), cfg.max_chars, cfg.eval_fraction)
-    key = json.dumps({"format": CACHE_FORMAT, "corpus": fingerprint, "vocab_size": vocab_size,
+    key = json.dumps({"format": CACHE_FORMAT, "corpus": sources.corpus_fingerprint(cfg), "vocab_size": vocab_size,
                       "sample_chars": cfg.bpe_sample_chars})
     digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
     return cache_root(cfg.cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{digest}"

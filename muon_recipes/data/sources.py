@@ -70,7 +70,7 @@ def embedded_files(scope: str = "stdlib") -> list[tuple[str, Path]]:
     """(key, path) of every file of the `scope` corpus, sorted by key (a relative path; for site-packages
     prefixed by the distribution's name)."""
     if scope == "site-packages":
-        return site_package_files()
+        return list(site_package_files())
     if scope != "stdlib":
         raise ConfigError("data.scope", scope, "must be one of " + ", ".join(CORPUS_SCOPES))
     root = sysconfig.get_paths()["stdlib"]
@@ -84,13 +84,15 @@ def embedded_files(scope: str = "stdlib") -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def site_package_files() -> list[tuple[str, Path]]:
+@functools.lru_cache(maxsize=1)
+def site_package_files() -> tuple[tuple[str, Path], ...]:
     """(distribution/relative path, path) of every installed distribution's sources and documentation.
 
     Distributions come from `importlib.metadata` (each lists its own files in RECORD, so a file belongs to the
     distribution that installed it, and the order does not depend on the directory layout); a name installed
     twice on sys.path counts once (the first, as imports see it). Test suites are left out as in the stdlib
-    corpus, and so are files that are missing, empty, over 1 MiB, or hold a NUL byte (binary).
+    corpus, and so are files that are missing, empty, over 1 MiB, or hold a NUL byte (binary). Listed once per
+    process (reading every distribution's RECORD takes seconds; the tokenizer and the token cache both need it).
     """
     from importlib import metadata
 
@@ -115,7 +117,7 @@ def site_package_files() -> list[tuple[str, Path]]:
                 continue
             if 0 < size <= _SITE_MAX_FILE_BYTES:
                 found.setdefault(f"{name}/{file.as_posix()}", path)
-    return sorted(found.items())
+    return tuple(sorted(found.items()))
 
 
 def corpus_files(source: str, scope: str, paths: list) -> list[tuple[str, Path]]:
@@ -125,20 +127,15 @@ def corpus_files(source: str, scope: str, paths: list) -> list[tuple[str, Path]]
     return [(path, Path(path)) for path in expand_paths(paths)]
 
 
-def corpus_fingerprint(source: str, scope: str, paths: list, *settings: Any) -> str:
-    """A hex digest naming the corpus: every file's key, size and modification time, plus `settings` (caps,
-    the held-out fraction: whatever else decides which text goes where). Costs one `stat` per file."""
-    digest = hashlib.blake2b(json.dumps([list(map(str, settings))]).encode(), digest_size=16)
-    digest.update(_files_fingerprint(source, scope if source == "embedded" else "", tuple(map(str, paths))).encode())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=8)
-def _files_fingerprint(source: str, scope: str, paths: tuple) -> str:
-    """The listing part of `corpus_fingerprint`, once per process: the tokenizer and the token cache both need it,
-    and listing every installed distribution's files takes seconds."""
-    digest = hashlib.blake2b(json.dumps([source, scope]).encode(), digest_size=16)
-    for key, path in corpus_files(source, scope, list(paths)):
+def corpus_fingerprint(cfg: Any) -> str:
+    """A hex digest naming a local corpus (`data.source` embedded or files) and its split: every file's key, size
+    and modification time, plus what else decides which text goes where (`data.text_field`, `data.max_chars`,
+    `data.eval_fraction`). Costs one `stat` per file. The key of every cache built from the corpus."""
+    settings = [cfg.text_field, cfg.max_chars, cfg.eval_fraction]
+    digest = hashlib.blake2b(json.dumps(list(map(str, settings))).encode(), digest_size=16)
+    scope = cfg.scope if cfg.source == "embedded" else ""
+    digest.update(json.dumps([cfg.source, scope]).encode())
+    for key, path in corpus_files(cfg.source, scope, list(cfg.paths)):
         st = path.stat()
         digest.update(f"\x1e{key}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode("utf-8"))
     return digest.hexdigest()

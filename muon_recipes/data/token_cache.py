@@ -59,9 +59,7 @@ class TokenStreams:
 
 def cache_key(cfg: DataConfig, tokenizer: Any) -> dict:
     """What the cached tokens depend on, as plain JSON data (stored in the manifest and hashed into the name)."""
-    corpus = sources.corpus_fingerprint(cfg.source, cfg.scope, list(cfg.paths), cfg.text_field, cfg.max_chars,
-                                        cfg.eval_fraction)
-    return {"format": CACHE_FORMAT, "corpus": corpus, "tokenizer": tokenizer.fingerprint,
+    return {"format": CACHE_FORMAT, "corpus": sources.corpus_fingerprint(cfg), "tokenizer": tokenizer.fingerprint,
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
 
 
