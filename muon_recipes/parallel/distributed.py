@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,20 +58,15 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device_type: str, mesh_kind: str, replicate: int, shard: int,
                      timeout_s: float = 1800.0, ep: int = 1) -> DistributedContext:
     """Start the process group (env:// under torchrun, a local store otherwise) and build the mesh(es).
 
     mesh_kind "ep": the dense mesh of mesh=fsdp, and for ep > 1 the experts' `(world/ep, ep)` mesh."""
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Plain `python train.py`: a world of one, its rendezvous an in-process store. No port is picked, so nothing
+    # else on the machine can take it between the pick and the bind (EADDRINUSE under load).
+    store = dist.HashStore() if "RANK" not in os.environ else None
+    if store is not None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     rank, world_size = rank_from_env(), world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -85,6 +79,8 @@ def init_distributed(device_type: str, mesh_kind: str, replicate: int, shard: in
         backend = "gloo"
     if not dist.is_initialized():
         kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if store is not None:
+            kwargs.update(store=store, rank=0, world_size=1)
         if device_type == "cuda":
             kwargs["device_id"] = device  # eager NCCL init, one communicator per device
         dist.init_process_group(**kwargs)
