@@ -24,10 +24,12 @@ from muon_recipes.config import ConfigError, RunConfig, to_dataclass, validate
 from muon_recipes.parallel.distributed import (broadcast_object, init_distributed, rank_from_env,
                                                resolve_device_type, shutdown_distributed, world_size_from_env)
 from muon_recipes.train.checkpoint import CheckpointError
+from muon_recipes.train.failures import (EXIT_BAD_INPUT, EXIT_NONFINITE, RunFailed, agree, describe, exit_agreed,
+                                         exit_alone, exit_on_sigterm, first_line, write_error_file)
+from muon_recipes.train.run_dir import RunDirLock, check_layout
 from muon_recipes.train.trainer import NonFiniteError
 
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
+__all__ = ["EXIT_BAD_INPUT", "EXIT_NONFINITE", "run"]
 
 
 # How long a rank other than 0 waits before it exits with an error. torchrun stops every worker as soon as one
@@ -38,6 +40,8 @@ PEER_EXIT_GRACE_S = 5.0
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit `code` on every rank."""
+    exit_on_sigterm(code)
+    write_error_file(f"error: {message}")
     if rank_from_env() == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     else:
@@ -104,6 +108,7 @@ def check_run_dir(rc: RunConfig, run_dir: Optional[str]) -> None:
 
     if run_dir is not None:
         _check_run_dir(run_dir)
+        check_layout(run_dir)
     path = resolve_resume(rc.train.resume, run_dir)
     if path is not None:
         read_extras(path)  # readable trainer state; the model/optimizer fit is checked once they exist
@@ -138,23 +143,27 @@ def _run_name(rc: RunConfig) -> str:
 
 
 def build_loggers(rc: RunConfig, run_dir: str, config_dict: dict, wandb_run_id: Optional[str] = None):
-    from muon_recipes.train.loggers import ConsoleLogger, JsonlLogger, Loggers, WandbLogger
+    from muon_recipes.train.loggers import ConsoleLogger, Loggers, WandbLogger
 
     loggers = []
     if rc.logging.console:
         loggers.append(ConsoleLogger())
-    if rc.logging.jsonl:
-        loggers.append(JsonlLogger(os.path.join(run_dir, "metrics.jsonl")))
     w = rc.logging.wandb
     if w.enabled and w.mode != "disabled":
-        loggers.append(WandbLogger(run_dir=run_dir, mode=w.mode, project=w.project, entity=w.entity,
-                                   group=w.group or rc.experiment.name, tags=w.tags, name=_run_name(rc),
-                                   config=config_dict, resume_id=wandb_run_id))
+        try:
+            loggers.append(WandbLogger(run_dir=run_dir, mode=w.mode, project=w.project, entity=w.entity,
+                                       group=w.group or rc.experiment.name, tags=w.tags, name=_run_name(rc),
+                                       config=config_dict, resume_id=wandb_run_id))
+        except Exception as e:  # noqa: BLE001 - wandb raises its own error types (usage, auth, network)
+            raise ConfigError("logging.wandb.mode", w.mode,
+                              f"wandb could not start its run ({type(e).__name__}: {first_line(e)}); check "
+                              "logging.wandb.project/entity, or use logging.wandb.mode=disabled") from None
     return Loggers(loggers)
 
 
 def run(cfg: Any) -> list[dict]:
     """Train one run; returns the logged metrics (rank 0 has them all, other ranks the same values)."""
+    lock = None
     try:
         rc, device_type, replicate, shard = prepare(cfg)
         from muon_recipes.data import build_tokenizer
@@ -166,39 +175,41 @@ def run(cfg: Any) -> list[dict]:
                               f"{rc.data.tokenizer})")
         run_dir = rc.run_dir or _hydra_run_dir()
         _warn_about_elastic_restarts(rc)
+        if rank_from_env() == 0:  # the run directory is this run's before anything of it is read
+            _check_run_dir(run_dir)
+            lock = RunDirLock(run_dir)
+            lock.acquire()
         check_run_dir(rc, run_dir if (rc.run_dir or rank_from_env() == 0) else None)
     except (ConfigError, CheckpointError) as e:
+        if lock is not None:
+            lock.release()
         _fail(str(e))
     config_dict = _resolved_config(cfg)
     ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard)
     try:
         return _train(rc, ctx, broadcast_object(run_dir), tokenizer, config_dict)
-    except (ConfigError, CheckpointError) as e:  # raised alike on every rank (same files, same model)
-        _fail(str(e))
-    except NonFiniteError as e:  # every rank sees the same all-reduced loss and global gradient norm
-        _fail(str(e), EXIT_NONFINITE)
+    except RunFailed as e:  # start-up: every rank knows every rank's failure
+        exit_agreed(e, ctx.rank)
+    except (NonFiniteError, CheckpointError) as e:  # raised alike on every rank (all-reduced values, agreed saves)
+        exit_agreed(RunFailed([describe(e, ctx.rank)]), ctx.rank)
+    except Exception as e:  # noqa: BLE001 - this rank alone, mid-training: say it here before the others notice
+        exit_alone(e, ctx.rank)
     finally:
         shutdown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> list[dict]:
-    from muon_recipes.data import DistributedLoader, build_datasets
-    from muon_recipes.models import build_model
-    from muon_recipes.optim.param_groups import build_optimizer, describe_param_groups
-    from muon_recipes.parallel.fsdp import parallelize
-    from muon_recipes.train.checkpoint import Checkpointer, discard_newer, resolve_resume, trim_metrics
+    """Start-up as a transaction, then training. Each start-up step ends with an agreement between the ranks
+    (`failures.agree`); only when building, loading and the loggers succeeded on every rank does rank 0 change
+    the run directory (set newer checkpoints and metrics rows aside, write config.json, open metrics.jsonl)."""
+    from muon_recipes.data import DistributedLoader
+    from muon_recipes.optim.param_groups import describe_param_groups
+    from muon_recipes.train.checkpoint import Checkpointer, resolve_resume
     from muon_recipes.train.trainer import Trainer
 
-    torch.manual_seed(rc.seed)
-    # Build whole on the device with the run's seed on every rank, then shard: the initial weights are identical
-    # for any world size (the 1- vs 2-process test relies on it), at the cost of one unsharded copy at start-up.
-    with torch.device(ctx.device):
-        model = build_model(rc.model)  # initializes its weights (Transformer.init_weights) from the seeded RNG
-    bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
-    parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
-                activation_checkpointing=rc.train.activation_checkpointing)
-    optimizer = build_optimizer(model, rc.optim)
-    train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
+    model, optimizer, train_ds, eval_ds = agree(lambda: _build(rc, ctx, tokenizer), ctx.rank)
     loader = DistributedLoader(train_ds, batch_size=rc.train.batch_size, rank=ctx.dp_rank,
                                world_size=ctx.dp_world_size, seed=rc.seed)
     ck = rc.train.checkpoint
@@ -206,20 +217,30 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
     trainer = Trainer(rc, ctx, run_dir, model, optimizer, tokenizer, loader, eval_ds, None, checkpointer=checkpointer,
                       config_dict=config_dict)
 
-    # Resume before anything in the run directory is written: a checkpoint that does not fit fails here.
-    resume_from = resolve_resume(rc.train.resume, run_dir)
+    resume_from = agree(lambda: resolve_resume(rc.train.resume, run_dir), ctx.rank)
     if resume_from is not None:
-        extras, rank_extras = checkpointer.load(resume_from, model, optimizer, config_dict)
-        trainer.load_checkpoint_extras(extras, rank_extras, int(extras.get("world_size", ctx.world_size)))
-    loggers = None
+        def load() -> None:
+            extras, rank_extras = checkpointer.load(resume_from, model, optimizer, config_dict)
+            try:
+                trainer.load_checkpoint_extras(extras, rank_extras, int(extras.get("world_size", ctx.world_size)))
+            except ConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a value of the wrong shape or type
+                raise CheckpointError(f"checkpoint {resume_from}: its trainer state does not load "
+                                      f"({type(e).__name__}: {first_line(e)}); it is corrupt") from None
+
+        agree(load, ctx.rank)
+    loggers = agree(lambda: build_loggers(rc, run_dir, config_dict, trainer.wandb_run_id) if ctx.is_main else None,
+                    ctx.rank)
+    try:
+        committed = agree(lambda: _commit(rc, run_dir, trainer.step, config_dict, loggers) if ctx.is_main else None,
+                          ctx.rank)
+    except RunFailed:
+        if loggers is not None:
+            loggers.close()
+        raise
     if ctx.is_main:
-        # The run continues from step `trainer.step`: what was logged or saved after it belongs to a trajectory
-        # that died (or was abandoned for an older checkpoint); it is moved aside, not deleted.
-        discarded = discard_newer(run_dir, trainer.step)
-        moved_rows = trim_metrics(os.path.join(run_dir, "metrics.jsonl"), trainer.step)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=1)
-        loggers = build_loggers(rc, run_dir, config_dict, wandb_run_id=trainer.wandb_run_id)
+        moved_rows, discarded = committed
         trainer.wandb_run_id = _wandb_run_id(loggers)
         trainer.loggers = loggers
         n_params = sum(p.numel() for p in model.parameters())
@@ -242,6 +263,42 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
         if loggers is not None:
             loggers.close()
     return history
+
+
+def _build(rc: RunConfig, ctx, tokenizer):
+    """Model (sharded), optimizer and datasets: this rank's local part of start-up."""
+    from muon_recipes.data import build_datasets
+    from muon_recipes.models import build_model
+    from muon_recipes.optim.param_groups import build_optimizer
+    from muon_recipes.parallel.fsdp import parallelize
+
+    torch.manual_seed(rc.seed)
+    # Build whole on the device with the run's seed on every rank, then shard: the initial weights are identical
+    # for any world size (the 1- vs 2-process test relies on it), at the cost of one unsharded copy at start-up.
+    with torch.device(ctx.device):
+        model = build_model(rc.model)  # initializes its weights (Transformer.init_weights) from the seeded RNG
+    bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
+    parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
+                activation_checkpointing=rc.train.activation_checkpointing)
+    optimizer = build_optimizer(model, rc.optim)
+    train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
+    return model, optimizer, train_ds, eval_ds
+
+
+def _commit(rc: RunConfig, run_dir: str, step: int, config_dict: dict, loggers) -> tuple[int, list[str]]:
+    """The first change to the run directory (rank 0): the run continues from `step`, so what was logged or saved
+    after it belongs to a trajectory that died (or was abandoned for an older checkpoint) and is moved aside, not
+    deleted; then config.json and metrics.jsonl. Returns (metrics rows moved, checkpoints moved)."""
+    from muon_recipes.train.checkpoint import discard_newer, trim_metrics
+    from muon_recipes.train.loggers import JsonlLogger
+
+    discarded = discard_newer(run_dir, step)
+    moved_rows = trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config_dict, f, indent=1)
+    if rc.logging.jsonl:
+        loggers.loggers.append(JsonlLogger(os.path.join(run_dir, "metrics.jsonl")))
+    return moved_rows, discarded
 
 
 def _build_data(build_datasets, rc: RunConfig, tokenizer):
