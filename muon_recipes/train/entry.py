@@ -25,28 +25,12 @@ from muon_recipes.parallel.distributed import (broadcast_object, init_distribute
                                                resolve_device_type, shutdown_distributed, world_size_from_env)
 from muon_recipes.train.checkpoint import CheckpointError
 from muon_recipes.train.failures import (EXIT_BAD_INPUT, EXIT_NONFINITE, RunFailed, agree, describe, exit_agreed,
-                                         exit_alone, exit_on_sigterm, first_line, write_error_file)
+                                         exit_alone, exit_before_start, first_line)
+from muon_recipes.train.memory_check import check_fits_in_memory
 from muon_recipes.train.run_dir import RunDirLock, check_layout
 from muon_recipes.train.trainer import NonFiniteError
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_NONFINITE", "run"]
-
-
-# How long a rank other than 0 waits before it exits with an error. torchrun stops every worker as soon as one
-# exits non-zero; rank 0, the one that prints, starts later (Hydra writes its output directory first), and
-# without this wait a quicker rank 1 could have it stopped before its line reached stderr.
-PEER_EXIT_GRACE_S = 5.0
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit `code` on every rank."""
-    exit_on_sigterm(code)
-    write_error_file(f"error: {message}")
-    if rank_from_env() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(PEER_EXIT_GRACE_S)
-    sys.exit(code)
 
 
 def _hydra_run_dir() -> str:
@@ -124,7 +108,28 @@ def prepare(cfg: Any) -> tuple[RunConfig, str, int, int]:
     if device_type == "cuda" and int(os.environ.get("LOCAL_RANK", "0")) >= torch.cuda.device_count():
         raise ConfigError("device", rc.device, f"LOCAL_RANK {os.environ.get('LOCAL_RANK')} but only "
                           f"{torch.cuda.device_count()} CUDA devices are visible")
+    check_fits_in_memory(rc, device_type, world_size_from_env())
+    _check_wandb_login(rc)
     return rc, device_type, replicate, shard
+
+
+def _check_wandb_login(rc: RunConfig) -> None:
+    """`logging.wandb.mode=online` needs an API key (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes);
+    without one wandb would ask for it on a terminal no rank has, or fail after start-up."""
+    w = rc.logging.wandb
+    if not (w.enabled and w.mode == "online") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError("logging.wandb.mode", w.mode, f"no wandb API key for {host} (WANDB_API_KEY or `wandb login`); "
+                                                    "log in, or use logging.wandb.mode=offline")
 
 
 def _resolved_config(cfg: Any) -> dict:
@@ -183,7 +188,7 @@ def run(cfg: Any) -> list[dict]:
     except (ConfigError, CheckpointError) as e:
         if lock is not None:
             lock.release()
-        _fail(str(e))
+        exit_before_start(str(e))
     config_dict = _resolved_config(cfg)
     ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard)
     try:

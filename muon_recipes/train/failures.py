@@ -135,6 +135,24 @@ def print_failures(failures: list[Failure]) -> None:
             print(f"rank {f.rank}: {f.details.rstrip()}", file=sys.stderr, flush=True)
 
 
+# How long a rank other than 0 waits before it exits with an error found before the process group exists. torchrun
+# stops every worker as soon as one exits non-zero; rank 0, the one that prints, may start later (Hydra writes its
+# output directory first), and without this wait a quicker rank 1 could have it stopped before its line is out.
+PEER_EXIT_GRACE_S = 5.0
+
+
+def exit_before_start(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit `code` on every rank: for
+    failures every rank finds alike before the process group exists (no collective to agree through)."""
+    exit_on_sigterm(code)
+    write_error_file(f"error: {message}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(PEER_EXIT_GRACE_S)
+    sys.exit(code)
+
+
 def exit_agreed(failure: RunFailed, rank: int) -> None:
     """End this rank after an agreed failure: rank 0 prints, the others wait until it has (torchrun stops every
     worker as soon as one exits non-zero), every rank exits with the first failure's code."""

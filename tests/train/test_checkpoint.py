@@ -440,7 +440,7 @@ def test_nonfinite_policies_skip_and_parameter_check(tmp_path):
     jobs = [("skip", [*common, "optim.lr=1e30", "optim.adamw.lr=1e30", "train.nonfinite=skip",
                       "train.max_skipped_steps=3", f"run_dir={tmp_path / 'skip'}"]),
             # decoupled decay multiplies the weights by 1 - lr * weight_decay = -1e40: infinite, the loss still finite
-            ("params", [*common, "optim.adamw.lr=1e37", "optim.adamw.weight_decay=1000",
+            ("params", [*common, "optim.adamw.lr=1e30", "optim.adamw.weight_decay=1e10",
                         f"run_dir={tmp_path / 'params'}"])]
     codes = spawn_runs(1, jobs, tmp_path / "spawn")
     code, err = codes["skip"]
