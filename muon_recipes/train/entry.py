@@ -187,7 +187,7 @@ def run(cfg: Any) -> list[dict]:
         check_run_dir(rc, run_dir if (rc.run_dir or rank_from_env() == 0) else None)
     except (ConfigError, CheckpointError) as e:
         if lock is not None:
-            lock.release()
+            lock.release(undo=True)
         exit_before_start(str(e))
     config_dict = _resolved_config(cfg)
     ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard)

@@ -65,9 +65,11 @@ class RunDirLock:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_FILE)
         self._fd: Optional[int] = None
+        self._created = False  # whether acquire made the file (a run refused at start-up then removes it)
 
     def acquire(self) -> None:
         """Take the lock, or raise ConfigError naming the run that holds it. Never waits."""
+        existed = os.path.lexists(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
@@ -89,9 +91,15 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
+        self._created = not existed
 
-    def release(self) -> None:
-        """Give the lock up. The file stays: removing it could let a waiting run lock a file no one else sees."""
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor of the open file releases the flock
-            self._fd = None
+    def release(self, undo: bool = False) -> None:
+        """Give the lock up. The file stays (removing it could let a run that opened it meanwhile lock a file no
+        one else sees), unless `undo`: a run refused at start-up removes the file it created, so a directory it
+        found empty stays empty."""
+        if self._fd is None:
+            return
+        if undo and self._created:
+            os.unlink(self.path)  # while still holding the lock: no other run holds this file
+        os.close(self._fd)  # closing the last descriptor of the open file releases the flock
+        self._fd = None
