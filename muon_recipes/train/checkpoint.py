@@ -517,15 +517,16 @@ class Checkpointer:
     def _abandon(self, step: int, tmp: str, reason: str, cause) -> None:
         """Remove the partial save (rank 0; it is never loaded, and a full disk wants its space back) and raise
         CheckpointError on this rank. The previous checkpoint is untouched."""
+        # Measured before the partial save is removed: the write that failed is what filled the disk.
+        no_space = (cause is True or (isinstance(cause, BaseException) and _is_no_space(cause))
+                    or _free_bytes(self.root) < _NEARLY_FULL_BYTES)
+        no_space = not self._all_true(not no_space)  # any rank's view: the message is the same on every rank
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        no_space = cause is True or (isinstance(cause, BaseException) and _is_no_space(cause))
-        if not no_space:
-            no_space = _free_bytes(self.root) < _NEARLY_FULL_BYTES
         latest = complete_checkpoints(self.root)
         kept = f"the latest complete checkpoint, {latest[-1][1]}, is intact" if latest else "no earlier checkpoint"
-        hint = (f"; the file system of {self.root} is full ({_free_bytes(self.root) // 1024} KiB free): free space "
-                "and resume with train.resume=auto" if no_space else "")
+        hint = (f"; no space left on the file system of {self.root}: free some and resume with train.resume=auto"
+                if no_space else "")
         raise CheckpointError(f"checkpoint step {step} could not be written ({reason}); {kept}{hint}")
 
     def finish(self) -> None:

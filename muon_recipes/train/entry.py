@@ -196,7 +196,7 @@ def run(cfg: Any) -> list[dict]:
     except RunFailed as e:  # start-up: every rank knows every rank's failure
         exit_agreed(e, ctx.rank)
     except (NonFiniteError, CheckpointError) as e:  # raised alike on every rank (all-reduced values, agreed saves)
-        exit_agreed(RunFailed([describe(e, ctx.rank)]), ctx.rank)
+        exit_agreed(RunFailed([describe(e, 0)]), ctx.rank)  # one failure, said as rank 0 says it
     except Exception as e:  # noqa: BLE001 - this rank alone, mid-training: say it here before the others notice
         exit_alone(e, ctx.rank)
     finally:

@@ -452,3 +452,42 @@ def test_nonfinite_policies_skip_and_parameter_check(tmp_path):
     assert sorted(losses(tmp_path / "params")) == [1]
     assert not (tmp_path / "params" / "checkpoints").exists() or not [
         n for n in os.listdir(tmp_path / "params" / "checkpoints") if n.startswith("step-")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A full disk: a real small tmpfs
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 7 MB tmpfs: room for one checkpoint of gqa_tiny (~4.3 MB with Muon's momentum), not for two."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, small_tmpfs):
+    """The save of step 4 runs out of space on the 2-rank run's file system: every rank exits 2, rank 0 says so in
+    one line that names the full disk and the intact checkpoint, and the partial save is removed. Moved to a
+    larger disk, the run resumes from step 2 and ends with one metrics row per step."""
+    run_dir = small_tmpfs / "run"
+    overrides = ["model=gqa_tiny", "optim=muon_split", "train.batch_size=4", "train.steps=6",
+                 "train.checkpoint.every=2"]
+    codes = spawn_runs(2, [("full", [*overrides, f"run_dir={run_dir}"])], tmp_path / "spawn-full")
+    code, err = codes["full"]
+    rank1 = json.loads((tmp_path / "spawn-full" / "codes-1.json").read_text())["full"]
+    assert code == 2 and rank1[0] == 2, (codes, rank1)
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint step 4 could not be written"), err
+    assert "no space left on the file system" in lines[0] and "step-000002, is intact" in lines[0], lines[0]
+    assert error_lines(rank1[1]) == []
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-000002"]
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    codes = spawn_runs(2, [("resumed", [*overrides, f"run_dir={moved}"])], tmp_path / "spawn-resumed")
+    assert codes["resumed"][0] == 0, codes
+    assert [r["step"] for r in rows(moved)] == [1, 2, 3, 4, 5, 6]
