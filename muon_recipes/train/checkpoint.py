@@ -573,10 +573,7 @@ class Checkpointer:
             shutil.rmtree(trash, ignore_errors=True)
 
     def _remove_leftovers(self) -> None:
-        """Partial saves of killed processes and half-deleted old checkpoints (rank 0, before a new save)."""
-        for name in os.listdir(self.root):
-            if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        remove_leftovers(self.root)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load(self, path: str, model, optimizer, config: dict) -> tuple[dict, Optional[dict]]:
@@ -617,6 +614,16 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------------------
 # The run directory after a resume
 # --------------------------------------------------------------------------------------------------------------
+def remove_leftovers(root: str) -> None:
+    """Partial saves of killed processes and half-deleted old checkpoints under the checkpoints folder `root`
+    (rank 0, holding the run directory's lock: at the start of a run and before each save)."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def discard_newer(run_dir: str, step: int) -> list[str]:
     """Move complete checkpoints of `run_dir` newer than `step` (an abandoned trajectory: the run resumed from an
     older one) to `checkpoints/discarded/`, where they are never loaded nor rotated out. Rank 0 only."""
@@ -639,6 +646,9 @@ def trim_metrics(path: str, step: int) -> int:
 
     The file is rewritten through a temporary file and a rename, so a crash here loses no row.
     """
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):  # the rewrite of a run killed in the middle of it; `path` is still whole
+        os.remove(tmp)
     if not os.path.isfile(path):
         return 0
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 (or not JSON) is moved as it is, not lost
@@ -659,7 +669,6 @@ def trim_metrics(path: str, step: int) -> int:
         f.write(b"".join(line + b"\n" for line in drop))
         f.flush()
         os.fsync(f.fileno())
-    tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(b"".join(line + b"\n" for line in keep))
         f.flush()

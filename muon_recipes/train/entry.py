@@ -294,9 +294,10 @@ def _commit(rc: RunConfig, run_dir: str, step: int, config_dict: dict, loggers) 
     """The first change to the run directory (rank 0): the run continues from `step`, so what was logged or saved
     after it belongs to a trajectory that died (or was abandoned for an older checkpoint) and is moved aside, not
     deleted; then config.json and metrics.jsonl. Returns (metrics rows moved, checkpoints moved)."""
-    from muon_recipes.train.checkpoint import discard_newer, trim_metrics
+    from muon_recipes.train.checkpoint import checkpoints_dir, discard_newer, remove_leftovers, trim_metrics
     from muon_recipes.train.loggers import JsonlLogger
 
+    remove_leftovers(checkpoints_dir(run_dir))  # what a killed run left half-written
     discarded = discard_newer(run_dir, step)
     moved_rows = trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
     with open(os.path.join(run_dir, "config.json"), "w") as f:

@@ -120,11 +120,13 @@ def write_error_file(line: str) -> None:
         pass  # the line is on stderr already
 
 
-def exit_on_sigterm(code: int) -> None:
-    """From now on, torchrun's SIGTERM (sent to every worker once one has exited) ends this rank with `code`:
-    a rank that knows why the run stops says so in its exit code instead of dying by the signal."""
+def ignore_sigterm_while_exiting() -> None:
+    """torchrun sends SIGTERM to every worker once one has exited; a rank that knows why the run stops and is about
+    to exit with that code must not die by the signal instead (its code is what torchrun's summary shows). The
+    signal is ignored rather than handled: a Python handler does not run while the rank is inside a collective
+    or shutting the interpreter down. torchrun's SIGKILL, after its grace period, still ends a rank that hangs."""
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # only under torchrun: an in-process caller keeps its own handler
-        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def print_failures(failures: list[Failure]) -> None:
@@ -144,7 +146,7 @@ PEER_EXIT_GRACE_S = 5.0
 def exit_before_start(message: str, code: int = EXIT_BAD_INPUT) -> None:
     """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit `code` on every rank: for
     failures every rank finds alike before the process group exists (no collective to agree through)."""
-    exit_on_sigterm(code)
+    ignore_sigterm_while_exiting()
     write_error_file(f"error: {message}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -159,7 +161,7 @@ def exit_agreed(failure: RunFailed, rank: int) -> None:
     import torch.distributed as dist
 
     lines = format_lines(failure.failures)
-    exit_on_sigterm(failure.failures[0].code)
+    ignore_sigterm_while_exiting()
     if rank == 0:
         print_failures(failure.failures)
     write_error_file(lines[0])
@@ -174,6 +176,7 @@ def exit_agreed(failure: RunFailed, rank: int) -> None:
 def exit_alone(e: BaseException, rank: int) -> None:
     """End this rank after a failure the others may not share (mid-training): print it here, at once."""
     failure = describe(e, rank)
+    ignore_sigterm_while_exiting()
     print_failures([failure])
     write_error_file(format_lines([failure])[0])
     sys.exit(failure.code)
