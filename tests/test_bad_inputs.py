@@ -302,6 +302,20 @@ def test_trainer_state_without_a_key_the_trainer_needs(tmp_path, base_run):
     assert fingerprint(run_dir) == before
 
 
+@pytest.mark.parametrize("content, fragment", [("{not json", "tokenizer_config.json is not valid JSON"),
+                                               ('["eos"]', "tokenizer_config.json holds a list")])
+def test_tokenizer_config_that_is_not_a_json_object(tmp_path, content, fragment):
+    tokenizers = pytest.importorskip("tokenizers")
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    vocab = {"<|endoftext|>": 0, **{chr(c): c - 96 for c in range(97, 123)}}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="a")).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(content)
+    code, err = run_in_process([f"data.tokenizer={directory}", f"run_dir={tmp_path / 'run'}"])
+    assert_one_line(code, err, "data.tokenizer=", fragment)
+    assert not (tmp_path / "run").exists()
+
+
 def test_wandb_online_without_an_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     (tmp_path / "netrc").write_text("")
@@ -437,6 +451,12 @@ def after_startup(base_run, tmp_path_factory):
     parquet.write_bytes(b"PAR1 this is not a parquet file")
     jsonl = root / "broken.jsonl"
     jsonl.write_text('{"text": "fine"}\n{"text": broken\n')
+    deep = root / "deep.jsonl"
+    deep.write_text('{"text": "fine"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    fifo = root / "pipe.txt"
+    os.mkfifo(fifo)
+    binary = root / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
     ckpt = base_run / "checkpoints" / "step-000002"
     corrupt = _corrupt_copies(base_run, root)
     base_before = fingerprint(base_run)
@@ -459,6 +479,9 @@ def after_startup(base_run, tmp_path_factory):
         ("missing-file", ["data=files", f"data.paths=[{root / 'missing.txt'}]", fresh("missing-file")]),
         ("corrupt-parquet", ["data=files", f"data.paths=[{parquet}]", fresh("corrupt-parquet")]),
         ("broken-jsonl", ["data=files", f"data.paths=[{jsonl}]", fresh("broken-jsonl")]),
+        ("deep-jsonl", ["data=files", f"data.paths=[{deep}]", fresh("deep-jsonl")]),
+        ("fifo", ["data=files", f"data.paths=[{fifo}]", fresh("fifo")]),
+        ("binary-txt", ["data=files", f"data.paths=[{binary}]", "data.eval_fraction=0", fresh("binary-txt")]),
         ("more-layers", ["optim=muon_split", "model.n_layers=3", f"train.resume={ckpt}", fresh("more-layers")]),
         ("wider", ["optim=muon_split", "model.d_model=192", "model.n_heads=6", "model.n_kv_heads=3",
                    f"train.resume={ckpt}", fresh("wider")]),
@@ -488,6 +511,9 @@ AFTER_STARTUP_CASES = {
     "missing-file": lambda r: ["data.paths=", "missing.txt", "no such file"],
     "corrupt-parquet": lambda r: ["data.paths=", "corrupt.parquet", "could not be read", "ArrowInvalid"],
     "broken-jsonl": lambda r: ["data.paths=", "broken.jsonl", "line 2 is not valid JSON"],
+    "deep-jsonl": lambda r: ["data.paths=", "deep.jsonl", "could not be read (RecursionError"],
+    "fifo": lambda r: ["data.paths=", "pipe.txt", "is not a regular file"],
+    "binary-txt": lambda r: ["data.paths=", "binary.txt", "is not UTF-8 text (byte 128: 0x80)"],
     "more-layers": lambda r: [f"checkpoint {r['ckpt']} does not fit this run", "model.layers.2.",
                               "is in this run but not in the checkpoint", "model.n_layers=2 in the checkpoint, 3 now"],
     "wider": lambda r: ["does not fit this run", "has shape [", "in the checkpoint", "model.d_model=128 in the "

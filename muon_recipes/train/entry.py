@@ -1,13 +1,15 @@
 """`run(cfg)`: from a composed Hydra config to a finished run.
 
 Everything that can be checked without a process group is checked first (config values, mesh vs world size,
-device, tokenizer vs vocabulary, run directory, the checkpoint `train.resume` names); a bad value ends every rank
-with one line and exit code 2 before NCCL/gloo or a GPU is touched. What can only be checked once the model
-exists (does the checkpoint fit it?) or the data is read fails the same way on every rank, after start-up.
-A non-finite loss under `train.nonfinite=abort` ends the run with one line and exit code 3.
+device, memory within reach, tokenizer vs vocabulary, the run directory and its lock, the checkpoint
+`train.resume` names); a bad value ends every rank with one line and exit code 2 before NCCL/gloo or a GPU is
+touched. Rank 0 holds the run directory's lock (`run_dir.RunDirLock`) from then until the run ends.
 
-Resuming (see docs/checkpoints.md): the checkpoint is loaded and checked before anything in the run directory
-is written, so a resume that fails leaves config.json, metrics.jsonl and the checkpoints as they were.
+Start-up is a transaction (see docs/checkpoints.md): building the model, optimizer and data, loading the
+checkpoint and starting the loggers run in steps that each end with an agreement between the ranks
+(`failures.agree`), and only after the last one does rank 0 change the run directory (`_commit`). A start-up that
+fails on any rank leaves config.json, metrics.jsonl and the checkpoints as they were, and the line printed names
+the rank and the cause. A non-finite loss under `train.nonfinite=abort` ends the run with one line and exit code 3.
 """
 
 from __future__ import annotations
@@ -313,7 +315,8 @@ def _build_data(build_datasets, rc: RunConfig, tokenizer):
         return build_datasets(rc.data, tokenizer, rc.train.seq_len, rc.seed)
     except ConfigError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+    # pyarrow's ArrowInvalid is a ValueError; RecursionError: a JSON line nested deeper than the parser goes
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         key, value = (("data.paths", list(rc.data.paths)) if rc.data.source == "files"
                       else ("data.source", rc.data.source))
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
