@@ -34,6 +34,10 @@ EXIT_NONFINITE = 3  # train.nonfinite=abort, or a non-finite state that must not
 
 T = TypeVar("T")
 
+# How gloo and NCCL word the failure of a collective whose peer process has gone away.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited")
+
 
 @dataclass
 class Failure:
@@ -69,6 +73,9 @@ def describe(e: BaseException, rank: int) -> Failure:
     if isinstance(e, NonFiniteError):
         return Failure(rank, EXIT_NONFINITE, first_line(e))
     text = first_line(e)
+    if any(sign in text for sign in _PEER_GONE):  # the consequence of another rank's failure, not a cause
+        return Failure(rank, EXIT_FAULT, f"lost the connection to another rank, which stopped first (its error, if "
+                                         f"it could say one, is above): {type(e).__name__}: {text}")
     return Failure(rank, EXIT_FAULT, f"{type(e).__name__}: {text}" if text else type(e).__name__,
                    "".join(traceback.format_exception(type(e), e, e.__traceback__)))
 
