@@ -14,6 +14,7 @@ the rank and the cause. A non-finite loss under `train.nonfinite=abort` ends the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -266,9 +267,13 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict) -> li
     trainer.start_time = time.perf_counter()
     try:
         history = trainer.fit()
-    finally:
+    except BaseException:
         if loggers is not None:
-            loggers.close()
+            with contextlib.suppress(Exception):  # a second error while closing must not hide the first
+                loggers.close()
+        raise
+    if loggers is not None:
+        loggers.close()
     return history
 
 

@@ -19,6 +19,7 @@ torchrun's own exit code stays 1 (it reports every failed worker that way); the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
 EXIT_FAULT = 1  # an unexpected exception (a bug, a lost rank): its traceback follows the line
-EXIT_BAD_INPUT = 2  # config, data, run directory, checkpoint, a resource a value asks for
+EXIT_BAD_INPUT = 2  # config, data, run directory (a full disk included), checkpoint, a resource a value asks for
 EXIT_NONFINITE = 3  # train.nonfinite=abort, or a non-finite state that must not be saved
 
 T = TypeVar("T")
@@ -73,6 +74,9 @@ def describe(e: BaseException, rank: int) -> Failure:
     if isinstance(e, NonFiniteError):
         return Failure(rank, EXIT_NONFINITE, first_line(e))
     text = first_line(e)
+    if isinstance(e, OSError):  # the file system's answer names the path and the reason: no traceback needed
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        return Failure(rank, EXIT_BAD_INPUT if full else EXIT_FAULT, f"{type(e).__name__}: {text}")
     if any(sign in text for sign in _PEER_GONE):  # the consequence of another rank's failure, not a cause
         return Failure(rank, EXIT_FAULT, f"lost the connection to another rank, which stopped first (its error, if "
                                          f"it could say one, is above): {type(e).__name__}: {text}")
