@@ -1,7 +1,7 @@
 """How a run ends when something fails: which rank prints what, with which exit code, and when the ranks agree.
 
-The promise (README, docs/checkpoints.md): the first line the user sees starts with `error:` and names the
-cause, whichever rank it happened on, and every rank exits with the same code.
+The promise (README, docs/checkpoints.md): the first line about a failure starts with `error:` and names the
+cause, whichever rank it happened on, and every rank that knows the cause exits with the same code.
 
 * Failures every rank meets alike (a bad config value, a checkpoint that does not fit, a non-finite loss) are
   printed once, by rank 0.
