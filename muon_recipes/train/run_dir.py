@@ -68,7 +68,8 @@ class RunDirLock:
         self._created = False  # whether acquire made the file (a run refused at start-up then removes it)
 
     def acquire(self) -> None:
-        """Take the lock, or raise ConfigError naming the run that holds it. Never waits."""
+        """Take the lock, or raise ConfigError naming the run that holds it. Never waits. Where the file system
+        has no locks, warn and go on without one."""
         existed = os.path.lexists(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -81,8 +82,10 @@ class RunDirLock:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError("run_dir", self.run_dir, f"its lock file {self.path} cannot be locked "
-                                                           f"({e.strerror})") from None
+                # A file system without locks (some FUSE mounts): the run goes on, unprotected, and says so.
+                print(f"warning: run_dir {self.run_dir} cannot be locked ({e.strerror}): nothing stops a second run "
+                      "from writing into it meanwhile", file=sys.stderr, flush=True)
+                return
             raise ConfigError("run_dir", self.run_dir,
                               f"is in use by {_describe_holder(holder)}; one run per run directory: wait for "
                               "it to end or use another run_dir") from None
