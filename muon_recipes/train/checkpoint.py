@@ -18,7 +18,9 @@ Why this shape:
 * Atomic visibility. A save writes into `.tmp-step-000100`; when every rank has written its part (a barrier),
   rank 0 writes `COMPLETE` and renames the directory to `step-000100` (a rename is atomic on POSIX file
   systems). Only `step-*` directories holding `COMPLETE` are ever loaded, so a process killed in the middle of a
-  save leaves a `.tmp-*` directory that is ignored and deleted by the next save.
+  save leaves a `.tmp-*` directory that is ignored, and deleted when the next run starts or saves. A save that
+  fails (a full disk) fails on every rank alike: each step that can fail on one rank alone ends with an
+  agreement, its partial directory is removed and the previous checkpoint stays the latest.
 * Loading only what is safe: everything besides tensors is JSON; DCP's own pickled pieces are read with
   restrictions -- the `.metadata` file through an unpickler that admits only DCP's metadata classes, and the
   optimizer's non-tensor values (lr, betas, ...) with `torch.load(weights_only=True)`.
@@ -461,7 +463,7 @@ class Checkpointer:
 
         def prepare_directory() -> None:
             os.makedirs(self.root, exist_ok=True)
-            self._remove_leftovers()
+            remove_leftovers(self.root)
             os.makedirs(tmp)
 
         # Every step that can fail on one rank alone (a full disk, a vanished directory) ends with an agreement,
@@ -490,7 +492,7 @@ class Checkpointer:
             try:  # DCP gathers every rank's write failure and raises it on every rank
                 dcp.save(state, storage_writer=writer, process_group=self.group)
             except (Exception, CheckpointException) as e:
-                self._abandon(step, tmp, _describe_failure(e), e)
+                self._abandon(step, tmp, _describe_failure(e), _is_no_space(e))
             self._pending = (step, tmp, None)
             self.finish()
         self.last_saved_step = step
@@ -503,8 +505,7 @@ class Checkpointer:
             try:
                 part()
             except OSError as e:
-                failure = (self.rank, f"{type(e).__name__}: {_first_line(e)}", isinstance(e, OSError)
-                           and e.errno == errno.ENOSPC)
+                failure = (self.rank, f"{type(e).__name__}: {_first_line(e)}", e.errno == errno.ENOSPC)
         gathered = [failure]
         if self.group is not None:
             gathered = [None] * self.world_size
@@ -514,12 +515,12 @@ class Checkpointer:
             rank, reason, no_space = failures[0]
             self._abandon(step, tmp, f"rank {rank}: {reason}", no_space)
 
-    def _abandon(self, step: int, tmp: str, reason: str, cause) -> None:
+    def _abandon(self, step: int, tmp: str, reason: str, no_space: bool) -> None:
         """Remove the partial save (rank 0; it is never loaded, and a full disk wants its space back) and raise
-        CheckpointError on this rank. The previous checkpoint is untouched."""
+        CheckpointError on every rank (collective). The previous checkpoint is untouched. `no_space`: the failure
+        said ENOSPC; torch's writers often hide it ("unexpected pos ..."), so the free space is looked at too."""
         # Measured before the partial save is removed: the write that failed is what filled the disk.
-        no_space = (cause is True or (isinstance(cause, BaseException) and _is_no_space(cause))
-                    or _free_bytes(self.root) < _NEARLY_FULL_BYTES)
+        no_space = no_space or _free_bytes(self.root) < _NEARLY_FULL_BYTES
         no_space = not self._all_true(not no_space)  # any rank's view: the message is the same on every rank
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -571,9 +572,6 @@ class Checkpointer:
             trash = os.path.join(self.root, TRASH_PREFIX + os.path.basename(path))
             os.rename(path, trash)  # first out of sight (atomic), then gone
             shutil.rmtree(trash, ignore_errors=True)
-
-    def _remove_leftovers(self) -> None:
-        remove_leftovers(self.root)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load(self, path: str, model, optimizer, config: dict) -> tuple[dict, Optional[dict]]:
