@@ -19,6 +19,10 @@ if int(os.environ.get("RANK", "0")) != 0 and not any(a in ("-m", "--multirun") f
 
 if __name__ == "__main__":
     _error = check_command_line(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
+    if not _error:  # Hydra is about to write .hydra/ into hydra.run.dir: not into a directory a live run holds
+        from muon_recipes.train.run_dir import hydra_run_dir_in_use
+
+        _error = hydra_run_dir_in_use(sys.argv[1:])
     if _error:  # one line on stderr (rank 0) and exit code 2 on every rank, as for every other bad config value
         from muon_recipes.train.failures import exit_before_start
 

@@ -375,7 +375,12 @@ def test_one_run_per_run_dir_and_a_dead_holder_does_not_count(tmp_path, base_run
         code, err = run_in_process(["optim=muon_split", "train.steps=3", f"run_dir={run_dir}"])
         assert_one_line(code, err, f"run_dir='{run_dir}'", f"is in use by pid {holder.pid}", "started",
                         "one run per run directory")
-        assert fingerprint(run_dir) == before
+        # As Hydra's run dir: refused before Hydra writes its .hydra/ snapshot into it.
+        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+        proc = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert_one_line(proc.returncode, proc.stderr, f"hydra.run.dir='{run_dir}'", f"pid {holder.pid}")
+        assert fingerprint(run_dir) == before and not (run_dir / ".hydra").exists()
     finally:
         holder.kill()
         holder.wait()

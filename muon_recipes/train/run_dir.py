@@ -58,6 +58,44 @@ def _describe_holder(text: str) -> str:
         return "another process (its description in the lock file is unreadable)"
 
 
+def holder_of(run_dir: str) -> Optional[str]:
+    """Who holds `run_dir` now (as `RunDirLock` describes it), or None; takes and gives back the lock to see.
+
+    For the entry point, before Hydra writes its `.hydra/` snapshot into a `hydra.run.dir` that a live run holds."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file (or none readable): nothing to say before the run itself tries
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        return _describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+
+
+def _in_use(run_dir: str, holder: str, key: str = "run_dir") -> ConfigError:
+    return ConfigError(key, run_dir, f"is in use by {holder}; one run per run directory: wait for it to end "
+                                     f"or use another {key}")
+
+
+def hydra_run_dir_in_use(argv: list) -> Optional[str]:
+    """The one-line error for a `hydra.run.dir=DIR` on the command line that a live run holds, or None. Rank 0 of a
+    single run only (other ranks and multirun jobs let Hydra write nothing there)."""
+    if int(os.environ.get("RANK", "0")) != 0 or any(a in ("-m", "--multirun") for a in argv):
+        return None
+    values = [str(a).split("=", 1)[1] for a in argv if str(a).lstrip("+").startswith("hydra.run.dir=")]
+    if not values or "${" in values[-1]:
+        return None
+    run_dir = os.path.abspath(os.path.expanduser(values[-1].strip("'\"")))
+    holder = holder_of(run_dir)
+    return str(_in_use(run_dir, holder, "hydra.run.dir")) if holder else None
+
+
 class RunDirLock:
     """An exclusive lock on a run directory, held from `acquire` until `release` or the holder's death."""
 
@@ -86,9 +124,7 @@ class RunDirLock:
                 print(f"warning: run_dir {self.run_dir} cannot be locked ({e.strerror}): nothing stops a second run "
                       "from writing into it meanwhile", file=sys.stderr, flush=True)
                 return
-            raise ConfigError("run_dir", self.run_dir,
-                              f"is in use by {_describe_holder(holder)}; one run per run directory: wait for "
-                              "it to end or use another run_dir") from None
+            raise _in_use(self.run_dir, _describe_holder(holder)) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
