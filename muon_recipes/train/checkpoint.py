@@ -497,15 +497,15 @@ class Checkpointer:
             self.finish()
         self.last_saved_step = step
 
-    def _agree_or_abandon(self, step: int, tmp: str, part) -> None:
-        """Run this rank's `part` of a save (None: nothing to do here); if it failed on any rank, abandon the save
-        on every rank with the first failing rank's reason."""
+    def _agree_or_abandon(self, step: int, tmp: str, part, errors: tuple = (OSError,)) -> None:
+        """Run this rank's `part` of a save (None: nothing to do here); if it raised one of `errors` on any rank,
+        abandon the save on every rank with the first failing rank's reason (collective)."""
         failure = None
         if part is not None:
             try:
                 part()
-            except OSError as e:
-                failure = (self.rank, f"{type(e).__name__}: {_first_line(e)}", e.errno == errno.ENOSPC)
+            except errors as e:
+                failure = (self.rank, _describe_failure(e), _is_no_space(e))
         gathered = [failure]
         if self.group is not None:
             gathered = [None] * self.world_size
@@ -513,7 +513,9 @@ class Checkpointer:
         failures = [f for f in gathered if f is not None]
         if failures:
             rank, reason, no_space = failures[0]
-            self._abandon(step, tmp, f"rank {rank}: {reason}", no_space)
+            if not reason.startswith("rank "):  # DCP's gathered failures name their rank already
+                reason = f"rank {rank}: {reason}"
+            self._abandon(step, tmp, reason, no_space)
 
     def _abandon(self, step: int, tmp: str, reason: str, no_space: bool) -> None:
         """Remove the partial save (rank 0; it is never loaded, and a full disk wants its space back) and raise
@@ -536,17 +538,11 @@ class Checkpointer:
             return
         step, tmp, future = self._pending
         self._pending = None
-        ok = True
-        if future is not None:
-            try:
-                getattr(future, "upload_completion", future).result()
-            except (Exception, CheckpointException) as e:  # the writer failed: leave the directory incomplete
-                ok = False
-                print(f"checkpoint step {step}: asynchronous save failed on rank {self.rank}: "
-                      f"{_describe_failure(e)}", flush=True)
-        ok = self._all_true(ok)  # also the barrier: every rank has written its part
-        if ok:
-            self._agree_or_abandon(step, tmp, (lambda: self._publish(step, tmp)) if self.rank == 0 else None)
+        # An asynchronous writer that failed stops the run as a synchronous save does: training on without
+        # checkpoints would put ever more steps at risk. The agreement is also the barrier: every rank has written.
+        wait = (lambda: getattr(future, "upload_completion", future).result()) if future is not None else None
+        self._agree_or_abandon(step, tmp, wait, errors=(Exception, CheckpointException))
+        self._agree_or_abandon(step, tmp, (lambda: self._publish(step, tmp)) if self.rank == 0 else None)
         self._barrier()  # visible to every rank when this returns
 
     def _publish(self, step: int, tmp: str) -> None:
