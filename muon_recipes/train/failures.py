@@ -35,6 +35,8 @@ EXIT_NONFINITE = 3  # train.nonfinite=abort, or a non-finite state that must not
 
 T = TypeVar("T")
 
+# How torch words an allocation that failed (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError).
+_OUT_OF_MEMORY = ("CUDA out of memory", "can't allocate memory", "out of memory")
 # How gloo and NCCL word the failure of a collective whose peer process has gone away.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
               "remote process exited")
@@ -77,6 +79,10 @@ def describe(e: BaseException, rank: int) -> Failure:
     if isinstance(e, OSError):  # the file system's answer names the path and the reason: no traceback needed
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         return Failure(rank, EXIT_BAD_INPUT if full else EXIT_FAULT, f"{type(e).__name__}: {text}")
+    if isinstance(e, MemoryError) or any(sign in text for sign in _OUT_OF_MEMORY):
+        return Failure(rank, EXIT_BAD_INPUT, f"{type(e).__name__}: {text[:300]}; the run needs more memory than "
+                                             "this process has: lower train.batch_size or train.seq_len (raise "
+                                             "train.grad_accum to keep the batch), or shard over more processes")
     if any(sign in text for sign in _PEER_GONE):  # the consequence of another rank's failure, not a cause
         return Failure(rank, EXIT_FAULT, f"lost the connection to another rank, which stopped first (its error, if "
                                          f"it could say one, is above): {type(e).__name__}: {text}")

@@ -14,8 +14,8 @@ The lower bound, per process, in bytes:
 * logits of one micro-batch: `batch_size x seq_len x vocab_size`, fp32, with their gradient (8 bytes each).
 
 Each part is put down to the key that sizes it (the vocabulary, when its tables are most of the weights, sizes the
-logits too), and "about N would fit" scales that key's value by the room the other parts leave (all parts grow
-about linearly in their key).
+logits too), and "about N would fit" scales that key's value by the room the other parts leave (every part grows
+about linearly in its key, the weights about quadratically in d_model).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def check_fits_in_memory(rc: RunConfig, device_type: str, world_size: int) -> No
     value = {"model.vocab_size": rc.model.vocab_size, "model.d_model": rc.model.d_model,
              "model.max_seq_len": rc.model.max_seq_len, "train.batch_size": rc.train.batch_size}[key]
     room = available - (need - largest)  # what this part may take with the others as they are
-    fits = f"; about {int(value * room / largest):,} would fit" if room > 0 and int(value * room / largest) else ""
+    # The weights grow about as d_model squared (the d x d and d x ffn matrices); every other part linearly.
+    estimate = int(value * (room / largest) ** (0.5 if key == "model.d_model" else 1.0)) if room > 0 else 0
+    fits = f"; about {estimate:,} would fit" if estimate else ""
     raise ConfigError(key, value, f"needs at least {need / GIB:,.1f} GiB per process ({largest / GIB:,.1f} GiB for "
                                   f"what {key} sizes), more than the {available / GIB:,.1f} GiB of {where}{fits}")
