@@ -414,3 +414,23 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     codes = spawn_runs(2, [("resumed", [*overrides, f"run_dir={moved}"])], tmp_path / "spawn-resumed")
     assert codes["resumed"][0] == 0, codes
     assert [r["step"] for r in rows(moved)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_rank_failing_alone_mid_training_says_so_first(tmp_path, small_tmpfs):
+    """Rank 0 alone cannot write metrics.jsonl after a few steps (its file system fills up) while rank 1 waits in
+    the next collective: rank 0's line names the file and the cause, and rank 1 only reports the lost connection,
+    without a traceback."""
+    run_dir = small_tmpfs / "run"
+    run_dir.mkdir()
+    page = os.statvfs(small_tmpfs).f_frsize
+    free = os.statvfs(small_tmpfs).f_bavail * page
+    (small_tmpfs / "filler").write_bytes(b"\0" * (free - 3 * page))  # run.lock, config.json, one page of rows
+    overrides = ["model=gqa_tiny", "optim=adamw", "train.batch_size=2", "train.steps=60", f"run_dir={run_dir}"]
+    spawn_runs(2, [("alone", overrides)], tmp_path / "spawn")
+    (code0, err0), (code1, err1) = [json.loads((tmp_path / "spawn" / f"codes-{r}.json").read_text())["alone"]
+                                    for r in range(2)]
+    assert code0 == 2 and error_lines(err0) == [
+        f"error: OSError: [Errno 28] No space left on device (writing {run_dir / 'metrics.jsonl'})"], err0
+    assert code1 == 1 and len(error_lines(err1)) == 1, err1
+    assert error_lines(err1)[0].startswith("error: rank 1: lost the connection to another rank"), err1
+    assert 0 < len((run_dir / "metrics.jsonl").read_bytes().splitlines()) < 60
