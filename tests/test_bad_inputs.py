@@ -1,15 +1,16 @@
-"""The catalogue of bad inputs: each gets one line naming the key or path, the value and what is valid, a
-non-zero exit on every rank, and leaves what is already on disk as it was.
+"""The catalogue of bad inputs: each gets one line naming the key or path, the value and what is valid, exit code
+2 on every rank, and leaves what is already on disk as it was.
 
 Three ways in, by where the failure happens:
 
-* Hydra composition (unknown group option, wrong type, unknown key): `python train.py` subprocesses; Hydra's own
-  message, which names the override and lists the valid options or the expected type (no torch import: <1 s).
-* Checks before any process group (config values, mesh vs world size, run directory, the checkpoint
-  `train.resume` names): `muon_recipes.train.run` in this process, which exits via `SystemExit(2)` with the
-  line on stderr -- exactly what `python train.py` does with it.
-* Failures after start-up (data files, a checkpoint that does not fit the model or is corrupt): a 2-rank gloo
-  world (`torch.multiprocessing.spawn`) runs them all; each rank records its own exit code.
+* The command line, before Hydra composes (unknown group option, wrong type, unknown key, extra config dirs, a
+  `hydra.run.dir` a live run holds): `python train.py` subprocesses (no torch import: about a second each).
+* Checks before any process group (config values, memory out of reach, mesh vs world size, run directory and its
+  lock and layout, the checkpoint `train.resume` names, the tokenizer): `muon_recipes.train.run` in this process,
+  which exits via `SystemExit(2)` with the line on stderr -- exactly what `python train.py` does with it.
+* Failures after start-up (data files, a checkpoint that does not fit the model or is corrupt, rank 1's state
+  alone, a wandb run that cannot start): a 2-rank gloo world (`torch.multiprocessing.spawn`) runs them all; each
+  rank records its own exit code, and rank 0 alone prints, naming rank 1 when the failure was rank 1's.
 """
 
 from __future__ import annotations
