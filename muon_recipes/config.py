@@ -222,11 +222,13 @@ def register_configs() -> None:
 
 def config_dirs(argv: list, conf_dir: str) -> Optional[list]:
     """The directories Hydra composes from: `conf_dir`, plus `--config-dir/-cd DIR` and the `file://` entries of
-    `hydra.searchpath=[...]`. None when a search path names a package (`pkg://`): its options cannot be listed
-    here, so the group check is left to Hydra."""
+    `hydra.searchpath=[...]`. None when a search path names a package (`pkg://`) or `--config-path` replaces
+    `conf_dir`: the options cannot be listed here, so the group check is left to Hydra."""
     dirs = [conf_dir]
     for i, arg in enumerate(argv):
         arg = str(arg)
+        if arg in ("--config-path", "-cp") or arg.startswith("--config-path="):
+            return None  # another primary config dir: its groups are Hydra's to check
         if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
             dirs.append(str(argv[i + 1]))
         elif arg.startswith("--config-dir="):
@@ -280,10 +282,11 @@ def check_group_overrides(overrides: list, dirs: list) -> Optional[str]:
     return None
 
 
-def check_value_overrides(overrides: list) -> Optional[str]:
+def check_value_overrides(overrides: list, dirs: Optional[list] = None) -> Optional[str]:
     """A one-line error for the first `key=value` override that the schema refuses (unknown key, a value of the
     wrong type such as `train.steps=abc` or `.nan` for an integer), or None. Each value is parsed by Hydra's own
-    override grammar and set on the typed schema as Hydra would; sweep items are checked one by one."""
+    override grammar and set on the typed schema as Hydra would; sweep items are checked one by one. Group
+    choices (a key that names a folder of one of `dirs`, or a config node) are the group check's."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -293,7 +296,9 @@ def check_value_overrides(overrides: list) -> Optional[str]:
     schema = OmegaConf.structured(RunConfig)
     for override in overrides:
         key = str(override).split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra") or "." not in key and OmegaConf.is_config(schema.get(key)) or "@" in key:
+        is_group = "." not in key and (OmegaConf.is_config(schema.get(key))
+                                       or any(os.path.isdir(os.path.join(d, key)) for d in dirs or ()))
+        if key.startswith("hydra") or is_group or "@" in key:
             continue  # Hydra's own keys, group choices (model=...), package overrides
         try:
             parsed = parser.parse_overrides([str(override)])[0]
@@ -325,7 +330,7 @@ def check_command_line(argv: list, conf_dir: str) -> Optional[str]:
     overrides = _command_line_overrides(argv)
     dirs = config_dirs(argv, conf_dir)
     error = check_group_overrides(overrides, dirs) if dirs is not None else None
-    return error or check_value_overrides(overrides)
+    return error or check_value_overrides(overrides, dirs)
 
 
 # --------------------------------------------------------------------------------------------------------------
