@@ -434,3 +434,25 @@ def test_a_rank_failing_alone_mid_training_says_so_first(tmp_path, small_tmpfs):
     assert code1 == 1 and len(error_lines(err1)) == 1, err1
     assert error_lines(err1)[0].startswith("error: rank 1: lost the connection to another rank"), err1
     assert 0 < len((run_dir / "metrics.jsonl").read_bytes().splitlines()) < 60
+
+
+def test_truncated_shard_under_torchrun_every_rank_exits_2(tmp_path):
+    """A resume from a checkpoint whose shard is truncated, twice under torchrun: each time the first line is
+    the cause, printed once, both ranks exit 2 (none dies by torchrun's SIGTERM or aborts in C++ teardown), and
+    torchrun's summary repeats the cause."""
+    run_dir = tmp_path / "run"
+    args = ["model=gqa_tiny", "optim=muon_split", "train.batch_size=4", f"run_dir={run_dir}"]
+    made = subprocess.run(_torchrun(*args, "train.steps=2", "train.checkpoint.every=2"), cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    shard = run_dir / "checkpoints" / "step-000002" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    for attempt in range(2):
+        proc = subprocess.run(_torchrun(*args, "train.steps=4"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=300)
+        failure = f"attempt {attempt}:\n{proc.stderr[-3000:]}"
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert proc.returncode == 1 and len(lines) == 1, failure
+        assert "step-000002 could not be read" in lines[0] and "truncated or corrupt" in lines[0], failure
+        assert "terminate called" not in proc.stderr and proc.stderr.count("exitcode  : 2") == 2, failure
+        assert proc.stderr.count(f"traceback : {lines[0]}") == 2, failure
