@@ -8,6 +8,7 @@ The dataclasses here are the schema Hydra composes `conf/` into (registered with
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -234,8 +235,46 @@ def register_configs() -> None:
     cs.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
 
 
-def check_group_overrides(overrides: list, conf_dir: str) -> Optional[str]:
-    """A one-line error for the first `group=option` override naming an option that `conf_dir` lacks, or None.
+def config_dirs(argv: list, conf_dir: str) -> Optional[list]:
+    """The directories Hydra composes from: `conf_dir`, plus `--config-dir/-cd DIR` and the `file://` entries of
+    `hydra.searchpath=[...]`. None when a search path names a package (`pkg://`) or `--config-path` replaces
+    `conf_dir`: the options cannot be listed here, so the group check is left to Hydra."""
+    dirs = [conf_dir]
+    for i, arg in enumerate(argv):
+        arg = str(arg)
+        if arg in ("--config-path", "-cp") or arg.startswith("--config-path="):
+            return None  # another primary config dir: its groups are Hydra's to check
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(str(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            for entry in arg.split("=", 1)[1].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("pkg://"):
+                    return None
+                if entry:
+                    dirs.append(entry[len("file://"):] if entry.startswith("file://") else entry)
+    return [os.path.abspath(os.path.expanduser(d)) for d in dirs]
+
+
+def _command_line_overrides(argv: list) -> list:
+    """The `key=value` overrides of a command line (flags and their arguments left out)."""
+    overrides, skip = [], False
+    for arg in map(str, argv):
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
+                           "--experimental-rerun", "--info", "-i")
+        elif "=" in arg:
+            overrides.append(arg)
+    return overrides
+
+
+def check_group_overrides(overrides: list, dirs: list) -> Optional[str]:
+    """A one-line error for the first `group=option` override naming an option that none of `dirs` (the project's
+    conf/ first, then the extra config dirs of the command line) has, or None.
 
     Hydra reports an unknown option over several lines (with the schema names mixed into the list of options)
     and exits with 1; this check runs first, on the command line alone, so the answer is one line naming the
@@ -243,21 +282,70 @@ def check_group_overrides(overrides: list, conf_dir: str) -> Optional[str]:
     (`choice(...)`, `range(...)`, globs), interpolations and Hydra's own groups (`hydra/...`, whose options may
     come from installed plugins) are left to Hydra.
     """
-    import os
-
     for override in overrides:
         key, sep, value = str(override).lstrip("+").partition("=")
         if not sep or key.startswith(("hydra", "~")) or any(c in value for c in "()*$[]{}"):
             continue
-        group_dir = os.path.join(conf_dir, key)
-        if "." in key or not os.path.isdir(group_dir):
+        group_dirs = [d for d in dirs if os.path.isdir(os.path.join(d, key))]
+        if "." in key or not group_dirs:
             continue
-        options = sorted(f[:-5] for f in os.listdir(group_dir) if f.endswith(".yaml"))
+        options = sorted({f[:-5] for d in group_dirs for f in os.listdir(os.path.join(d, key)) if f.endswith(".yaml")})
         for option in value.split(","):
             if option not in options and option != "null":
-                return (f"invalid config: {key}={option!r}: must be one of {', '.join(options)} "
-                        f"(files in conf/{key}/)")
+                where = " or ".join(f"conf/{key}/" if d == dirs[0] else f"{os.path.join(d, key)}/" for d in group_dirs)
+                return f"invalid config: {key}={option!r}: must be one of {', '.join(options)} (files in {where})"
     return None
+
+
+def check_value_overrides(overrides: list, dirs: Optional[list] = None) -> Optional[str]:
+    """A one-line error for the first `key=value` override that the schema refuses (unknown key, a value of the
+    wrong type such as `train.steps=abc` or `.nan` for an integer), or None. Each value is parsed by Hydra's own
+    override grammar and set on the typed schema as Hydra would; sweep items are checked one by one. Group
+    choices (a key that names a folder of one of `dirs`, or a config node) are the group check's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser = OverridesParser.create()
+    schema = OmegaConf.structured(RunConfig)
+    for override in overrides:
+        key = str(override).split("=", 1)[0].lstrip("+~")
+        is_group = "." not in key and (OmegaConf.is_config(schema.get(key))
+                                       or any(os.path.isdir(os.path.join(d, key)) for d in dirs or ()))
+        if key.startswith("hydra") or is_group or "@" in key:
+            continue  # Hydra's own keys, group choices (model=...), package overrides
+        try:
+            parsed = parser.parse_overrides([str(override)])[0]
+        except HydraException:
+            continue  # Hydra's own message says where the syntax breaks
+        if parsed.is_delete() or parsed.is_add():
+            continue
+        if parsed.is_sweep_override():
+            sweep = parsed.value()
+            values = list(getattr(sweep, "list", None) or [])
+            if not values:
+                continue  # range(), glob(), intervals: left to Hydra
+        else:
+            values = [parsed.value()]
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue
+            try:
+                OmegaConf.update(schema.copy(), key, value, merge=True)
+            except OmegaConfBaseException as e:
+                raw = str(override).split("=", 1)[1]
+                return f"invalid config: {key}={raw}: {str(e).splitlines()[0]}"
+    return None
+
+
+def check_command_line(argv: list, conf_dir: str) -> Optional[str]:
+    """One line for the first override of `argv` that Hydra would refuse with several, or None (torch-free: the
+    entry point runs it before importing torch)."""
+    overrides = _command_line_overrides(argv)
+    dirs = config_dirs(argv, conf_dir)
+    error = check_group_overrides(overrides, dirs) if dirs is not None else None
+    return error or check_value_overrides(overrides, dirs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -278,6 +366,19 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
 def _int(key: str, value: Any, low: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(key, value, f"must be an integer >= {low}")
+
+
+# The largest learning rate accepted: the update adds -lr x (per-block scale) to float32 weights, and torch refuses
+# a scale factor beyond float32's range (3.4e38); 1e30 leaves room for any block's scale.
+MAX_LR = 1e30
+# Seeds seed torch and numpy; numpy takes integers in [0, 2**32).
+MAX_SEED = 2**32 - 1
+
+
+def _learning_rate(key: str, value: Any) -> None:
+    _positive(key, value)
+    if value > MAX_LR:
+        raise ConfigError(key, value, f"must be <= {MAX_LR:g} (the update lr x scale must fit in float32)")
 
 
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
@@ -310,7 +411,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 
 def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
     _choice(f"{prefix}.algorithm", o.algorithm, ALGORITHMS)
-    _positive(f"{prefix}.lr", o.lr)
+    _learning_rate(f"{prefix}.lr", o.lr)
     _positive(f"{prefix}.momentum", o.momentum, allow_zero=True)
     if o.momentum >= 1:
         raise ConfigError(f"{prefix}.momentum", o.momentum, "must be in [0, 1)")
@@ -326,7 +427,7 @@ def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
     _choice(f"{prefix}.split.experts", o.split.experts, EXPERT_MODES)
     for r in o.adamw_roles:
         _choice(f"{prefix}.adamw_roles", r, ROLES)
-    _positive(f"{prefix}.adamw.lr", o.adamw.lr)
+    _learning_rate(f"{prefix}.adamw.lr", o.adamw.lr)
     betas = list(o.adamw.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"{prefix}.adamw.betas", betas, "must be two numbers in [0, 1)")
@@ -356,6 +457,9 @@ def validate_mesh(mesh: MeshConfig, world_size: int, prefix: str = "mesh") -> tu
                               f"single runs one process but the world size is {world_size}; use mesh=fsdp or mesh=hsdp")
         return 1, 1
     if mesh.kind == "fsdp":
+        if mesh.replicate not in (0, 1):
+            raise ConfigError(f"{prefix}.replicate", mesh.replicate,
+                              "fsdp shards over all ranks and replicates nothing: 0 or 1; for replicas use mesh=hsdp")
         shard = mesh.shard or world_size
         if shard != world_size:
             raise ConfigError(f"{prefix}.shard", mesh.shard, f"fsdp shards over all ranks: 0 or {world_size}")
@@ -431,6 +535,16 @@ def validate_logging(lg: LoggingConfig, prefix: str = "logging") -> None:
     _choice(f"{prefix}.wandb.mode", lg.wandb.mode, ("offline", "online", "disabled"))
 
 
+def validate_split_policy(m: ModelConfig, o: OptimConfig) -> None:
+    """A `fused` policy needs a fused weight: without one, the two arms of a split ablation are the same run."""
+    if o.algorithm != "muon":
+        return
+    for key, fused, weight in (("qkv", m.fused_qkv, "QKV"), ("gate_up", m.fused_gate_up, "gate/up")):
+        if getattr(o.split, key) == "fused" and not fused:
+            raise ConfigError(f"optim.split.{key}", "fused", f"model.fused_{key}=false has no fused {weight} weight "
+                                                             f"to orthogonalize whole; set model.fused_{key}=true")
+
+
 def validate_launcher(lc: LauncherConfig, prefix: str = "launcher") -> None:
     n = lc.nproc_per_node
     if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
@@ -471,10 +585,11 @@ def derive_batch(t: TrainConfig, world_size: int) -> tuple[int, int]:
 def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """Validate the whole run config; return the mesh's (replicate, shard) sizes."""
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError("seed", cfg.seed, "must be an integer")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError("seed", cfg.seed, f"must be an integer in [0, {MAX_SEED}] (numpy's seed range)")
     validate_model(cfg.model)
     validate_optim(cfg.optim)
+    validate_split_policy(cfg.model, cfg.optim)
     validate_data(cfg.data)
     if cfg.data.tokenizer == "bpe" and cfg.model.vocab_size < MIN_BPE_VOCAB_SIZE:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,

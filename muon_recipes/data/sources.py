@@ -204,6 +204,8 @@ def expand_paths(patterns: list) -> list[str]:
                 raise ConfigError("data.paths", pattern, "the directory holds no " + "/".join(FILE_TYPES) + " file")
         elif os.path.isfile(pattern):
             matched = [pattern]
+        elif os.path.exists(pattern):  # a FIFO, socket or device: reading it could block or never end
+            raise ConfigError("data.paths", pattern, "is not a regular file: give files, globs or directories")
         else:
             raise ConfigError("data.paths", pattern, "no such file: give existing files, globs or directories")
         for path in matched:
@@ -237,7 +239,14 @@ def load_files(patterns: list, text_field: str, max_chars: int) -> tuple[pa.Tabl
 def _read_file(path: str, text_field: str) -> pa.Array:
     suffix = Path(path).suffix.lower()
     if suffix in (".txt", ".md"):
-        return pa.array([Path(path).read_bytes().decode("utf-8", errors="replace")], pa.large_string())
+        data = Path(path).read_bytes()
+        try:  # strict: a binary file under a text name would otherwise train on replacement characters
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("data.paths", path, f"is not UTF-8 text (byte {e.start}: {data[e.start]:#04x})") from None
+        if "\x00" in text:
+            raise ConfigError("data.paths", path, f"is not text (a NUL byte at {text.index(chr(0))})")
+        return pa.array([text], pa.large_string())
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

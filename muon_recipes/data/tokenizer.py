@@ -240,8 +240,16 @@ def _eos_from_config(directory: str, backend: Any) -> int | None:
     config_path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(config_path):
         return None
-    with open(config_path, encoding="utf-8") as f:
-        token = json.load(f).get("eos_token")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested beyond the parser
+        raise ConfigError("data.tokenizer", directory, f"tokenizer_config.json is not valid JSON "
+                                                       f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise ConfigError("data.tokenizer", directory, f"tokenizer_config.json holds a {type(config).__name__}, "
+                                                       "must be a JSON object")
+    token = config.get("eos_token")
     if isinstance(token, dict):
         token = token.get("content")
     return backend.token_to_id(token) if isinstance(token, str) else None

@@ -18,7 +18,9 @@ Why this shape:
 * Atomic visibility. A save writes into `.tmp-step-000100`; when every rank has written its part (a barrier),
   rank 0 writes `COMPLETE` and renames the directory to `step-000100` (a rename is atomic on POSIX file
   systems). Only `step-*` directories holding `COMPLETE` are ever loaded, so a process killed in the middle of a
-  save leaves a `.tmp-*` directory that is ignored and deleted by the next save.
+  save leaves a `.tmp-*` directory that is ignored, and deleted when the next run starts or saves. A save that
+  fails (a full disk) fails on every rank alike: each step that can fail on one rank alone ends with an
+  agreement, its partial directory is removed and the previous checkpoint stays the latest.
 * Loading only what is safe: everything besides tensors is JSON; DCP's own pickled pieces are read with
   restrictions -- the `.metadata` file through an unpickler that admits only DCP's metadata classes, and the
   optimizer's non-tensor values (lr, betas, ...) with `torch.load(weights_only=True)`.
@@ -32,6 +34,7 @@ make up the trainer's state is the trainer's business (`Trainer.checkpoint_extra
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -152,11 +155,33 @@ def read_json(path: str, what: str) -> Any:
                               f"({type(e).__name__}: {e})") from None
 
 
+# What `Trainer.load_checkpoint_extras` needs of extras.json, by JSON type (older keys are optional).
+_EXTRAS_REQUIRED = {"step": int, "tokens_seen": int, "scheduler": dict, "loader": dict}
+
+
 def read_extras(path: str) -> dict:
     extras = read_json(os.path.join(path, EXTRAS), "trainer state")
-    if not isinstance(extras, dict) or not isinstance(extras.get("step"), int):
-        raise CheckpointError(f"checkpoint {path}: {EXTRAS} holds no integer 'step'; it is corrupt")
+    if not isinstance(extras, dict):
+        raise CheckpointError(f"checkpoint {path}: {EXTRAS} is not a JSON object; it is corrupt")
+    for key, kind in _EXTRAS_REQUIRED.items():
+        if not isinstance(extras.get(key), kind) or isinstance(extras.get(key), bool):
+            what = "no" if key not in extras else f"a {type(extras[key]).__name__} as"
+            raise CheckpointError(f"checkpoint {path}: {EXTRAS} holds {what} {key!r} (needs a JSON "
+                                  f"{'integer' if kind is int else 'object'}); it is corrupt")
     return extras
+
+
+def read_rank_extras(path: str, rank: int, saved_world_size: int) -> Optional[dict]:
+    """This rank's RNG and loader state, or None when the checkpoint was saved by fewer ranks (this one then
+    keeps its own seeded RNG). A rank the saving run had must find its file: resuming without it would silently
+    draw other random numbers than the straight run."""
+    rank_path = os.path.join(path, rank_file_name(rank))
+    if rank >= saved_world_size and not os.path.exists(rank_path):
+        return None
+    state = read_json(rank_path, "rank state")
+    if not isinstance(state, dict) or not isinstance(state.get("rng"), dict):
+        raise CheckpointError(f"checkpoint {path}: {rank_file_name(rank)} holds no 'rng' object; it is corrupt")
+    return state
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -366,6 +391,34 @@ def _cpu_snapshot(value: Any) -> Any:
     return value
 
 
+_NEARLY_FULL_BYTES = 1 << 20  # below this much free space, a failed write is put down to a full disk
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        st = os.statvfs(path if os.path.isdir(path) else os.path.dirname(path))
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 1 << 62
+
+
+def _is_no_space(e: BaseException) -> bool:
+    """Whether ENOSPC is anywhere in `e`: its causes, or the per-rank failures DCP gathers into one exception."""
+    seen = set()
+    stack = [e]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        stack += [err.__cause__, err.__context__]
+        for value in (getattr(err, "failures", None) or {}).values():
+            stack.append(value[0] if isinstance(value, tuple) else value)
+    return False
+
+
 class Checkpointer:
     """Saves every `every` steps into `<run_dir>/checkpoints`, keeps the last `keep`, loads with checks.
 
@@ -407,20 +460,28 @@ class Checkpointer:
         one when the next save starts or `finish` is called."""
         self.finish()
         tmp = os.path.join(self.root, TMP_PREFIX + step_dir_name(step))
-        if self.rank == 0:
+
+        def prepare_directory() -> None:
             os.makedirs(self.root, exist_ok=True)
-            self._remove_leftovers()
+            remove_leftovers(self.root)
             os.makedirs(tmp)
-        self._barrier()  # the directory exists (and no stale one will be removed under a rank's feet)
+
+        # Every step that can fail on one rank alone (a full disk, a vanished directory) ends with an agreement,
+        # so all ranks stop together with that rank's reason instead of waiting in the next collective.
+        self._agree_or_abandon(step, tmp, prepare_directory if self.rank == 0 else None)
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        if self.rank == 0:
-            extras = dict(extras, format_version=FORMAT_VERSION, world_size=self.world_size,
-                          param_groups=group_summary(optim_state), torch_version=torch.__version__,
-                          saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            _write_json(os.path.join(tmp, EXTRAS), extras)
-            _write_json(os.path.join(tmp, CONFIG), config)
-        _write_json(os.path.join(tmp, rank_file_name(self.rank)), rank_extras)
+
+        def write_json_parts() -> None:
+            if self.rank == 0:
+                saved = dict(extras, format_version=FORMAT_VERSION, world_size=self.world_size,
+                             param_groups=group_summary(optim_state), torch_version=torch.__version__,
+                             saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                _write_json(os.path.join(tmp, EXTRAS), saved)
+                _write_json(os.path.join(tmp, CONFIG), config)
+            _write_json(os.path.join(tmp, rank_file_name(self.rank)), rank_extras)
+
+        self._agree_or_abandon(step, tmp, write_json_parts)
         writer = FileSystemWriter(tmp, sync_files=True, single_file_per_rank=True)
         if self.async_save:
             if self.device_type == "cpu":  # a GPU state is copied to CPU memory by DCP's own staging
@@ -428,10 +489,48 @@ class Checkpointer:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
             self._pending = (step, tmp, future)
         else:
-            dcp.save(state, storage_writer=writer, process_group=self.group)
+            try:  # DCP gathers every rank's write failure and raises it on every rank
+                dcp.save(state, storage_writer=writer, process_group=self.group)
+            except (Exception, CheckpointException) as e:
+                self._abandon(step, tmp, _describe_failure(e), _is_no_space(e))
             self._pending = (step, tmp, None)
             self.finish()
         self.last_saved_step = step
+
+    def _agree_or_abandon(self, step: int, tmp: str, part, errors: tuple = (OSError,)) -> None:
+        """Run this rank's `part` of a save (None: nothing to do here); if it raised one of `errors` on any rank,
+        abandon the save on every rank with the first failing rank's reason (collective)."""
+        failure = None
+        if part is not None:
+            try:
+                part()
+            except errors as e:
+                failure = (self.rank, _describe_failure(e), _is_no_space(e))
+        gathered = [failure]
+        if self.group is not None:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, failure, group=self.group)
+        failures = [f for f in gathered if f is not None]
+        if failures:
+            rank, reason, no_space = failures[0]
+            if not reason.startswith("rank "):  # DCP's gathered failures name their rank already
+                reason = f"rank {rank}: {reason}"
+            self._abandon(step, tmp, reason, no_space)
+
+    def _abandon(self, step: int, tmp: str, reason: str, no_space: bool) -> None:
+        """Remove the partial save (rank 0; it is never loaded, and a full disk wants its space back) and raise
+        CheckpointError on every rank (collective). The previous checkpoint is untouched. `no_space`: the failure
+        said ENOSPC; torch's writers often hide it ("unexpected pos ..."), so the free space is looked at too."""
+        # Measured before the partial save is removed: the write that failed is what filled the disk.
+        no_space = no_space or _free_bytes(self.root) < _NEARLY_FULL_BYTES
+        no_space = not self._all_true(not no_space)  # any rank's view: the message is the same on every rank
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = complete_checkpoints(self.root)
+        kept = f"the latest complete checkpoint, {latest[-1][1]}, is intact" if latest else "no earlier checkpoint"
+        hint = (f"; no space left on the file system of {self.root}: free some and resume with train.resume=auto"
+                if no_space else "")
+        raise CheckpointError(f"checkpoint step {step} could not be written ({reason}); {kept}{hint}")
 
     def finish(self) -> None:
         """Await the pending save (if any) on every rank, then make it visible: marker, rename, rotation."""
@@ -439,40 +538,36 @@ class Checkpointer:
             return
         step, tmp, future = self._pending
         self._pending = None
-        ok = True
-        if future is not None:
-            try:
-                getattr(future, "upload_completion", future).result()
-            except (Exception, CheckpointException) as e:  # the writer failed: leave the directory incomplete
-                ok = False
-                print(f"checkpoint step {step}: asynchronous save failed on rank {self.rank}: "
-                      f"{_describe_failure(e)}", flush=True)
-        ok = self._all_true(ok)  # also the barrier: every rank has written its part
-        if self.rank == 0 and ok:
-            with open(os.path.join(tmp, COMPLETE), "w") as f:
-                json.dump({"step": step}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            final = os.path.join(self.root, step_dir_name(step))
-            if os.path.exists(final):  # same step saved before on an abandoned trajectory
-                os.rename(final, os.path.join(self.root, TRASH_PREFIX + step_dir_name(step)))
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._rotate()
+        # An asynchronous writer that failed stops the run as a synchronous save does: training on without
+        # checkpoints would put ever more steps at risk. The agreement is also the barrier: every rank has written.
+        wait = (lambda: getattr(future, "upload_completion", future).result()) if future is not None else None
+        self._agree_or_abandon(step, tmp, wait, errors=(Exception, CheckpointException))
+        self._agree_or_abandon(step, tmp, (lambda: self._publish(step, tmp)) if self.rank == 0 else None)
         self._barrier()  # visible to every rank when this returns
+
+    def _publish(self, step: int, tmp: str) -> None:
+        """Mark the save complete and make it visible under its final name (rank 0), then rotate old ones out."""
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            json.dump({"step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        final = os.path.join(self.root, step_dir_name(step))
+        trash = os.path.join(self.root, TRASH_PREFIX + step_dir_name(step))
+        replaced = os.path.exists(final)  # same step saved before on an abandoned trajectory
+        if replaced:
+            os.rename(final, trash)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        if replaced:
+            shutil.rmtree(trash, ignore_errors=True)
+        self._rotate()
 
     def _rotate(self) -> None:
         for _, path in complete_checkpoints(self.root)[:-self.keep]:
             trash = os.path.join(self.root, TRASH_PREFIX + os.path.basename(path))
             os.rename(path, trash)  # first out of sight (atomic), then gone
             shutil.rmtree(trash, ignore_errors=True)
-
-    def _remove_leftovers(self) -> None:
-        """Partial saves of killed processes and half-deleted old checkpoints (rank 0, before a new save)."""
-        for name in os.listdir(self.root):
-            if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load(self, path: str, model, optimizer, config: dict) -> tuple[dict, Optional[dict]]:
@@ -499,10 +594,9 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         for group, h in zip(optimizer.param_groups, hyper):
             group.update(h)
-        rank_path = os.path.join(path, rank_file_name(self.rank))
-        rank_extras = read_json(rank_path, "rank state") if os.path.exists(rank_path) else None
+        saved_world = extras.get("world_size", self.world_size)
+        rank_extras = read_rank_extras(path, self.rank, saved_world if isinstance(saved_world, int) else 0)
         if self.rank == 0:
-            saved_world = extras.get("world_size", self.world_size)
             if saved_world != self.world_size:
                 print(f"resume: world size {self.world_size} in this run, {saved_world} in the checkpoint "
                       "(DCP reshards model and optimizer state)", flush=True)
@@ -514,6 +608,16 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------------------
 # The run directory after a resume
 # --------------------------------------------------------------------------------------------------------------
+def remove_leftovers(root: str) -> None:
+    """Partial saves of killed processes and half-deleted old checkpoints under the checkpoints folder `root`
+    (rank 0, holding the run directory's lock: at the start of a run and before each save)."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def discard_newer(run_dir: str, step: int) -> list[str]:
     """Move complete checkpoints of `run_dir` newer than `step` (an abandoned trajectory: the run resumed from an
     older one) to `checkpoints/discarded/`, where they are never loaded nor rotated out. Rank 0 only."""
@@ -536,29 +640,31 @@ def trim_metrics(path: str, step: int) -> int:
 
     The file is rewritten through a temporary file and a rename, so a crash here loses no row.
     """
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):  # the rewrite of a run killed in the middle of it; `path` is still whole
+        os.remove(tmp)
     if not os.path.isfile(path):
         return 0
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 (or not JSON) is moved as it is, not lost
         lines = f.read().splitlines()
     keep, drop = [], []
     for line in lines:
         if not line.strip():
             continue
         try:
-            row_step = json.loads(line).get("step", 0)
-        except (json.JSONDecodeError, AttributeError):  # a torn last line of a killed process
+            row_step = json.loads(line.decode("utf-8")).get("step", 0)
+        except (ValueError, AttributeError, RecursionError):  # a torn last line of a killed process, foreign bytes
             row_step = step + 1
         (keep if isinstance(row_step, int) and row_step <= step else drop).append(line)
     if not drop:
         return 0
     base = path[:-len(".jsonl")] if path.endswith(".jsonl") else path
-    with open(base + ".discarded.jsonl", "a") as f:
-        f.write("".join(line + "\n" for line in drop))
+    with open(base + ".discarded.jsonl", "ab") as f:
+        f.write(b"".join(line + b"\n" for line in drop))
         f.flush()
         os.fsync(f.fileno())
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in keep))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,17 +1,20 @@
 """`run(cfg)`: from a composed Hydra config to a finished run.
 
 Everything that can be checked without a process group is checked first (config values, mesh vs world size,
-device, tokenizer vs vocabulary, run directory, the checkpoint `train.resume` names); a bad value ends every rank
-with one line and exit code 2 before NCCL/gloo or a GPU is touched. What can only be checked once the model
-exists (does the checkpoint fit it?) or the data is read fails the same way on every rank, after start-up.
-A non-finite loss under `train.nonfinite=abort` ends the run with one line and exit code 3.
+device, memory within reach, tokenizer vs vocabulary, the run directory and its lock, the checkpoint
+`train.resume` names); a bad value ends every rank with one line and exit code 2 before NCCL/gloo or a GPU is
+touched. Rank 0 holds the run directory's lock (`run_dir.RunDirLock`) from then until the run ends.
 
-Resuming (see docs/checkpoints.md): the checkpoint is loaded and checked before anything in the run directory
-is written, so a resume that fails leaves config.json, metrics.jsonl and the checkpoints as they were.
+Start-up is a transaction (see docs/checkpoints.md): building the model, optimizer and data, loading the
+checkpoint and starting the loggers run in steps that each end with an agreement between the ranks
+(`failures.agree`), and only after the last one does rank 0 change the run directory (`_commit`). A start-up that
+fails on any rank leaves config.json, metrics.jsonl and the checkpoints as they were, and the line printed names
+the rank and the cause. A non-finite loss under `train.nonfinite=abort` ends the run with one line and exit code 3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,25 +27,13 @@ from muon_recipes.config import ConfigError, RunConfig, derive_batch, to_datacla
 from muon_recipes.parallel.distributed import (broadcast_object, init_distributed, rank_from_env,
                                                resolve_device_type, shutdown_distributed, world_size_from_env)
 from muon_recipes.train.checkpoint import CheckpointError
+from muon_recipes.train.failures import (EXIT_BAD_INPUT, EXIT_NONFINITE, RunFailed, agree, describe, exit_agreed,
+                                         exit_alone, exit_before_start, first_line)
+from muon_recipes.train.memory_check import check_fits_in_memory
+from muon_recipes.train.run_dir import RunDirLock, check_layout
 from muon_recipes.train.trainer import NonFiniteError
 
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
-
-
-# How long a rank other than 0 waits before it exits with an error. torchrun stops every worker as soon as one
-# exits non-zero; rank 0, the one that prints, starts later (Hydra writes its output directory first), and
-# without this wait a quicker rank 1 could have it stopped before its line reached stderr.
-PEER_EXIT_GRACE_S = 5.0
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """One line on stderr (rank 0 only, so torchrun's output is not N copies), exit `code` on every rank."""
-    if rank_from_env() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(PEER_EXIT_GRACE_S)
-    sys.exit(code)
+__all__ = ["EXIT_BAD_INPUT", "EXIT_NONFINITE", "run"]
 
 
 def _hydra_run_dir() -> str:
@@ -104,6 +95,7 @@ def check_run_dir(rc: RunConfig, run_dir: Optional[str]) -> None:
 
     if run_dir is not None:
         _check_run_dir(run_dir)
+        check_layout(run_dir)
     path = resolve_resume(rc.train.resume, run_dir)
     if path is not None:
         read_extras(path)  # readable trainer state; the model/optimizer fit is checked once they exist
@@ -120,7 +112,28 @@ def prepare(cfg: Any) -> tuple[RunConfig, str, int, int]:
     if device_type == "cuda" and int(os.environ.get("LOCAL_RANK", "0")) >= torch.cuda.device_count():
         raise ConfigError("device", rc.device, f"LOCAL_RANK {os.environ.get('LOCAL_RANK')} but only "
                           f"{torch.cuda.device_count()} CUDA devices are visible")
+    check_fits_in_memory(rc, device_type, world_size_from_env())
+    _check_wandb_login(rc)
     return rc, device_type, replicate, shard
+
+
+def _check_wandb_login(rc: RunConfig) -> None:
+    """`logging.wandb.mode=online` needs an API key (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes);
+    without one wandb would ask for it on a terminal no rank has, or fail after start-up."""
+    w = rc.logging.wandb
+    if not (w.enabled and w.mode == "online") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError("logging.wandb.mode", w.mode, f"no wandb API key for {host} (WANDB_API_KEY or `wandb login`); "
+                                                    "log in, or use logging.wandb.mode=offline")
 
 
 def _resolved_config(cfg: Any) -> dict:
@@ -139,24 +152,28 @@ def _run_name(rc: RunConfig) -> str:
 
 
 def build_loggers(rc: RunConfig, run_dir: str, config_dict: dict, wandb_run_id: Optional[str] = None):
-    from muon_recipes.train.loggers import ConsoleLogger, JsonlLogger, Loggers, WandbLogger
+    from muon_recipes.train.loggers import ConsoleLogger, Loggers, WandbLogger
 
     loggers = []
     if rc.logging.console:
         loggers.append(ConsoleLogger())
-    if rc.logging.jsonl:
-        loggers.append(JsonlLogger(os.path.join(run_dir, "metrics.jsonl")))
     w = rc.logging.wandb
     if w.enabled and w.mode != "disabled":
-        loggers.append(WandbLogger(run_dir=run_dir, mode=w.mode, project=w.project, entity=w.entity,
-                                   group=w.group or rc.experiment.name, tags=w.tags, name=_run_name(rc),
-                                   config=config_dict, resume_id=wandb_run_id))
+        try:
+            loggers.append(WandbLogger(run_dir=run_dir, mode=w.mode, project=w.project, entity=w.entity,
+                                       group=w.group or rc.experiment.name, tags=w.tags, name=_run_name(rc),
+                                       config=config_dict, resume_id=wandb_run_id))
+        except Exception as e:  # noqa: BLE001 - wandb raises its own error types (usage, auth, network)
+            raise ConfigError("logging.wandb.mode", w.mode,
+                              f"wandb could not start its run ({type(e).__name__}: {first_line(e)}); check "
+                              "logging.wandb.project/entity, or use logging.wandb.mode=disabled") from None
     return Loggers(loggers)
 
 
 def run(cfg: Any) -> list[dict]:
     """Train one run; returns the logged metrics (rank 0 has them all, other ranks the same values)."""
     launch_time = time.perf_counter()
+    lock = None
     try:
         rc, device_type, replicate, shard = prepare(cfg)
         from muon_recipes.data import build_tokenizer
@@ -168,39 +185,41 @@ def run(cfg: Any) -> list[dict]:
                               f"{rc.data.tokenizer})")
         run_dir = rc.run_dir or _hydra_run_dir()
         _warn_about_elastic_restarts(rc)
+        if rank_from_env() == 0:  # the run directory is this run's before anything of it is read
+            _check_run_dir(run_dir)
+            lock = RunDirLock(run_dir)
+            lock.acquire()
         check_run_dir(rc, run_dir if (rc.run_dir or rank_from_env() == 0) else None)
     except (ConfigError, CheckpointError) as e:
-        _fail(str(e))
+        if lock is not None:
+            lock.release(undo=True)
+        exit_before_start(str(e))
     config_dict = _resolved_config(cfg)
     ctx = init_distributed(device_type, rc.mesh.kind, replicate, shard, ep=rc.mesh.ep)
     try:
         return _train(rc, ctx, broadcast_object(run_dir), tokenizer, config_dict, launch_time)
-    except (ConfigError, CheckpointError) as e:  # raised alike on every rank (same files, same model)
-        _fail(str(e))
-    except NonFiniteError as e:  # every rank sees the same all-reduced loss and global gradient norm
-        _fail(str(e), EXIT_NONFINITE)
+    except RunFailed as e:  # start-up: every rank knows every rank's failure
+        exit_agreed(e, ctx.rank)
+    except (NonFiniteError, CheckpointError) as e:  # raised alike on every rank (all-reduced values, agreed saves)
+        exit_agreed(RunFailed([describe(e, 0)]), ctx.rank)  # one failure, said as rank 0 says it
+    except Exception as e:  # noqa: BLE001 - this rank alone, mid-training: say it here before the others notice
+        exit_alone(e, ctx.rank)
     finally:
         shutdown_distributed()
+        if lock is not None:
+            lock.release()
 
 
 def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict, launch_time: float) -> list[dict]:
-    from muon_recipes.data import DistributedLoader, build_datasets
-    from muon_recipes.models import build_model
-    from muon_recipes.optim.param_groups import build_optimizer, describe_param_groups
-    from muon_recipes.parallel.fsdp import parallelize
-    from muon_recipes.train.checkpoint import Checkpointer, discard_newer, resolve_resume, trim_metrics
+    """Start-up as a transaction, then training. Each start-up step ends with an agreement between the ranks
+    (`failures.agree`); only when building, loading and the loggers succeeded on every rank does rank 0 change
+    the run directory (set newer checkpoints and metrics rows aside, write config.json, open metrics.jsonl)."""
+    from muon_recipes.data import DistributedLoader
+    from muon_recipes.optim.param_groups import describe_param_groups
+    from muon_recipes.train.checkpoint import Checkpointer, resolve_resume
     from muon_recipes.train.trainer import Trainer
 
-    torch.manual_seed(rc.seed)
-    # Build whole on the device with the run's seed on every rank, then shard: the initial weights are identical
-    # for any world size (the 1- vs 2-process test relies on it), at the cost of one unsharded copy at start-up.
-    with torch.device(ctx.device):
-        model = build_model(rc.model)  # initializes its weights (Transformer.init_weights) from the seeded RNG
-    bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
-    parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
-                activation_checkpointing=rc.train.activation_checkpointing, expert_mesh=ctx.expert_mesh)
-    optimizer = build_optimizer(model, rc.optim)
-    train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
+    model, optimizer, train_ds, eval_ds = agree(lambda: _build(rc, ctx, tokenizer), ctx.rank)
     loader = DistributedLoader(train_ds, batch_size=rc.train.batch_size, rank=ctx.dp_rank,
                                world_size=ctx.dp_world_size, seed=rc.seed)
     ck = rc.train.checkpoint
@@ -208,20 +227,30 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict, launc
     trainer = Trainer(rc, ctx, run_dir, model, optimizer, tokenizer, loader, eval_ds, None, checkpointer=checkpointer,
                       config_dict=config_dict)
 
-    # Resume before anything in the run directory is written: a checkpoint that does not fit fails here.
-    resume_from = resolve_resume(rc.train.resume, run_dir)
+    resume_from = agree(lambda: resolve_resume(rc.train.resume, run_dir), ctx.rank)
     if resume_from is not None:
-        extras, rank_extras = checkpointer.load(resume_from, model, optimizer, config_dict)
-        trainer.load_checkpoint_extras(extras, rank_extras, int(extras.get("world_size", ctx.world_size)))
-    loggers = None
+        def load() -> None:
+            extras, rank_extras = checkpointer.load(resume_from, model, optimizer, config_dict)
+            try:
+                trainer.load_checkpoint_extras(extras, rank_extras, int(extras.get("world_size", ctx.world_size)))
+            except ConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a value of the wrong shape or type
+                raise CheckpointError(f"checkpoint {resume_from}: its trainer state does not load "
+                                      f"({type(e).__name__}: {first_line(e)}); it is corrupt") from None
+
+        agree(load, ctx.rank)
+    loggers = agree(lambda: build_loggers(rc, run_dir, config_dict, trainer.wandb_run_id) if ctx.is_main else None,
+                    ctx.rank)
+    try:
+        committed = agree(lambda: _commit(rc, run_dir, trainer.step, config_dict, loggers) if ctx.is_main else None,
+                          ctx.rank)
+    except RunFailed:
+        if loggers is not None:
+            loggers.close()
+        raise
     if ctx.is_main:
-        # The run continues from step `trainer.step`: what was logged or saved after it belongs to a trajectory
-        # that died (or was abandoned for an older checkpoint); it is moved aside, not deleted.
-        discarded = discard_newer(run_dir, trainer.step)
-        moved_rows = trim_metrics(os.path.join(run_dir, "metrics.jsonl"), trainer.step)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=1)
-        loggers = build_loggers(rc, run_dir, config_dict, wandb_run_id=trainer.wandb_run_id)
+        moved_rows, discarded = committed
         trainer.wandb_run_id = _wandb_run_id(loggers)
         trainer.loggers = loggers
         n_params = sum(p.numel() for p in model.parameters())
@@ -243,10 +272,51 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict, launc
     trainer.launch_time = launch_time
     try:
         history = trainer.fit()
-    finally:
+    except BaseException:
         if loggers is not None:
-            loggers.close()
+            with contextlib.suppress(Exception):  # a second error while closing must not hide the first
+                loggers.close()
+        raise
+    if loggers is not None:
+        loggers.close()
     return history
+
+
+def _build(rc: RunConfig, ctx, tokenizer):
+    """Model (sharded), optimizer and datasets: this rank's local part of start-up."""
+    from muon_recipes.data import build_datasets
+    from muon_recipes.models import build_model
+    from muon_recipes.optim.param_groups import build_optimizer
+    from muon_recipes.parallel.fsdp import parallelize
+
+    torch.manual_seed(rc.seed)
+    # Build whole on the device with the run's seed on every rank, then shard: the initial weights are identical
+    # for any world size (the 1- vs 2-process test relies on it), at the cost of one unsharded copy at start-up.
+    with torch.device(ctx.device):
+        model = build_model(rc.model)  # initializes its weights (Transformer.init_weights) from the seeded RNG
+    bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
+    parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
+                activation_checkpointing=rc.train.activation_checkpointing, expert_mesh=ctx.expert_mesh)
+    optimizer = build_optimizer(model, rc.optim)
+    train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
+    return model, optimizer, train_ds, eval_ds
+
+
+def _commit(rc: RunConfig, run_dir: str, step: int, config_dict: dict, loggers) -> tuple[int, list[str]]:
+    """The first change to the run directory (rank 0): the run continues from `step`, so what was logged or saved
+    after it belongs to a trajectory that died (or was abandoned for an older checkpoint) and is moved aside, not
+    deleted; then config.json and metrics.jsonl. Returns (metrics rows moved, checkpoints moved)."""
+    from muon_recipes.train.checkpoint import checkpoints_dir, discard_newer, remove_leftovers, trim_metrics
+    from muon_recipes.train.loggers import JsonlLogger
+
+    remove_leftovers(checkpoints_dir(run_dir))  # what a killed run left half-written
+    discarded = discard_newer(run_dir, step)
+    moved_rows = trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config_dict, f, indent=1)
+    if rc.logging.jsonl:
+        loggers.loggers.append(JsonlLogger(os.path.join(run_dir, "metrics.jsonl")))
+    return moved_rows, discarded
 
 
 def _build_data(build_datasets, rc: RunConfig, tokenizer):
@@ -255,7 +325,8 @@ def _build_data(build_datasets, rc: RunConfig, tokenizer):
         return build_datasets(rc.data, tokenizer, rc.train.seq_len, rc.seed)
     except ConfigError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+    # pyarrow's ArrowInvalid is a ValueError; RecursionError: a JSON line nested deeper than the parser goes
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         key, value = (("data.paths", list(rc.data.paths)) if rc.data.source == "files"
                       else ("data.source", rc.data.source))
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""

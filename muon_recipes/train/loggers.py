@@ -69,7 +69,10 @@ class JsonlLogger:
 
     def log(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self._f.write(json.dumps(clean) + "\n")
+        try:
+            self._f.write(json.dumps(clean) + "\n")
+        except OSError as e:  # a file object's write error does not name its file
+            raise OSError(e.errno, f"{e.strerror} (writing {self.path})") from None
 
     def close(self) -> None:
         self._f.close()

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from gloo_world import spawn_trainer_runs  # noqa: E402
+from torchrun_jobs import env, finish, kill_rank, losses, rank_pids, rows, start, torchrun, wait_for  # noqa: E402
 COMMON = ["device=cpu", "logging.wandb.mode=disabled", "logging.console=false", "logging.progress=false",
           "train.seq_len=64", "data.max_chars=200000", "train.log_every=1", "train.eval_every=0",
           "train.warmup_steps=5", "optim.ns_dtype=float32"]
@@ -48,15 +48,6 @@ def spawn_runs(world: int, jobs: list[tuple[str, list]], out: Path) -> dict:
 def error_lines(stderr: str) -> list[str]:
     """The trainer's error lines (stderr also carries the data pipeline's progress bars)."""
     return [ln for ln in stderr.splitlines() if ln.startswith("error:") or "Traceback" in ln]
-
-
-def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    path = run_dir / name
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def losses(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in rows(run_dir, name)}
 
 
 @pytest.fixture(scope="module")
@@ -223,76 +214,8 @@ def test_resume_on_two_processes_from_one(resumed):
 # ----------------------------------------------------------------------------------------------------------------
 # Faults: real torchrun jobs, a real SIGKILL
 # ----------------------------------------------------------------------------------------------------------------
-def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _torchrun(*args: str, restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            f"--max-restarts={restarts}", "--monitor-interval=0.1", "train.py", *COMMON, *args]
-
-
-def _start(cmd: list, log: Path, **env: str) -> subprocess.Popen:
-    """torchrun in the background, its output in a file (a pipe nobody reads could fill up and block it)."""
-    return subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return log.read_text()
-
-
-def _rank_pids(root_pid: int) -> dict[int, int]:
-    """pid of each torchrun worker below `root_pid`, by its RANK environment variable (from /proc)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found, frontier = {}, [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        for child in (c for c, p in parents.items() if p == pid):
-            frontier.append(child)
-            try:
-                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for item in env:
-                if item.startswith(b"RANK="):
-                    found[int(item[5:])] = child
-    return found
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float, poll: float = 0.0005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc.poll() is not None:
-            return None
-        time.sleep(poll)
-    return None
-
-
-def _kill_rank(proc: subprocess.Popen, rank: int) -> int:
-    pid = _rank_pids(proc.pid).get(rank)
-    assert pid is not None, "no worker with RANK=%d below torchrun" % rank
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    return torchrun(*COMMON, *args, restarts=restarts)
 
 
 # A model wide enough that writing a checkpoint takes a while (~50 MB of state): the kill lands inside the save.
@@ -306,7 +229,7 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     cmd = _torchrun(*WIDE, f"run_dir={run_dir}", "train.steps=40", "train.checkpoint.every=2",
                     "logging.wandb.mode=offline")
     log = tmp_path / "torchrun.log"
-    proc = _start(cmd, log)
+    proc = start(cmd, log)
     try:
         def second_save_started():  # step-000002 is complete and the save of step 4 is being written
             if not (ckpts / "step-000002" / "COMPLETE").exists():
@@ -314,14 +237,14 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
             tmp = [n for n in os.listdir(ckpts) if n.startswith(".tmp-step-")]
             return tmp[0] if tmp else None
 
-        ranks = _wait_for(lambda: (lambda found: found if len(found) == 2 else None)(_rank_pids(proc.pid)), proc,
+        ranks = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(rank_pids(proc.pid)), proc,
                           timeout=60, poll=0.05)
         assert ranks, "torchrun started no workers:\n" + log.read_text()[-3000:]
-        tmp_name = _wait_for(second_save_started, proc, timeout=120)
+        tmp_name = wait_for(second_save_started, proc, timeout=120)
         assert tmp_name, "the run ended before its second save:\n" + log.read_text()[-3000:]
         os.kill(ranks[1], signal.SIGKILL)  # pids looked up beforehand: the kill follows the directory at once
     finally:
-        output = _finish(proc, log, timeout=120)
+        output = finish(proc, log, timeout=120)
     assert proc.returncode != 0, output[-2000:]
     saved_step = int(tmp_name.rsplit("-", 1)[1])
     complete = sorted(n for n in os.listdir(ckpts) if (ckpts / n / "COMPLETE").exists())
@@ -335,7 +258,7 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     # The same command again (resume=auto): it continues from the previous checkpoint, not the partial one.
     proc = subprocess.run(_torchrun(*WIDE, f"run_dir={run_dir}", f"train.steps={saved_step + 2}",
                                     "train.checkpoint.every=2", "logging.wandb.mode=offline"),
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"resumed from {ckpts / previous} at step {previous_step}" in proc.stdout
     resumed = losses(run_dir)
@@ -360,15 +283,15 @@ def test_elastic_restart_continues_from_the_latest_checkpoint(tmp_path):
     cmd = _torchrun("model=dense_tiny", "optim=muon_split", "train.batch_size=4", f"hydra.run.dir={run_dir}",
                     "train.steps=12", "train.checkpoint.every=4", restarts=1)
     log = tmp_path / "torchrun.log"
-    proc = _start(cmd, log, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    proc = start(cmd, log, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     try:
-        logged = _wait_for(lambda: 6 in losses(run_dir) if (run_dir / "metrics.jsonl").exists() else None,
+        logged = wait_for(lambda: 6 in losses(run_dir) if (run_dir / "metrics.jsonl").exists() else None,
                            proc, timeout=120, poll=0.01)
         assert logged, "step 6 was never logged:\n" + log.read_text()[-3000:]
-        first_attempt = _rank_pids(proc.pid)
-        _kill_rank(proc, 1)
+        first_attempt = rank_pids(proc.pid)
+        kill_rank(proc, 1)
     finally:
-        output = _finish(proc, log, timeout=300)
+        output = finish(proc, log, timeout=300)
     assert proc.returncode == 0, output[-3000:]
     assert "warning:" not in output, "fixed run dir and a fresh rendezvous store per restart: nothing to warn about"
     assert f"resumed from {run_dir / 'checkpoints' / 'step-000004'} at step 4" in output
@@ -390,7 +313,7 @@ def test_nonfinite_loss_aborts_without_checkpointing_that_state(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *COMMON, "model=dense_tiny", "optim=adamw", "train.batch_size=4",
                            "optim.lr=1e30", "optim.adamw.lr=1e30", "train.warmup_steps=0", "train.steps=10",
                            "train.checkpoint.every=1", f"run_dir={run_dir}"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: non-finite step 2: loss=nan"), proc.stderr
@@ -407,7 +330,7 @@ def test_nonfinite_policies_skip_and_parameter_check(tmp_path):
     jobs = [("skip", [*common, "optim.lr=1e30", "optim.adamw.lr=1e30", "train.nonfinite=skip",
                       "train.max_skipped_steps=3", f"run_dir={tmp_path / 'skip'}"]),
             # decoupled decay multiplies the weights by 1 - lr * weight_decay = -1e40: infinite, the loss still finite
-            ("params", [*common, "optim.adamw.lr=1e37", "optim.adamw.weight_decay=1000",
+            ("params", [*common, "optim.adamw.lr=1e30", "optim.adamw.weight_decay=1e10",
                         f"run_dir={tmp_path / 'params'}"])]
     codes = spawn_runs(1, jobs, tmp_path / "spawn")
     code, err = codes["skip"]
@@ -419,3 +342,84 @@ def test_nonfinite_policies_skip_and_parameter_check(tmp_path):
     assert sorted(losses(tmp_path / "params")) == [1]
     assert not (tmp_path / "params" / "checkpoints").exists() or not [
         n for n in os.listdir(tmp_path / "params" / "checkpoints") if n.startswith("step-")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A full disk: a real small tmpfs
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 7 MB tmpfs: room for one checkpoint of gqa_tiny (~4.3 MB with Muon's momentum), not for two."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, small_tmpfs):
+    """The save of step 4 runs out of space on the 2-rank run's file system: every rank exits 2, rank 0 says so in
+    one line that names the full disk and the intact checkpoint, and the partial save is removed. Moved to a
+    larger disk, the run resumes from step 2 and ends with one metrics row per step."""
+    run_dir = small_tmpfs / "run"
+    overrides = ["model=gqa_tiny", "optim=muon_split", "train.batch_size=4", "train.steps=6",
+                 "train.checkpoint.every=2"]
+    codes = spawn_runs(2, [("full", [*overrides, f"run_dir={run_dir}"])], tmp_path / "spawn-full")
+    code, err = codes["full"]
+    rank1 = json.loads((tmp_path / "spawn-full" / "codes-1.json").read_text())["full"]
+    assert code == 2 and rank1[0] == 2, (codes, rank1)
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint step 4 could not be written"), err
+    assert "no space left on the file system" in lines[0] and "step-000002, is intact" in lines[0], lines[0]
+    assert error_lines(rank1[1]) == []
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-000002"]
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    codes = spawn_runs(2, [("resumed", [*overrides, f"run_dir={moved}"])], tmp_path / "spawn-resumed")
+    assert codes["resumed"][0] == 0, codes
+    assert [r["step"] for r in rows(moved)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_rank_failing_alone_mid_training_says_so_first(tmp_path, small_tmpfs):
+    """Rank 0 alone cannot write metrics.jsonl after a few steps (its file system fills up) while rank 1 waits in
+    the next collective: rank 0's line names the file and the cause, and rank 1 only reports the lost connection,
+    without a traceback."""
+    run_dir = small_tmpfs / "run"
+    run_dir.mkdir()
+    page = os.statvfs(small_tmpfs).f_frsize
+    free = os.statvfs(small_tmpfs).f_bavail * page
+    (small_tmpfs / "filler").write_bytes(b"\0" * (free - 3 * page))  # run.lock, config.json, one page of rows
+    overrides = ["model=gqa_tiny", "optim=adamw", "train.batch_size=2", "train.steps=60", f"run_dir={run_dir}"]
+    spawn_runs(2, [("alone", overrides)], tmp_path / "spawn")
+    (code0, err0), (code1, err1) = [json.loads((tmp_path / "spawn" / f"codes-{r}.json").read_text())["alone"]
+                                    for r in range(2)]
+    assert code0 == 2 and error_lines(err0) == [
+        f"error: OSError: [Errno 28] No space left on device (writing {run_dir / 'metrics.jsonl'})"], err0
+    assert code1 == 1 and len(error_lines(err1)) == 1, err1
+    assert error_lines(err1)[0].startswith("error: rank 1: lost the connection to another rank"), err1
+    assert 0 < len((run_dir / "metrics.jsonl").read_bytes().splitlines()) < 60
+
+
+def test_truncated_shard_under_torchrun_every_rank_exits_2(tmp_path):
+    """A resume from a checkpoint whose shard is truncated, twice under torchrun: each time the first line is
+    the cause, printed once, both ranks exit 2 (none dies by torchrun's SIGTERM or aborts in C++ teardown), and
+    torchrun's summary repeats the cause."""
+    run_dir = tmp_path / "run"
+    args = ["model=gqa_tiny", "optim=muon_split", "train.batch_size=4", f"run_dir={run_dir}"]
+    made = subprocess.run(_torchrun(*args, "train.steps=2", "train.checkpoint.every=2"), cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    shard = run_dir / "checkpoints" / "step-000002" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    for attempt in range(2):
+        proc = subprocess.run(_torchrun(*args, "train.steps=4"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=300)
+        failure = f"attempt {attempt}:\n{proc.stderr[-3000:]}"
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert proc.returncode == 1 and len(lines) == 1, failure
+        assert "step-000002 could not be read" in lines[0] and "truncated or corrupt" in lines[0], failure
+        assert "terminate called" not in proc.stderr and proc.stderr.count("exitcode  : 2") == 2, failure
+        assert proc.stderr.count(f"traceback : {lines[0]}") == 2, failure
