@@ -63,9 +63,10 @@ def init_distributed(device_type: str, mesh_kind: str, replicate: int, shard: in
     """Start the process group (env:// under torchrun, a local store otherwise) and build the mesh(es).
 
     mesh_kind "ep": the dense mesh of mesh=fsdp, and for ep > 1 the experts' `(world/ep, ep)` mesh."""
-    # Plain `python train.py`: a world of one, its rendezvous an in-process store. No port is picked, so nothing
-    # else on the machine can take it between the pick and the bind (EADDRINUSE under load).
-    store = dist.HashStore() if "RANK" not in os.environ else None
+    # Plain `python train.py` (no rendezvous address: not under torchrun): a world of one, its rendezvous an
+    # in-process store. No port is picked, so nothing else on the machine can take it between the pick and the
+    # bind (EADDRINUSE under load).
+    store = dist.HashStore() if "MASTER_ADDR" not in os.environ and world_size_from_env() == 1 else None
     if store is not None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     rank, world_size = rank_from_env(), world_size_from_env()
