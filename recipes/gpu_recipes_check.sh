@@ -8,7 +8,7 @@
 #     recipes   each model of MODELS with each optimizer of OPTIMS for STEPS steps of its recipe; then the table
 #               (tokens/s, MFU, optimizer share, time to first step, projected wall time: recipe_runs_table.py)
 #     literal   `python train.py model=moe_small optim=muon_split` until its fifth evaluation (eval_bpb each time)
-#   MODELS (default "dense_small gqa_small moe_small dense_1b"), OPTIMS ("adamw muon_split"), STEPS (20),
+#   MODELS (default "dense_small gqa_small moe_small moe_medium dense_1b"), OPTIMS ("adamw muon_split"), STEPS (20),
 #   EXTRA: overrides added to every run (a CPU dry run: see tests/recipes/test_gpu_recipes_check.py).
 set -u
 out=${1:-gpu_out}
@@ -43,7 +43,7 @@ for stage in ${STAGES:-data coldwarm recipes literal}; do
       train moe_small-muon_split-warm 300 model=moe_small optim=muon_split train.steps=$steps ;;
     recipes)
       runs=()
-      for model in ${MODELS:-dense_small gqa_small moe_small dense_1b}; do
+      for model in ${MODELS:-dense_small gqa_small moe_small moe_medium dense_1b}; do
         for optim in ${OPTIMS:-adamw muon_split}; do
           [ -d "$work/runs/$model-$optim-warm" ] && { runs+=("$work/runs/$model-$optim-warm"); continue; }
           train "$model-$optim" 300 model=$model optim=$optim train.steps=$steps

@@ -11,7 +11,7 @@ from muon_recipes.optim.blocks import collect_layouts
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 FILES = sorted(CONF.glob("*.yaml"))
-EXPECTED = {"dense_tiny", "gqa_tiny", "moe_tiny", "dense_small", "gqa_small", "moe_small", "dense_1b"}
+EXPECTED = {"dense_tiny", "gqa_tiny", "moe_tiny", "dense_small", "gqa_small", "moe_small", "moe_medium", "dense_1b"}
 
 
 def load(path: Path) -> ModelConfig:
@@ -43,9 +43,23 @@ def test_config_builds_and_every_parameter_is_declared(path, fused):
 
 
 @pytest.mark.parametrize("name, low, high", [("dense_small", 100e6, 150e6), ("gqa_small", 100e6, 150e6),
-                                             ("moe_small", 100e6, 150e6), ("dense_1b", 0.8e9, 0.9e9)])
+                                             ("moe_small", 100e6, 150e6), ("moe_medium", 0.9e9, 1.1e9),
+                                             ("dense_1b", 0.8e9, 0.9e9)])
 def test_sizes_are_as_advertised(name, low, high):
     assert low <= param_counts(load(CONF / f"{name}.yaml")).total <= high
+
+
+def test_moe_medium_is_a_quarter_active():
+    """moe_medium: ~1B parameters of which ~0.25B act per token, counted on the built model (meta device): all of
+    it less every routed expert a token skips (it takes its top_k of n_experts in every MoE layer)."""
+    cfg = load(CONF / "moe_medium.yaml")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    layouts = collect_layouts(model)
+    total = sum(p.numel() for p in model.parameters())
+    skipped = sum(p.numel() // p.shape[0] * (p.shape[0] - cfg.top_k)
+                  for name, p in model.named_parameters() if layouts[name].experts)
+    assert 0.9e9 <= total <= 1.1e9 and 0.22e9 <= total - skipped <= 0.3e9
 
 
 def test_moe_small_routes_two_of_eight_or_more_experts():
