@@ -35,7 +35,7 @@ def compose(overrides: list):
 def prepare(overrides: list) -> dict:
     """Prepare the data of the run `overrides` describe; return its sizes and the seconds it took."""
     from muon_recipes.data import build_datasets, build_tokenizer
-    from muon_recipes.data.token_cache import token_streams
+    from muon_recipes.data.token_cache import cache_directory, cache_key, load
 
     from muon_recipes.config import validate
 
@@ -46,7 +46,8 @@ def prepare(overrides: list) -> dict:
     tokenizer_s = time.perf_counter() - start
     build_datasets(rc.data, tokenizer, rc.train.seq_len, rc.seed)
     total_s = time.perf_counter() - start
-    manifest = token_streams(rc.data, tokenizer).manifest  # the cache just written or read: its recorded sizes
+    # The cache directory just written or checked: its manifest records the sizes.
+    manifest = load(cache_directory(rc.data, cache_key(rc.data, tokenizer), tokenizer)).manifest
     return {"corpus": manifest["description"], "tokenizer": manifest["tokenizer"], "splits": manifest["splits"],
             "tokenizer_s": round(tokenizer_s, 2), "total_s": round(total_s, 2)}
 
