@@ -24,6 +24,13 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config: {key}={value!r}: {valid}")
 
 
+def first_line(e: BaseException, empty: str = "") -> str:
+    """The first line of an error's message (`empty` when it has none): what a one-line error quotes of a
+    library's error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else empty
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
@@ -117,6 +124,13 @@ class MeshConfig:
 
 # A byte-level BPE's smallest vocabulary: the 256 byte values and the end-of-sequence token.
 MIN_BPE_VOCAB_SIZE = 257
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """data.tokenizer=bpe fits a vocabulary of `model.vocab_size` entries, which holds at least the byte alphabet."""
+    if vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise ConfigError("model.vocab_size", vocab_size,
+                          f"data.tokenizer=bpe needs at least {MIN_BPE_VOCAB_SIZE} entries (256 bytes + EOS)")
 
 
 @dataclass
@@ -591,9 +605,8 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     validate_optim(cfg.optim)
     validate_split_policy(cfg.model, cfg.optim)
     validate_data(cfg.data)
-    if cfg.data.tokenizer == "bpe" and cfg.model.vocab_size < MIN_BPE_VOCAB_SIZE:
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          f"data.tokenizer=bpe needs at least {MIN_BPE_VOCAB_SIZE} entries (256 bytes + EOS)")
+    if cfg.data.tokenizer == "bpe":
+        check_bpe_vocab_size(cfg.model.vocab_size)
     validate_train(cfg.train, cfg.model)
     derive_batch(cfg.train, world_size)
     validate_logging(cfg.logging)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from muon_recipes.config import MIN_BPE_VOCAB_SIZE, ConfigError, DataConfig
+from muon_recipes.config import DataConfig, check_bpe_vocab_size, first_line
 
 from . import sources
 from .cache import cache_root, current_rank, prepare_once
@@ -45,9 +45,7 @@ def bpe_directory(cfg: DataConfig, vocab_size: int) -> Path:
 
 def fitted_bpe(cfg: DataConfig, vocab_size: int) -> Path:
     """The directory of the BPE for this corpus and `vocab_size`, fitted now unless it is cached."""
-    if vocab_size < MIN_BPE_VOCAB_SIZE:
-        raise ConfigError("model.vocab_size", vocab_size,
-                          f"data.tokenizer=bpe needs at least {MIN_BPE_VOCAB_SIZE} entries (256 bytes + EOS)")
+    check_bpe_vocab_size(vocab_size)
     directory = bpe_directory(cfg, vocab_size)
     fitted = prepare_once(directory, _check, lambda tmp: _fit(cfg, vocab_size, tmp), "the BPE tokenizer")
     if fitted or current_rank() == 0:
@@ -65,7 +63,7 @@ def _check(directory: Path) -> str | None:
 
         Tokenizer.from_file(str(directory / "tokenizer.json"))
     except Exception as e:  # the Rust side raises a bare Exception for malformed files
-        return f"tokenizer.json does not load ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        return f"tokenizer.json does not load ({first_line(e, type(e).__name__)})"
     return None
 
 

@@ -45,7 +45,8 @@ def cache_root(cache_dir: str = "") -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError("data.cache_dir", cache_dir or str(root), f"must be a writable directory ({e.strerror})") from None
+        raise ConfigError("data.cache_dir", cache_dir or str(root),
+                          f"must be a writable directory ({e.strerror})") from None
     return root
 
 

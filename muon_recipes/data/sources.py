@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from muon_recipes.choices import CORPUS_SCOPES
-from muon_recipes.config import ConfigError
+from muon_recipes.config import ConfigError, first_line
 
 TEXT = "text"
 
@@ -91,8 +91,8 @@ def site_package_files() -> tuple[tuple[str, Path], ...]:
     Distributions come from `importlib.metadata` (each lists its own files in RECORD, so a file belongs to the
     distribution that installed it, and the order does not depend on the directory layout); a name installed
     twice on sys.path counts once (the first, as imports see it). Test suites are left out as in the stdlib
-    corpus, and so are files that are missing, empty, over 1 MiB, or hold a NUL byte (binary). Listed once per
-    process (reading every distribution's RECORD takes seconds; the tokenizer and the token cache both need it).
+    corpus, and so are files that are missing, empty or over 1 MiB (`load_embedded` drops those holding a NUL
+    byte: binary data under a text name). Listed once per process (reading every distribution's RECORD takes seconds; the tokenizer and the token cache both need it).
     """
     from importlib import metadata
 
@@ -336,7 +336,7 @@ def open_hub_stream(name: str, config: str, split: str) -> Any:
     try:
         return load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # hub, network and builder errors have many types
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = first_line(e)
         raise ConfigError("data.hub_name", name,
                           f"could not be opened for streaming with hub_config={config!r}, hub_split={split!r} "
                           f"({type(e).__name__}: {detail})") from None

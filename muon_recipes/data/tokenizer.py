@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from muon_recipes.config import ConfigError, DataConfig
+from muon_recipes.config import ConfigError, DataConfig, first_line
 
 # Names an end-of-sequence token goes by in common tokenizers, tried when the directory's
 # tokenizer_config.json does not name one.
@@ -141,7 +141,6 @@ def build_tokenizer(cfg: DataConfig, model_vocab_size: int | None = None) -> Tok
 # The byte-level BPE's printable stand-ins for the 256 byte values (GPT-2's bytes_to_unicode): each character of
 # such a vocabulary entry is one byte of text.
 _BYTE_LEVEL_DECODERS = {"ByteLevel"}
-_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx"})
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -194,7 +193,8 @@ def load_hf_tokenizer(path: str, use_transformers: bool = True) -> HFTokenizer:
         try:
             backend = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except Exception as e:  # transformers raises many types for a bad directory
-            raise ConfigError("data.tokenizer", path, f"{valid} ({type(e).__name__}: {_first_line(e)})") from None
+            raise ConfigError("data.tokenizer", path,
+                              f"{valid} ({type(e).__name__}: {first_line(e, type(e).__name__)})") from None
         eos = backend.eos_token_id
         if eos is None:
             eos = _eos_from_vocab(backend.get_vocab())
@@ -213,7 +213,8 @@ def load_hf_tokenizer(path: str, use_transformers: bool = True) -> HFTokenizer:
     try:
         backend = RawTokenizer.from_file(tokenizer_json)
     except Exception as e:  # the Rust side raises a bare Exception for malformed files
-        raise ConfigError("data.tokenizer", path, f"tokenizer.json could not be read ({_first_line(e)})") from None
+        raise ConfigError("data.tokenizer", path,
+                          f"tokenizer.json could not be read ({first_line(e, type(e).__name__)})") from None
     eos = _eos_from_config(directory, backend)
     if eos is None:
         eos = _eos_from_vocab(backend.get_vocab(with_added_tokens=True))
@@ -223,6 +224,10 @@ def load_hf_tokenizer(path: str, use_transformers: bool = True) -> HFTokenizer:
                           + ", ".join(_EOS_CANDIDATES))
     return HFTokenizer(backend, eos, backend.get_vocab_size(with_added_tokens=True), name=path, fast_lib=True,
                        fingerprint=_directory_digest(directory))
+
+
+# Model weights that may share a directory with the tokenizer (left out of its fingerprint).
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx"})
 
 
 def _directory_digest(directory: str) -> str:
@@ -244,8 +249,8 @@ def _eos_from_config(directory: str, backend: Any) -> int | None:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested beyond the parser
-        raise ConfigError("data.tokenizer", directory, f"tokenizer_config.json is not valid JSON "
-                                                       f"({type(e).__name__}: {_first_line(e)})") from None
+        raise ConfigError("data.tokenizer", directory, "tokenizer_config.json is not valid JSON "
+                          f"({type(e).__name__}: {first_line(e, type(e).__name__)})") from None
     if not isinstance(config, dict):
         raise ConfigError("data.tokenizer", directory, f"tokenizer_config.json holds a {type(config).__name__}, "
                                                        "must be a JSON object")
@@ -261,7 +266,3 @@ def _eos_from_vocab(vocab: dict) -> int | None:
             return int(vocab[token])
     return None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -51,7 +51,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from muon_recipes.config import ConfigError
+from muon_recipes.config import ConfigError, first_line
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -212,7 +212,7 @@ def read_metadata(path: str):
         raise CheckpointError(f"checkpoint {path}: {METADATA} is missing") from None
     except Exception as e:  # truncated or foreign bytes raise many types
         raise CheckpointError(f"checkpoint {path}: {METADATA} is unreadable ({type(e).__name__}: "
-                              f"{_first_line(e)})") from None
+                              f"{first_line(e, type(e).__name__)})") from None
 
 
 class _SafeReader(FileSystemReader):
@@ -254,18 +254,14 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, vetted)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
 
 def _describe_failure(e: BaseException) -> str:
     """One line for a DCP failure: DCP gathers every rank's exception into one CheckpointException."""
     failures = getattr(e, "failures", None)
     if failures:
         rank, (exc, _) = sorted(failures.items(), key=lambda kv: kv[0])[0]
-        return f"rank {rank}: {type(exc).__name__}: {_first_line(exc)}"
-    return f"{type(e).__name__}: {_first_line(e)}"
+        return f"rank {rank}: {type(exc).__name__}: {first_line(exc, type(exc).__name__)}"
+    return f"{type(e).__name__}: {first_line(e, type(e).__name__)}"
 
 
 # --------------------------------------------------------------------------------------------------------------

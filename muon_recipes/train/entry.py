@@ -23,12 +23,12 @@ from typing import Any, Optional
 
 import torch
 
-from muon_recipes.config import ConfigError, RunConfig, derive_batch, to_dataclass, validate
+from muon_recipes.config import ConfigError, RunConfig, derive_batch, first_line, to_dataclass, validate
 from muon_recipes.parallel.distributed import (broadcast_object, init_distributed, rank_from_env,
                                                resolve_device_type, shutdown_distributed, world_size_from_env)
 from muon_recipes.train.checkpoint import CheckpointError
 from muon_recipes.train.failures import (EXIT_BAD_INPUT, EXIT_NONFINITE, RunFailed, agree, describe, exit_agreed,
-                                         exit_alone, exit_before_start, first_line)
+                                         exit_alone, exit_before_start)
 from muon_recipes.train.memory_check import check_fits_in_memory
 from muon_recipes.train.run_dir import RunDirLock, check_layout
 from muon_recipes.train.trainer import NonFiniteError
@@ -329,7 +329,7 @@ def _build_data(build_datasets, rc: RunConfig, tokenizer):
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         key, value = (("data.paths", list(rc.data.paths)) if rc.data.source == "files"
                       else ("data.source", rc.data.source))
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        message = first_line(e)
         raise ConfigError(key, value, f"could not be read ({type(e).__name__}: {message})") from None
 
 

@@ -29,6 +29,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
+from muon_recipes.config import first_line
+
 EXIT_FAULT = 1  # an unexpected exception (a bug, a lost rank): its traceback follows the line
 EXIT_BAD_INPUT = 2  # config, data, run directory (a full disk included), checkpoint, a resource a value asks for
 EXIT_NONFINITE = 3  # train.nonfinite=abort, or a non-finite state that must not be saved
@@ -56,11 +58,6 @@ class RunFailed(Exception):
     def __init__(self, failures: list[Failure]):
         self.failures = failures
         super().__init__(failures[0].message)
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def describe(e: BaseException, rank: int) -> Failure:
