@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from muon_recipes.train.loggers import duration
+
 SWEEP_IDENTITY_ENV = "MUON_RECIPES_SWEEP_IDENTITY"  # JSON {"group", "name", "tags"} for torchrun children
 # Variables a world of one (plain `python train.py`) sets for itself; removed between in-process jobs so the next
-# job decides afresh (and gets a fresh port) instead of mistaking itself for a torchrun rank.
+# job decides afresh instead of mistaking itself for a torchrun rank.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Keys that say where or how a job is logged or launched, never which arm it is (also read by
 # recipes/compare_runs.py, which groups finished runs into arms).
@@ -206,22 +208,12 @@ class _Progress:
         if job.total:
             remaining = job.total - (job.num + 1)
             if remaining > 0:
-                left = f", ~{_duration(remaining * sum(self.durations) / len(self.durations))} left"
-        print(f"[sweep] job {self._of(job)} {'done' if ok else 'FAILED'} in {_duration(took)}{left}", flush=True)
+                left = f", ~{duration(remaining * sum(self.durations) / len(self.durations))} left"
+        print(f"[sweep] job {self._of(job)} {'done' if ok else 'FAILED'} in {duration(took)}{left}", flush=True)
 
     @staticmethod
     def _of(job: SweepJob) -> str:
         return f"{job.num + 1}/{job.total}" if job.total else f"{job.num + 1}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}min"
-    return f"{seconds / 3600:.1f}h"
 
 
 _PROGRESS = _Progress()

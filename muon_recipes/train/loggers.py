@@ -11,14 +11,15 @@ import os
 from typing import Any, Optional
 
 
-def _duration(seconds: float) -> str:
-    """12s, 4m05s, 2h03m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+def duration(seconds: float) -> str:
+    """A span of time as people read it: 4.2s, 95s, 12.5min, 3.1h (a run's ETA, a sweep job's time)."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"
 
 
 def token_count(n: float) -> str:
@@ -30,7 +31,7 @@ def token_count(n: float) -> str:
 
 def _fmt(key: str, value: Any) -> str:
     if key == "eta_s":
-        return f"eta {_duration(value)}"
+        return f"eta {duration(value)}"
     if key == "tokens_left":
         return f"{token_count(value)} tokens left"
     if isinstance(value, float):
