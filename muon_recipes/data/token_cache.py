@@ -47,7 +47,6 @@ class TokenStreams:
     train: np.ndarray
     eval: np.ndarray
     manifest: dict
-    directory: Path
 
     @property
     def description(self) -> str:
@@ -87,7 +86,7 @@ def load(directory: Path) -> TokenStreams:
     """Map a checked cache directory's arrays (read-only)."""
     manifest = json.loads((directory / "manifest.json").read_text())
     arrays = {split: np.load(directory / f"{split}.npy", mmap_mode="r") for split in SPLITS}
-    return TokenStreams(arrays["train"], arrays["eval"], manifest, directory)
+    return TokenStreams(arrays["train"], arrays["eval"], manifest)
 
 
 def check(directory: Path, key: dict) -> Optional[str]:

@@ -184,9 +184,7 @@ class Trainer:
             aux_sum += aux.detach()
         grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
         forward_backward_s = watch.lap()
-        # One collective for the loss and the bytes its targets stand for (the mean over ranks of each).
-        loss_mean, bytes_mean = all_reduce_mean(torch.stack([
-            loss_sum / t.grad_accum, torch.tensor(float(target_bytes), device=self.ctx.device)])).unbind(0)
+        loss_mean, bytes_mean = self._mean_over_ranks(loss_sum / t.grad_accum, target_bytes)
         finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
         lr = self.optimizer.param_groups[0]["lr"]
         if not finite:
@@ -208,7 +206,7 @@ class Trainer:
         optim_s = watch.lap()
         metrics = {"loss": float(loss_mean), "lr": lr, "grad_norm": float(grad_norm),
                    "forward_backward_s": forward_backward_s, "optim_time_s": optim_s}
-        bpb = bits_per_byte(float(loss_mean), t.grad_accum * t.batch_size * t.seq_len, float(bytes_mean))
+        bpb = bits_per_byte(float(loss_mean), t.grad_accum * t.batch_size * t.seq_len, bytes_mean)
         if bpb is not None:
             metrics["bpb"] = bpb
         if cfg.model.n_experts:
@@ -260,6 +258,13 @@ class Trainer:
         """UTF-8 bytes of text that a CPU batch of target ids stands for."""
         return int(self.byte_lengths[targets].sum()) if self.byte_lengths is not None else 0
 
+    def _mean_over_ranks(self, loss: torch.Tensor, target_bytes: int) -> tuple[torch.Tensor, float]:
+        """(this rank's loss, the text bytes its targets stand for), each averaged over the ranks in one
+        collective: with equal tokens per rank, the bits per byte of the whole batch follow from the two means."""
+        loss_mean, bytes_mean = all_reduce_mean(torch.stack([
+            loss, torch.tensor(float(target_bytes), device=self.ctx.device)])).unbind(0)
+        return loss_mean, float(bytes_mean)
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """{"eval_loss": nats per token, "eval_bpb": bits per byte} on the first `train.eval_batches` batches of the
@@ -279,10 +284,9 @@ class Trainer:
             total += loss
         # MoE layers count expert load only in training mode, so evaluation never moves the router biases.
         self.model.train()
-        loss_mean, bytes_mean = all_reduce_mean(torch.stack([
-            total / t.eval_batches, torch.tensor(float(target_bytes), device=self.ctx.device)])).unbind(0)
+        loss_mean, bytes_mean = self._mean_over_ranks(total / t.eval_batches, target_bytes)
         result = {"eval_loss": float(loss_mean)}
-        bpb = bits_per_byte(float(loss_mean), t.eval_batches * t.batch_size * t.seq_len, float(bytes_mean))
+        bpb = bits_per_byte(float(loss_mean), t.eval_batches * t.batch_size * t.seq_len, bytes_mean)
         if bpb is not None:
             result["eval_bpb"] = bpb
         return result
