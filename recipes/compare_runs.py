@@ -2,6 +2,7 @@
 
     python recipes/compare_runs.py outputs/multirun/2025-01-31/12-00-00            # writes into the sweep dir
     python recipes/compare_runs.py outputs/multirun/2025-01-31/12-00-00 --out report --last-k 10
+    python recipes/compare_runs.py outputs/abl/lr_muon --best-overrides   # "optim.lr=0.02 optim.adamw.lr=0.001"
 
 A *run* is any directory below the sweep dir with a `metrics.jsonl` and a resolved config (`config.json`, or
 Hydra's `.hydra/config.yaml`). Runs are grouped into *arms* by the command-line overrides that differ between
@@ -414,6 +415,19 @@ def ranking(c: Comparison, metric: str) -> list:
     return sorted(logged, key=lambda item: item[1].mean if lower_is_better else -item[1].mean)
 
 
+def best_overrides(c: Comparison) -> list[str]:
+    """The swept `key=value` overrides of the arm ranked first by `c.rank_by`, as typed on a command line.
+
+    This turns a tuning sweep into the settings of the next sweep (`recipes/gpu_ablations.sh` picks each arm's
+    lr this way). Keys a run left at its default are omitted: the next run keeps that default too.
+    """
+    ranked = ranking(c, c.rank_by)
+    if not ranked:
+        raise NoRunsError(f"no run under {str(c.root)!r} logged {c.rank_by!r}: nothing to rank")
+    best = c.runs_of(ranked[0][0])[0]
+    return [f"{key}={best.overrides[key]}" for key in c.keys if key in best.overrides]
+
+
 def _fmt(x: float, digits: int) -> str:
     return "—" if not _finite(x) else f"{x:.{digits}f}"
 
@@ -720,9 +734,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--baseline", default=None, help="the arm differences are taken against (default: the first)")
     ap.add_argument("--rank-by", default="final eval bpb", choices=list(METRICS),
                     help="the metric the arms are ranked by in summary.md (default: final eval bpb)")
+    ap.add_argument("--best-overrides", action="store_true",
+                    help="print only the best arm's overrides (`key=value ...`, one line) and write nothing")
     args = ap.parse_args(argv)
     try:
         c = compare(args.sweep_dir, last_k=args.last_k, baseline=args.baseline, rank_by=args.rank_by)
+        if args.best_overrides:
+            print(" ".join(best_overrides(c)))
+            return 0
     except (NoRunsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

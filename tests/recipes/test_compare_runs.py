@@ -179,3 +179,28 @@ def test_cli_clear_error_without_runs(tmp_path):
         assert len(errors) == 1 and str(target) in errors[0], proc.stderr
     proc = _cli(str(tmp_path), "--last-k", "0")
     assert proc.returncode == 2 and "last_k" in proc.stderr
+
+
+def test_best_overrides_pick_the_lowest_eval_bpb_arm(tmp_path):
+    """A 2 x 2 lr grid, one seed each: the arm with the lowest final eval bpb comes back as command-line overrides,
+    whatever its position; a key the best run left at its default is not printed."""
+    rng = np.random.default_rng(3)
+    bpb = {("0.01", "0.001"): 1.30, ("0.02", "0.001"): 1.21, ("0.01", None): 1.25, ("0.02", None): 1.40}
+    for num, ((lr, adamw_lr), value) in enumerate(bpb.items()):
+        overrides = [f"optim.lr={lr}", "seed=0"] + ([f"optim.adamw.lr={adamw_lr}"] if adamw_lr else [])
+        rows = fake_rows(rng, 10, 0.0)
+        for row in rows:
+            if "eval_loss" in row:
+                row["eval_bpb"] = value + 0.5 / row["step"]  # falling, ends at `value` + 0.05
+        write_run(tmp_path / str(num), overrides, config("split", 0, lr=float(lr)), rows)
+    assert cr.best_overrides(cr.compare(tmp_path)) == ["optim.lr=0.02", "optim.adamw.lr=0.001"]
+    proc = _cli(str(tmp_path), "--best-overrides")
+    assert proc.returncode == 0 and proc.stdout.strip() == "optim.lr=0.02 optim.adamw.lr=0.001", proc.stderr
+    assert not (tmp_path / "summary.md").exists()
+    bpb_best_default = cr.compare(tmp_path, rank_by="final loss")  # all losses alike: any arm, but only its keys
+    assert all(o.split("=")[0] in ("optim.lr", "optim.adamw.lr") for o in cr.best_overrides(bpb_best_default))
+    (tmp_path / "0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    for num in (1, 2, 3):
+        (tmp_path / str(num) / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    proc = _cli(str(tmp_path), "--best-overrides")
+    assert proc.returncode == 2 and "final eval bpb" in proc.stderr
