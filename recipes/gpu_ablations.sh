@@ -24,7 +24,7 @@ seeds=${SEEDS:-0,1,2}
 limit=${PHASE_LIMIT_S:-330}   # seconds a phase's sweeps may take before they are stopped
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-common="train.steps=$steps train.eval_every=100 train.compile=false logging.wandb.mode=offline optim.backend=torch ${EXTRA:-}"
+common="train.steps=$steps train.eval_every=100 train.compile=false logging.wandb.mode=${ABL_WANDB:-offline} optim.backend=torch ${EXTRA:-}"
 root=${ABL_ROOT:-outputs/abl}   # where the sweeps write their runs
 groups=()
 
