@@ -2,11 +2,12 @@
 
     python recipes/compare_runs.py outputs/multirun/2025-01-31/12-00-00            # writes into the sweep dir
     python recipes/compare_runs.py outputs/multirun/2025-01-31/12-00-00 --out report --last-k 10
-    python recipes/compare_runs.py outputs/abl/lr_muon --best-overrides   # "optim.lr=0.02 optim.adamw.lr=0.001"
+    python recipes/compare_runs.py outputs/abl/muon_vs_adamw_tuning/muon_split --best-overrides  # "optim.lr=0.02 ..."
 
 A *run* is any directory below the sweep dir with a `metrics.jsonl` and a resolved config (`config.json`, or
 Hydra's `.hydra/config.yaml`). Runs are grouped into *arms* by the command-line overrides that differ between
-runs (Hydra's `.hydra/overrides.yaml`), `seed` excluded: the seeds of one arm are its repeats. The question an
+runs (Hydra's `.hydra/overrides.yaml`), `seed` excluded: the seeds of one arm are its repeats. A run that stopped
+before its `train.steps` (killed, timed out, aborted) is left out with a note. The question an
 ablation asks is whether arm B beats arm A by more than the seed-to-seed noise, so every number comes with its
 spread over seeds, and every difference with its standard error, Welch's t and a 95% interval.
 
@@ -152,6 +153,12 @@ def find_runs(root: Path) -> list[Run]:
         if not rows:
             print(f"compare_runs: skipping {run_dir}: metrics.jsonl is empty (the run logged nothing)",
                   file=sys.stderr)
+            continue
+        planned = (config.get("train") or {}).get("steps")
+        last = rows[-1].get("step")
+        if isinstance(planned, int) and isinstance(last, int) and last < planned:
+            print(f"compare_runs: skipping {run_dir}: it stopped at step {last} of {planned} (its final numbers "
+                  f"would not compare with finished runs)", file=sys.stderr)
             continue
         runs.append(Run(run_dir, config, _load_overrides(run_dir), rows))
     if not runs:

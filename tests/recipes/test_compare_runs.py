@@ -204,3 +204,14 @@ def test_best_overrides_pick_the_lowest_eval_bpb_arm(tmp_path):
         (tmp_path / str(num) / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     proc = _cli(str(tmp_path), "--best-overrides")
     assert proc.returncode == 2 and "final eval bpb" in proc.stderr
+
+
+def test_runs_that_stopped_early_are_left_out(tmp_path, capsys):
+    """A run killed at step 6 of 10 would report its step-5 evaluation as final: it is skipped, with a note."""
+    rng = np.random.default_rng(4)
+    for num, (lr, steps) in enumerate((("0.01", 10), ("0.02", 10), ("0.02", 6))):
+        cfg = config("split", num, lr=float(lr)) | {"train": {"steps": 10}}
+        write_run(tmp_path / str(num), [f"optim.lr={lr}", f"seed={num}"], cfg, fake_rows(rng, steps, 0.0))
+    c = cr.compare(tmp_path)
+    assert [r.path.name for r in c.runs] == ["0", "1"]
+    assert "stopped at step 6 of 10" in capsys.readouterr().err
