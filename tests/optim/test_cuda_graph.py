@@ -189,3 +189,53 @@ def test_config_key_is_validated():
     run.device = "cpu"
     with pytest.raises(ConfigError, match=r"optim.cuda_graph='on': CUDA graphs need device=cuda"):
         validate(run, world_size=1)
+
+
+def test_single_rank_fsdp2_parameters_take_the_local_path():
+    """A single-GPU run shards with FSDP2 over one rank: DTensor parameters whose local shard is the whole tensor.
+    Their step (float and device-scalar) needs no communication and equals the plain-tensor step."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists already in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+
+        def sharded(**options):
+            model, opt, schedule = _model_and_optimizer(**options)
+            fully_shard(model, mesh=mesh)
+            # fully_shard replaced the parameters: a new optimizer over the DTensors, same groups and keys.
+            cfg = OptimConfig(weight_decay=0.05, backend="torch", ns_dtype="float32")
+            cfg.adamw.weight_decay = 0.1
+            opt = build_optimizer(model, cfg, **options)
+            return model, opt, LambdaLR(opt, _schedule)
+
+        def dtensor_grads(model, step):
+            fill_grads(model, step)
+            for p in model.parameters():
+                p.grad = DTensor.from_local(p.grad, p.device_mesh, p.placements)
+
+        plain_model, plain_opt, plain_schedule = _model_and_optimizer(cuda_graph="off")
+        float_model, float_opt, float_schedule = sharded(cuda_graph="off")
+        device_model, device_opt, device_schedule = sharded(cuda_graph="off")
+        assert capture_blocker(device_opt).startswith("parameters are on cpu")   # not the sharding
+        runner = CapturedStep(device_opt, capture=False)
+        for step in range(4):
+            fill_grads(plain_model, step)
+            dtensor_grads(float_model, step)
+            dtensor_grads(device_model, step)
+            plain_opt.step()
+            float_opt.step()
+            runner.step()
+            for schedule in (plain_schedule, float_schedule, device_schedule):
+                schedule.step()
+        for p, q, r in zip(plain_model.parameters(), float_model.parameters(), device_model.parameters()):
+            assert isinstance(q, DTensor)
+            assert torch.equal(p.detach(), q.to_local().detach())
+            torch.testing.assert_close(r.to_local().detach(), p.detach(), rtol=RTOL, atol=ATOL)
+    finally:
+        dist.destroy_process_group()
