@@ -450,6 +450,9 @@ def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
     _positive(f"{prefix}.adamw.eps", o.adamw.eps)
     _positive(f"{prefix}.adamw.weight_decay", o.adamw.weight_decay, allow_zero=True)
     _positive(f"{prefix}.grad_clip", o.grad_clip, allow_zero=True)
+    if o.cuda_graph in (True, False, "True", "False"):
+        # YAML reads a bare `on` / `off` as a boolean, which the str field then holds as "True" / "False".
+        o.cuda_graph = "on" if o.cuda_graph in (True, "True") else "off"
     _choice(f"{prefix}.cuda_graph", o.cuda_graph, CUDA_GRAPH_MODES)
 
 

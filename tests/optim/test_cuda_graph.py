@@ -183,6 +183,10 @@ def test_config_key_is_validated():
     with pytest.raises(ConfigError, match=r"optim.cuda_graph='yes': must be one of auto, on, off"):
         validate_optim(cfg)
     assert OptimConfig().cuda_graph == "auto"
+    for yaml_boolean, mode in ((True, "on"), ("False", "off")):   # a bare on/off in a YAML file
+        cfg = OptimConfig(cuda_graph=yaml_boolean)
+        validate_optim(cfg)
+        assert cfg.cuda_graph == mode
     run = RunConfig(optim=OptimConfig(cuda_graph="on"))
     with pytest.raises(ConfigError, match=r"optim.cuda_graph='on': the step is captured on one process only"):
         validate(run, world_size=2)
