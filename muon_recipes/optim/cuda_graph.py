@@ -18,7 +18,9 @@ What a replay must still get right, and how:
   `MAX_CAPTURES` times; then it stays eager, said in one line).
 * **Gradients.** The graph reads fixed addresses; each step's gradients (new tensors after
   `zero_grad(set_to_none=True)`, or FSDP2's reduce-scatter outputs) are copied into static buffers with one
-  multi-tensor copy before the replay (skipped for gradients that already live there).
+  multi-tensor copy before the replay (skipped for gradients that already live there). Memory: the buffers are
+  one more copy of the gradients, and the step's temporaries (Newton-Schulz buckets) stay reserved in the
+  graph's private pool between steps instead of returning to the caching allocator.
 * **AdamW's step counter and bias correction** live on the device (torch's fused AdamW reads the step there; the
   multi-tensor form computes `1 - beta ** step` with tensor ops), so no `.item()` syncs the host.
 * **Warm-up.** `WARMUP_STEPS` real steps run eagerly (on the device-scalar path) before the capture, so the
@@ -224,7 +226,10 @@ class CapturedStep:
             if self.captures >= MAX_CAPTURES:
                 return self._give_up(f"the step changed shape after {self.captures} captures (which parameters "
                                      "have gradients, or a structural hyperparameter)")
-            self._rebuild(signature)
+            try:
+                self._rebuild(signature)
+            except torch.cuda.OutOfMemoryError:
+                return self._give_up("no memory for the static gradient buffers (one copy of the gradients)")
         self._load_gradients()
         self.scalars.fill(self.optimizer.param_groups)
         if not self.capture or self.warmups_left > 0:
