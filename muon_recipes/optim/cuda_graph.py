@@ -245,7 +245,7 @@ class CapturedStep:
         if self.strict:
             raise CudaGraphUnavailable(f"cuda_graph='on': {reason}")
         self.gave_up = reason
-        self.log(f"optimizer: CUDA graph off ({reason}); the step runs eagerly")
+        self.log(f"optimizer: CUDA graph off: {reason}; the step runs eagerly")
         self.reset()
         return False
 

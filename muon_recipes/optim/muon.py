@@ -250,7 +250,7 @@ class Muon(torch.optim.Optimizer):
                     raise CudaGraphUnavailable(f"cuda_graph='on': the optimizer step cannot be captured: {reason} "
                                                "(use cuda_graph='auto' or 'off')")
                 self._graph_blocked = reason
-                say(f"optimizer: CUDA graph off ({reason}); the step runs eagerly")
+                say(f"optimizer: CUDA graph off: {reason}; the step runs eagerly")
                 return False
             self._captured = CapturedStep(self, strict=self.cuda_graph == "on")
         return True

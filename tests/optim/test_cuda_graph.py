@@ -149,7 +149,7 @@ def test_auto_on_cpu_says_why_once_and_runs_the_eager_step(capsys):
         opt.step()
         ref_opt.step()
     lines = [line for line in capsys.readouterr().out.splitlines() if "CUDA graph" in line]
-    assert lines == ["optimizer: CUDA graph off (parameters are on cpu (CUDA graphs need CUDA tensors)); "
+    assert lines == ["optimizer: CUDA graph off: parameters are on cpu (CUDA graphs need CUDA tensors); "
                      "the step runs eagerly"]
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(p, q)   # the very same eager step
