@@ -243,3 +243,47 @@ def test_single_rank_fsdp2_parameters_take_the_local_path():
             torch.testing.assert_close(r.to_local().detach(), p.detach(), rtol=RTOL, atol=ATOL)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_step_that_keeps_changing_shape_gives_up_once():
+    """After MAX_CAPTURES captures a new signature ends the captured path: one line under auto, an error under on,
+    and the optimizer's next steps are its eager ones."""
+    from muon_recipes.optim.cuda_graph import MAX_CAPTURES
+
+    model, opt, _ = _model_and_optimizer(cuda_graph="off")
+    lines = []
+    runner = CapturedStep(opt, capture=False, log=lines.append)
+    fill_grads(model, 0)
+    assert runner.step()
+    runner.captures = MAX_CAPTURES
+    model.embed.grad = None   # a new signature
+    assert runner.step() is False and runner.gave_up is not None
+    assert lines == [f"optimizer: CUDA graph off: the step changed shape after {MAX_CAPTURES} captures (which "
+                     "parameters have gradients, or a structural hyperparameter); the step runs eagerly"]
+    assert runner.step() is False and len(lines) == 1   # said once
+    strict = CapturedStep(opt, capture=False, strict=True)
+    fill_grads(model, 1)
+    strict.step()
+    strict.captures = MAX_CAPTURES
+    model.embed.grad = None
+    with pytest.raises(CudaGraphUnavailable, match=r"cuda_graph='on': the step changed shape"):
+        strict.step()
+
+
+def test_bench_optimizer_row_says_why_it_is_not_captured(tmp_path):
+    """The benchmark's `muon_graph` row on a CPU: not applicable, with the reason, beside the eager row."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "recipes/bench_optimizer.py", "--model", "dense_tiny", "--device", "cpu",
+                           "--optimizers", "muon,muon_graph", "--steps", "1", "--warmup", "0", "--no-breakdown",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["optimizer"]: r for r in json.loads(out.read_text())["models"][0]["results"]}
+    assert "median_ms" in rows["muon"] and rows["muon"]["captured"] is False
+    assert rows["muon_graph"]["skipped"] == "not captured: parameters are on cpu (CUDA graphs need CUDA tensors)"
+    assert "| muon_graph (ours, CUDA graph) |" in proc.stdout
