@@ -1,9 +1,9 @@
 """The whole Muon+AdamW step as one CUDA graph: captured once, replayed every step (`Muon(cuda_graph=...)`).
 
 Why: a Muon step is hundreds of small launches (momentum, bucket copies, Newton-Schulz products, the update
-per block, AdamW), each a few microseconds of host work. On a model with many small matrices (moe_small:
-128 experts of 256 x 1024 per layer) the host, not the GPU, sets the pace. A CUDA graph replays the recorded
-launches with one call.
+per block, AdamW), each a few microseconds of host work. On a model of many small matrices (moe_small: d_model
+512, per layer q/k/v/o blocks and eight 768 x 512 experts) the host, not the GPU, sets the pace. A CUDA graph
+replays the recorded launches with one call.
 
 What a replay must still get right, and how:
 
