@@ -30,6 +30,9 @@ FUSE_KINDS = ("qkv", "gate_up")
 # Whether sharded (HSDP) Muon spreads Newton-Schulz over the replicas too (sharded.py): "auto" when every rank
 # of the mesh still gets a matrix, or always (True) / never (False).
 REPLICA_SPREAD = ("auto", True, False)
+# Whether the whole optimizer step runs as one captured CUDA graph (optim/cuda_graph.py): where it can, with one
+# line saying why not where it cannot (auto), always (on: an error where it cannot), or never (off).
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 # The lr schedule's shape (train/schedules.py).
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 # The products of the Triton Newton-Schulz iteration (kernels/iterations.py): each on whichever of the Triton

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, EXPERT_MODES, LR_SCHEDULES,
-                                  METHODS, NS_DTYPES, ROLES, SCHEDULES, SPLIT_MODES)
+from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, CUDA_GRAPH_MODES, EXPERT_MODES,
+                                  LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES, SPLIT_MODES)
 
 
 class ConfigError(ValueError):
@@ -104,6 +104,8 @@ class OptimConfig:
     adamw_roles: list = field(default_factory=lambda: ["embedding", "output", "norm", "bias", "router"])
     adamw: AdamWConfig = field(default_factory=AdamWConfig)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # The whole step as one CUDA graph (optim/cuda_graph.py): auto (where it can: one GPU, CUDA tensors) | on | off
+    cuda_graph: str = "auto"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -448,6 +450,10 @@ def validate_optim(o: OptimConfig, prefix: str = "optim") -> None:
     _positive(f"{prefix}.adamw.eps", o.adamw.eps)
     _positive(f"{prefix}.adamw.weight_decay", o.adamw.weight_decay, allow_zero=True)
     _positive(f"{prefix}.grad_clip", o.grad_clip, allow_zero=True)
+    if o.cuda_graph in (True, False, "True", "False"):
+        # YAML reads a bare `on` / `off` as a boolean, which the str field then holds as "True" / "False".
+        o.cuda_graph = "on" if o.cuda_graph in (True, "True") else "off"
+    _choice(f"{prefix}.cuda_graph", o.cuda_graph, CUDA_GRAPH_MODES)
 
 
 def validate_mesh(mesh: MeshConfig, world_size: int, prefix: str = "mesh") -> tuple[int, int]:
@@ -611,6 +617,11 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     derive_batch(cfg.train, world_size)
     validate_logging(cfg.logging)
     validate_launcher(cfg.launcher)
+    if cfg.optim.cuda_graph == "on" and world_size > 1:
+        raise ConfigError("optim.cuda_graph", "on", f"the step is captured on one process only, this world has "
+                          f"{world_size} (the sharded step's collectives stay eager); use auto or off")
+    if cfg.optim.cuda_graph == "on" and cfg.device == "cpu":
+        raise ConfigError("optim.cuda_graph", "on", "CUDA graphs need device=cuda or auto on a GPU; use auto or off")
     sizes = validate_mesh(cfg.mesh, world_size)
     validate_expert_parallel(cfg.mesh, cfg.model)
     return sizes

@@ -12,6 +12,10 @@ same layout as training), gives every parameter a random gradient, and times `op
   Newton-Schulz backend `auto` (the Triton kernels where they win) and the config's `ns_method` (default
   gram: the Gram form on non-square blocks); `muon_standard`: the same with `ns_method=standard`;
   `muon_torch`: the config with the torch backend; with `--breakdown`, ours again with `profile=True` for the NS / communication / other split;
+* `muon_graph`: ours as `muon`, the whole step captured as one CUDA graph (`optim.cuda_graph=on`: gradients
+  copied into static buffers, lr read from device scalars, then one replay); at least
+  `cuda_graph.WARMUP_STEPS + 2` untimed steps first, so the capture is never timed. Not applicable on a CPU or
+  with several ranks (the sharded step's collectives stay eager); the note says why;
 * `adamw_foreach`, `adamw_fused`: torch.optim.AdamW over every parameter (the cost floor of any optimizer);
 * `torch_muon`: torch.optim.Muon (torch >= 2.9) on the 2-D hidden matrices + AdamW (foreach) on the rest;
   not applicable when the model has 3-D expert weights, which torch.optim.Muon rejects.
@@ -40,7 +44,11 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-OPTIMIZERS = ("muon", "muon_standard", "muon_torch", "adamw_foreach", "adamw_fused", "torch_muon")
+OPTIMIZERS = ("muon", "muon_graph", "muon_standard", "muon_torch", "adamw_foreach", "adamw_fused", "torch_muon")
+# What each row is, for the table.
+LABELS = {"muon": "ours", "muon_graph": "ours, CUDA graph", "muon_standard": "ours, ns_method=standard",
+          "muon_torch": "ours, torch Newton-Schulz", "adamw_foreach": "torch AdamW foreach",
+          "adamw_fused": "torch AdamW fused", "torch_muon": "torch.optim.Muon + AdamW"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,7 +130,7 @@ def make_optimizer(kind: str, model, optim_cfg):
     adamw = optim_cfg.adamw
     params = list(model.parameters())
     common = dict(lr=adamw.lr, betas=tuple(adamw.betas), eps=adamw.eps, weight_decay=adamw.weight_decay)
-    if kind in ("muon", "muon_standard", "muon_torch"):
+    if kind in ("muon", "muon_graph", "muon_standard", "muon_torch"):
         import dataclasses
 
         cfg = optim_cfg
@@ -130,7 +138,13 @@ def make_optimizer(kind: str, model, optim_cfg):
             cfg = dataclasses.replace(optim_cfg, backend="torch")
         if kind == "muon_standard":
             cfg = dataclasses.replace(optim_cfg, ns_method="standard")
-        opt = build_optimizer(model, cfg)
+        opt = build_optimizer(model, cfg, cuda_graph="on" if kind == "muon_graph" else "off")
+        if kind == "muon_graph":
+            from muon_recipes.optim.cuda_graph import capture_blocker
+
+            reason = capture_blocker(opt)
+            if reason is not None:
+                return None, None, f"not captured: {reason}"
         return opt.step, opt, None
     if kind == "adamw_foreach":
         opt = torch.optim.AdamW(params, foreach=True, **common)
@@ -225,8 +239,13 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
         step, opt, reason = None, None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
     if step is None:
         return {"optimizer": kind, "skipped": reason}
+    warmup = args.warmup
+    if kind == "muon_graph":
+        from muon_recipes.optim.cuda_graph import WARMUP_STEPS
+
+        warmup = max(warmup, WARMUP_STEPS + 2)   # eager warm-up steps, the capture, one replay: none of it timed
     try:
-        times = time_steps(step, ctx.device, args.warmup, args.steps)
+        times = time_steps(step, ctx.device, warmup, args.steps)
     except Exception as e:
         return {"optimizer": kind, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
     stats = worst_over_ranks({"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * percentile(times, 0.1),
@@ -238,6 +257,10 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
         row["groups"] = describe_param_groups(opt)
         row["bucket_mb"], row["backend"] = opt.bucket_mb, opt.param_groups[0].get("backend")
         row["ns_method"] = opt.param_groups[0].get("ns_method")
+        captured = getattr(opt, "_captured", None)
+        row["captured"] = captured is not None and captured.graph is not None
+        if kind == "muon_graph" and not row["captured"]:   # never report an eager step under the graph's name
+            return {"optimizer": kind, "skipped": f"the step was not captured ({opt._graph_blocked})"}
     if kind.startswith("muon") and args.breakdown and hasattr(opt, "last_step_timings"):
         opt.profile = True
         parts: dict[str, list[float]] = {}
@@ -261,15 +284,16 @@ def markdown(report: dict) -> str:
              f"{report['date']}", "",
              "| model | optimizer | median ms | p10 | p90 | NS ms | comm ms | other ms | note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    label = lambda kind: f"{kind} ({LABELS[kind]})"  # noqa: E731
     for model in report["models"]:
         for r in model["results"]:
             if "skipped" in r:
-                lines.append(f"| {model['model']} | {r['optimizer']} | | | | | | | n/a: {r['skipped']} |")
+                lines.append(f"| {model['model']} | {label(r['optimizer'])} | | | | | | | n/a: {r['skipped']} |")
                 continue
             prof = r.get("profiled_ms", {})
             cells = [f"{prof[k]:.2f}" if k in prof else "" for k in ("ns", "comm", "other")]
             note = f"profiled total {prof['total']:.2f} ms" if "total" in prof else ""
-            lines.append(f"| {model['model']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | "
+            lines.append(f"| {model['model']} | {label(r['optimizer'])} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {' | '.join(cells)} | {note} |")
     return "\n".join(lines)
 

@@ -18,6 +18,10 @@ A step has three phases, each over all groups at once so blocks of equal shape s
 their shard group first (`sharded.py`), every other one is done in place -- and (3) scale and apply.
 The AdamW groups run during (2), while the sharded path's messages are in flight. `last_step_timings`
 reports the seconds spent in Newton-Schulz, in communication and in the rest.
+
+With `cuda_graph` ("auto" or "on") the whole step is captured once as a CUDA graph and replayed
+(`cuda_graph.py`): the same three phases, reading lr and weight decay from device scalars and the gradients
+from static buffers, so an lr schedule still applies and nothing syncs the host.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, REPLICA_SPREAD
 from muon_recipes.optim import dispatch
+from muon_recipes.optim.cuda_graph import CapturedStep, CudaGraphUnavailable, StepScalars, capture_blocker, check_mode, say
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
                                               resolve_dtype)
@@ -53,8 +58,16 @@ def local(t: Tensor) -> Tensor:
 
     Elementwise work (momentum, AdamW, weight decay, the final update) runs on local shards: it needs no
     communication and skips DTensor dispatch overhead. In-place ops on the local shard update the DTensor.
+    Without autograd (the optimizer's step) the shard is read directly: `to_local()` is an autograd function
+    whose call costs about twenty times as much, and a step reads hundreds of shards.
     """
-    return t.to_local() if is_dtensor(t) else t
+    if not is_dtensor(t):
+        return t
+    if not torch.is_grad_enabled():
+        shard = getattr(t, "_local_tensor", None)
+        if shard is not None:
+            return shard
+    return t.to_local()
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -70,6 +83,7 @@ class MatrixUpdate:
     update: Tensor  # local shard (or whole tensor) of the momentum update, param dtype or (fused) ns dtype
     plan: BlockPlan  # of the full (global) shape
     ns: NSSettings
+    group_index: int = 0  # the group's position in param_groups (its slots in `StepScalars`)
 
 
 class _StepTimer:
@@ -121,6 +135,12 @@ class Muon(torch.optim.Optimizer):
     mesh still gets a matrix). `profile` synchronizes CUDA between the phases of a step so `last_step_timings`
     attributes GPU time to Newton-Schulz, communication and the rest (the trainer turns it on for logging
     steps only, since it loses the overlap); without it the timings are host-side.
+
+    `cuda_graph` (auto | on | off): run the whole step as one captured CUDA graph (`cuda_graph.py`) after
+    `cuda_graph.WARMUP_STEPS` eager steps. "auto" does so where it can (every parameter on one CUDA device, no
+    sharding over several ranks) and otherwise says in one line why not and stays eager; "on" raises
+    `CudaGraphUnavailable` at the first step where it cannot. A captured step reports only `total` in
+    `last_step_timings`.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -130,7 +150,8 @@ class Muon(torch.optim.Optimizer):
                  split_sizes: Optional[Sequence[int]] = None, experts: str = "per_expert",
                  adamw_lr: float = ADAMW_LR, adamw_weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 bucket_mb: float = BUCKET_MB, replica_spread: str | bool = "auto", profile: bool = False):
+                 bucket_mb: float = BUCKET_MB, replica_spread: str | bool = "auto", profile: bool = False,
+                 cuda_graph: str = "off"):
         defaults = dict(algorithm="muon", lr=lr, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, ns_steps=ns_steps,
                         ns_schedule=ns_schedule, ns_method=ns_method, ns_dtype=ns_dtype, backend=backend,
@@ -146,6 +167,9 @@ class Muon(torch.optim.Optimizer):
         self.last_step_timings: dict[str, float] = {}
         self.bucket_mb = float(bucket_mb)
         self.replica_spread = replica_spread
+        self.cuda_graph = check_mode(cuda_graph)
+        self._captured: Optional[CapturedStep] = None
+        self._graph_blocked: Optional[str] = None  # why the step stays eager under cuda_graph="auto"
         self._plans: dict[Tensor, tuple] = {}
         self._dist_cache: dict = {}  # process-group maps and the sharded step plan, reused between steps
         super().__init__(params, defaults)
@@ -174,6 +198,15 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("bucket_mb", BUCKET_MB)
         self.__dict__.setdefault("adamw_defaults", dict(lr=ADAMW_LR, weight_decay=0.0))
         self.__dict__.setdefault("replica_spread", "auto")
+        self.__dict__.setdefault("cuda_graph", "off")
+        self.__dict__.setdefault("_captured", None)
+        self.__dict__.setdefault("_graph_blocked", None)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # The loaded state lives in new tensors; a captured graph would go on updating the old ones.
+        if self._captured is not None:
+            self._captured.reset()
 
     # ----------------------------------------------------------------------------------------------------------
     # Step
@@ -186,22 +219,75 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         device = next((p.device for g in self.param_groups for p in g["params"]), None)
         timer = _StepTimer(self.profile, device)
-        items = [item for group in self.param_groups if group["algorithm"] == "muon"
-                 for item in self._momentum(group)]
-        if items:
-            for item, ortho in zip(items, self._orthogonalize(items, timer, overlap=self._adamw_groups)):
-                self._apply(item, ortho)
-        else:
-            self._adamw_groups()
+        if self._graph_applies() and self._run_captured():
+            self.last_step_timings = {"total": timer.finish()["total"]}
+            return loss
+        self._step(timer, None, None)
         self.last_step_timings = timer.finish()
         return loss
 
+    def _step(self, timer: _StepTimer, scalars: Optional[StepScalars], grads: Optional[dict]) -> None:
+        """The three phases. With `scalars` every lr-derived number is read from device tensors and every gradient
+        from `grads` (param -> local gradient): the form a CUDA graph can record (`cuda_graph.py`)."""
+        items = [item for index, group in enumerate(self.param_groups) if group["algorithm"] == "muon"
+                 for item in self._momentum(group, index, grads)]
+        adamw = lambda: self._adamw_groups(scalars, grads)  # noqa: E731
+        if items:
+            for item, ortho in zip(items, self._orthogonalize(items, timer, overlap=adamw)):
+                self._apply(item, ortho, scalars)
+        else:
+            adamw()
+
+    # CUDA graph -----------------------------------------------------------------------------------------------
+    def _graph_applies(self) -> bool:
+        """Whether this step goes through the captured path; decided at the first step, said once when not."""
+        if self.cuda_graph == "off" or self._graph_blocked is not None:
+            return False
+        if self._captured is None:
+            reason = capture_blocker(self)
+            if reason is not None:
+                if self.cuda_graph == "on":
+                    raise CudaGraphUnavailable(f"cuda_graph='on': the optimizer step cannot be captured: {reason} "
+                                               "(use cuda_graph='auto' or 'off')")
+                self._graph_blocked = reason
+                say(f"optimizer: CUDA graph off: {reason}; the step runs eagerly")
+                return False
+            self._captured = CapturedStep(self, strict=self.cuda_graph == "on")
+        return True
+
+    def _run_captured(self) -> bool:
+        """The step through `CapturedStep`; False when it declined (then the caller runs the eager step)."""
+        ran = self._captured.step()
+        if not ran:
+            self._graph_blocked = self._captured.gave_up
+        return ran
+
+    @torch.no_grad()
+    def _step_on_device(self, scalars: StepScalars, grads: dict) -> None:
+        """One step on device scalars and the gradients in `grads` (what `CapturedStep` runs and captures)."""
+        self._step(_StepTimer(False, None), scalars, grads)
+
+    def _declare_scalars(self, scalars: StepScalars) -> None:
+        """Reserve every device scalar the step reads: per group lr, -lr and 1 - lr * wd, and -lr * ratio for each
+        lr ratio of its Muon blocks."""
+        for index, group in enumerate(self.param_groups):
+            for name in ("lr", "neg_lr", "decay"):
+                scalars.declare(index, name)
+            if group["algorithm"] != "muon":
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                _, _, segments = self._plan(p, group)
+                for _, _, ratio in segments or ():
+                    scalars.declare(index, ("alpha", ratio))
+
     # (1) momentum ---------------------------------------------------------------------------------------------
-    def _momentum(self, group: dict) -> list[MatrixUpdate]:
+    def _momentum(self, group: dict, index: int, static_grads: Optional[dict]) -> list[MatrixUpdate]:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return []
-        grads = [local(p.grad) for p in params]
+        grads = [static_grads[p] for p in params] if static_grads is not None else [local(p.grad) for p in params]
         bufs = []
         for p in params:
             state = self.state[p]
@@ -221,7 +307,7 @@ class Muon(torch.optim.Optimizer):
         # check_schedule: coefficients that came back from a state dict as lists become hashable tuples again.
         ns = NSSettings(group["ns_steps"], check_schedule(group["ns_schedule"]), ns_dtype, group["backend"], NS_EPS,
                         group["ns_method"])
-        return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns) for p, u in zip(params, updates)]
+        return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns, index) for p, u in zip(params, updates)]
 
     def _plan(self, p: Tensor, group: dict) -> tuple[BlockPlan, Tensor, Optional[list]]:
         """The block plan of `p`, the lr ratio of each of its local rows, and those ratios as row segments.
@@ -247,7 +333,8 @@ class Muon(torch.optim.Optimizer):
         """Orthogonalized local update of every item; sharded parameters go through `sharded.py`.
 
         `overlap` (the AdamW groups) runs while the sharded path's first messages are in flight."""
-        if any(is_dtensor(item.param) for item in items):
+        # A DTensor on a mesh of one rank (a single-GPU FSDP2 run) holds the whole tensor: no communication.
+        if any(is_dtensor(item.param) and item.param.device_mesh.size() > 1 for item in items):
             from muon_recipes.optim.sharded import orthogonalize_sharded
             return orthogonalize_sharded(items, timer, self._dist_cache, bucket_mb=self.bucket_mb,
                                          replica_spread=self.replica_spread, overlap=overlap)
@@ -258,10 +345,13 @@ class Muon(torch.optim.Optimizer):
         return results
 
     # (3) scale and apply --------------------------------------------------------------------------------------
-    def _apply(self, item: MatrixUpdate, ortho: Tensor) -> None:
+    def _apply(self, item: MatrixUpdate, ortho: Tensor, scalars: Optional[StepScalars] = None) -> None:
         group, p = item.group, local(item.param)
         lr, wd = group["lr"], group["weight_decay"]
         _, scale, segments = self._plan(item.param, group)
+        if scalars is not None:
+            self._apply_on_device(p, ortho, item.group_index, wd, scale, segments, scalars)
+            return
         if segments is not None and len(segments) == 1 and dispatch.scaled_add_on_triton(p, ortho):
             # Decay and update in one vectorized pass (kernels/elementwise.py).
             dispatch.kernels().scaled_add_(p, ortho, alpha=-lr * segments[0][2], decay=1 - lr * wd)
@@ -278,14 +368,40 @@ class Muon(torch.optim.Optimizer):
             else:
                 p[..., start:stop, :].add_(ortho[..., start:stop, :], alpha=-lr * ratio)
 
-    # AdamW ----------------------------------------------------------------------------------------------------
-    def _adamw_groups(self) -> None:
-        for group in self.param_groups:
-            if group["algorithm"] == "adamw":
-                self._adamw(group)
+    @staticmethod
+    def _apply_on_device(p: Tensor, ortho: Tensor, index: int, wd: float, scale: Tensor, segments,
+                         scalars: StepScalars) -> None:
+        """`_apply` with lr-derived numbers read from device scalars: `decay` = 1 - lr wd, `alpha` = -lr ratio (the
+        same float32 values the eager step passes as arguments)."""
+        decay = scalars.slot(index, "decay")
+        if segments is not None and len(segments) == 1 and dispatch.scaled_add_on_triton(p, ortho):
+            dispatch.kernels().scaled_add_(p, ortho, alpha=scalars.slot(index, ("alpha", segments[0][2])),
+                                           decay=decay)
+            return
+        if wd:
+            p.mul_(decay)
+        if segments is None:
+            p.addcmul_(ortho, scale * scalars.slot(index, "neg_lr"))
+            return
+        for start, stop, ratio in segments:
+            alpha = scalars.slot(index, ("alpha", ratio))
+            if start == 0 and stop == p.shape[-2]:
+                p.addcmul_(ortho, alpha)   # p + ortho * (-lr ratio) in float32, as add_ with alpha
+            else:
+                p[..., start:stop, :].addcmul_(ortho[..., start:stop, :], alpha)
 
-    def _adamw(self, group: dict) -> None:
-        """torch.optim.AdamW's multi-tensor update (decoupled weight decay, bias correction), on local shards."""
+    # AdamW ----------------------------------------------------------------------------------------------------
+    def _adamw_groups(self, scalars: Optional[StepScalars] = None, static_grads: Optional[dict] = None) -> None:
+        for index, group in enumerate(self.param_groups):
+            if group["algorithm"] == "adamw":
+                self._adamw(group, index, scalars, static_grads)
+
+    def _adamw(self, group: dict, index: int = 0, scalars: Optional[StepScalars] = None,
+               static_grads: Optional[dict] = None) -> None:
+        """torch.optim.AdamW's multi-tensor update (decoupled weight decay, bias correction), on local shards.
+
+        With `scalars`, lr comes from a device scalar and the bias corrections are computed on the device from the
+        step counters (no `.item()`), as torch's capturable AdamW does."""
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         by_kind: dict[tuple, list[list[Tensor]]] = {}
@@ -298,10 +414,11 @@ class Muon(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if dispatch.fused_adamw(lp) and state["step"].device != lp.device:
+            if (dispatch.fused_adamw(lp) or scalars is not None) and state["step"].device != lp.device:
                 state["step"] = state["step"].to(lp.device)  # the fused kernel reads the step on the device
+            grad = static_grads[p] if static_grads is not None else local(p.grad)
             lists = by_kind.setdefault((lp.device, lp.dtype), [[], [], [], [], []])
-            for lst, t in zip(lists, (lp, local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
+            for lst, t in zip(lists, (lp, grad, local(state["exp_avg"]), local(state["exp_avg_sq"]),
                                       state["step"])):
                 lst.append(t)
         for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
@@ -309,8 +426,13 @@ class Muon(torch.optim.Optimizer):
                 # One pass over the memory instead of the ~8 of the multi-tensor ops below (same math: decoupled
                 # decay, bias correction); `dispatch.fused_adamw` says when.
                 torch._foreach_add_(steps, 1)
-                torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr,
+                torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                                    lr=lr if scalars is None else scalars.slot(index, "lr"),
                                     beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=False)
+                continue
+            if scalars is not None:
+                _adamw_on_device(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, wd, eps,
+                                 scalars.slot(index, "neg_lr"), scalars.slot(index, "decay"))
                 continue
             torch._foreach_add_(steps, 1)
             if wd:
@@ -325,6 +447,37 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_div_(denom, bias_correction2_sqrt)
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _adamw_on_device(params, grads, exp_avgs, exp_avg_sqs, steps, beta1: float, beta2: float, wd: float,
+                     eps: float, neg_lr: Tensor, decay: Tensor) -> None:
+    """AdamW's multi-tensor update with lr and the bias corrections as device tensors (capturable, no host sync):
+
+        p <- decay p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    the same formula as the float form in `Muon._adamw`, rounded differently in the last bits (the step size is
+    a float32 tensor product instead of a Python double)."""
+    torch._foreach_add_(steps, 1)
+    if wd:
+        torch._foreach_mul_(params, decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    bias_correction1 = torch._foreach_pow(beta1, steps)   # beta1^t, then 1 - beta1^t
+    torch._foreach_neg_(bias_correction1)
+    torch._foreach_add_(bias_correction1, 1)
+    step_sizes = torch._foreach_reciprocal(bias_correction1)
+    torch._foreach_mul_(step_sizes, neg_lr)                # -lr / (1 - beta1^t)
+    bias_correction2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias_correction2_sqrt)
+    torch._foreach_add_(bias_correction2_sqrt, 1)
+    torch._foreach_sqrt_(bias_correction2_sqrt)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_add_(params, updates)
 
 
 def _row_segments(scale: Tensor) -> Optional[list[tuple[int, int, float]]]:

@@ -88,7 +88,9 @@ def build_param_groups(model: nn.Module, optim_cfg: Any,
 def build_optimizer(model: nn.Module, optim_cfg: Any, **options: Any) -> Muon:
     """The run's optimizer: `Muon` over `build_param_groups(model, optim_cfg)`, whose groups already carry every
     hyperparameter of the config, so none is passed again as a constructor default. `options` are the
-    optimizer-wide arguments no group carries (`bucket_mb`, `replica_spread`, `profile`)."""
+    optimizer-wide arguments no group carries (`bucket_mb`, `replica_spread`, `profile`, `cuda_graph`); the
+    config's `cuda_graph` is the default of the last."""
+    options.setdefault("cuda_graph", getattr(optim_cfg, "cuda_graph", "off"))
     return Muon(build_param_groups(model, optim_cfg), **options)
 
 

@@ -112,6 +112,9 @@ def prepare(cfg: Any) -> tuple[RunConfig, str, int, int]:
     if device_type == "cuda" and int(os.environ.get("LOCAL_RANK", "0")) >= torch.cuda.device_count():
         raise ConfigError("device", rc.device, f"LOCAL_RANK {os.environ.get('LOCAL_RANK')} but only "
                           f"{torch.cuda.device_count()} CUDA devices are visible")
+    if rc.optim.cuda_graph == "on" and device_type != "cuda":
+        raise ConfigError("optim.cuda_graph", "on", f"CUDA graphs need a CUDA device, this run is on {device_type}; "
+                          "use auto or off")
     check_fits_in_memory(rc, device_type, world_size_from_env())
     _check_wandb_login(rc)
     return rc, device_type, replicate, shard

@@ -212,9 +212,11 @@ def _measure_scaled_add(X, generator):
     update = torch.randn(X.shape, generator=generator).to(X.dtype)
     exact = 0.999 * weight.double() - 0.02 * update.double()
     ours = scaled_add_(weight.clone(), update, alpha=-0.02, decay=0.999)
+    # The captured step's form: alpha and decay read from float32 tensors, the same float32 values.
+    from_memory = scaled_add_(weight.clone(), update, alpha=torch.tensor(-0.02), decay=torch.tensor(0.999))
     return {"ours": _relative_error(ours, exact),
             "torch": _relative_error(weight.clone().mul_(0.999).add_(update, alpha=-0.02), exact),
-            "dtype_kept": ours.dtype == torch.float32}
+            "dtype_kept": ours.dtype == torch.float32, "scalars_from_memory_equal": torch.equal(from_memory, ours)}
 
 
 def _measure_transpose(X, generator):
@@ -284,7 +286,8 @@ def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name
     # product instead of one per operation usually makes it better).
     assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
     for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected",
-                 "buffer_float32_exact", "heavy_ball_is_buffer", "out_dtype_rounds_once"):
+                 "buffer_float32_exact", "heavy_ball_is_buffer", "out_dtype_rounds_once",
+                 "scalars_from_memory_equal"):
         if flag in result:
             assert result[flag], f"{kernel}: {flag} is False"
 

@@ -169,7 +169,11 @@ ELEMENTWISE = {
                             dict(NESTEROV=False, BLOCK=elementwise._BLOCK), 0),
     "scaled_add": (elementwise._scaled_add_kernel,
                    dict(w_ptr=FP32, o_ptr=BF16, numel=NUMEL, decay=0.999, alpha=-0.02),
-                   dict(BLOCK=elementwise._BLOCK), 0),
+                   dict(BLOCK=elementwise._BLOCK, SCALARS_IN_MEMORY=False), 0),
+    # the captured step's form: decay and alpha read from memory, two scalar loads per program
+    "scaled_add-scalars-in-memory": (elementwise._scaled_add_kernel,
+                                     dict(w_ptr=FP32, o_ptr=BF16, numel=NUMEL, decay=FP32, alpha=FP32),
+                                     dict(BLOCK=elementwise._BLOCK, SCALARS_IN_MEMORY=True), 2),
     # one scalar load per program: the matrix's divisor
     "divide-to-fp16": (normalize._divide_kernel, dict(x_ptr=BF16, d_ptr=FP32, out_ptr=FP16, per_matrix=NUMEL),
                        dict(BLOCK=normalize._BLOCK), 1),

@@ -21,7 +21,8 @@ Applying the orthogonalized update O (bf16) to a float32 weight W with decoupled
 torch's `W.add_(O, alpha=...)` with W float32 and O bf16 is a mixed-dtype add, which runs on torch's
 unrolled, unvectorized elementwise kernel (docs/benchmarks.md, "The Gram form of Newton-Schulz and a
 one-pass momentum"), plus a separate `mul_` pass when wd > 0. `scaled_add_` reads W and O once and writes W
-once, vectorized.
+once, vectorized. `decay` and `alpha` may also be 0-d float32 tensors on the weight's device, read by the kernel
+from memory: the form a captured CUDA graph replays with a new lr each step (`muon_recipes.optim.cuda_graph`).
 """
 
 from __future__ import annotations
@@ -75,19 +76,34 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
 
 
 @triton.jit
-def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+                       SCALARS_IN_MEMORY: tl.constexpr):
+    if SCALARS_IN_MEMORY:   # decay and alpha are pointers to float32 scalars
+        decay_value = tl.load(decay)
+        alpha_value = tl.load(alpha)
+    else:
+        decay_value = decay
+        alpha_value = alpha
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < numel
     w = tl.load(w_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     o = tl.load(o_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    tl.store(w_ptr + offsets, round_to_output(w * decay + alpha * o, w_ptr, INTERPRETED), mask=inside)
+    tl.store(w_ptr + offsets, round_to_output(w * decay_value + alpha_value * o, w_ptr, INTERPRETED), mask=inside)
 
 
 _launch_scaled_add = FastLaunch(_scaled_add_kernel)
 
 
-def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float, decay: float = 1.0) -> torch.Tensor:
-    """w <- decay * w + alpha * o in place, in float32 arithmetic, one rounding to w's dtype."""
+def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float | torch.Tensor,
+                decay: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """w <- decay * w + alpha * o in place, in float32 arithmetic, one rounding to w's dtype. `alpha` and `decay`
+    are both numbers or both 0-d float32 tensors on w's device (read when the kernel runs)."""
+    in_memory = isinstance(alpha, torch.Tensor)
+    if in_memory != isinstance(decay, torch.Tensor):
+        raise ValueError("scaled_add_: alpha and decay must both be numbers or both be tensors")
+    if in_memory and not all(t.numel() == 1 and t.dtype == torch.float32 and t.device == w.device
+                             for t in (alpha, decay)):
+        raise ValueError(f"scaled_add_: tensor alpha and decay must be single float32 values on {w.device}")
     if not scaled_add_applies(w, o):
         raise ValueError(f"scaled_add_: w {w.dtype} {tuple(w.shape)} on {w.device} and o {o.dtype} "
                          f"{tuple(o.shape)} on {o.device} must be contiguous float tensors of one shape on one "
@@ -95,6 +111,6 @@ def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float, decay: float = 1
     numel = w.numel()
     if numel:
         _launch_scaled_add(lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
-                           (w, o, numel, float(decay), float(alpha)),
-                           {"BLOCK": _BLOCK, "INTERPRETED": interpreting()})
+                           (w, o, numel, decay if in_memory else float(decay), alpha if in_memory else float(alpha)),
+                           {"BLOCK": _BLOCK, "INTERPRETED": interpreting(), "SCALARS_IN_MEMORY": in_memory})
     return w
