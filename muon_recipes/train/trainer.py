@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
+from torch.profiler import record_function
 
 from muon_recipes.config import RunConfig
 from muon_recipes.train.schedules import lr_multiplier
@@ -160,9 +161,10 @@ class Trainer:
         counts = self.model.expert_load_counts()
         if not counts:
             return None
-        # Every rank must apply the same bias update (biases are replicated buffers): sum the loads first.
-        stacked = all_reduce_sum(torch.stack([c.float() for c in counts]))
-        self.model.update_router_biases(list(stacked.unbind(0)))
+        with record_function("trainer.router_bias_update"):
+            # Every rank must apply the same bias update (biases are replicated buffers): sum the loads first.
+            stacked = all_reduce_sum(torch.stack([c.float() for c in counts]))
+            self.model.update_router_biases(list(stacked.unbind(0)))
         return stacked
 
     def train_step(self, profile: bool) -> dict:
@@ -182,7 +184,8 @@ class Trainer:
             ((loss + aux) / t.grad_accum).backward()
             loss_sum += loss.detach()
             aux_sum += aux.detach()
-        grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
+        with record_function("trainer.grad_norm"):  # named ranges: a profile attributes their kernels (profiling.py)
+            grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
         forward_backward_s = watch.lap()
         loss_mean, bytes_mean = self._mean_over_ranks(loss_sum / t.grad_accum, target_bytes)
         finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
@@ -196,12 +199,13 @@ class Trainer:
         self.skipped_in_a_row = 0
         if hasattr(self.optimizer, "profile"):
             self.optimizer.profile = profile
-        if self.first_optimizer_step:
-            self._first_optimizer_step()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with record_function("trainer.optimizer_step"):
+            if self.first_optimizer_step:
+                self._first_optimizer_step()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         loads = self._update_router_biases()
         optim_s = watch.lap()
         metrics = {"loss": float(loss_mean), "lr": lr, "grad_norm": float(grad_norm),
