@@ -5,7 +5,7 @@
 # Stages, in order of importance, each a separate process under `timeout`; the whole script stops starting stages
 # when BUDGET seconds (default 290) are spent, and a stage that did not finish is a row of dashes in the table:
 #   tests        the MoE GPU tests (bf16 grouped GEMM against the per-expert loop and float64, no host sync in a
-#                training step of the layer, fp32 weights under autocast): pytest -m gpu tests/models/test_moe.py
+#                training step of the layer, fp32 weights under autocast; the compiled loss against float64)
 #   small-adamw  the trainer, SMALL (moe_small) at its recipe (compile, bf16, 32 x 1024 micro-batch), AdamW
 #   medium       the trainer, MEDIUM (moe_medium) at its recipe, AdamW
 #   dense        the trainer, DENSE (dense_medium: as many active parameters, the same recipe), AdamW
@@ -43,7 +43,7 @@ stage() {  # name, most seconds, command...: runs it with what is left of the bu
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   local code=$?
   echo "$name: exit $code in $(( $(date +%s) - start )) s (limit $limit s)$([ $code -eq 124 ] && echo ', timed out')"
-  grep -E "^(recipe|optimizer:)|passed|failed|rror" "$out/$name.log" | grep -v "^ " | cut -c1-300 | tail -5
+  grep -E "^(recipe|optimizer:)|passed|failed|skipped|rror" "$out/$name.log" | grep -v "^ " | cut -c1-300 | tail -5
 }
 
 train() {  # stage name, most seconds, overrides...
@@ -52,7 +52,7 @@ train() {  # stage name, most seconds, overrides...
   stage "$name" "$most" python train.py $common "$@" $extra run_dir="$work/runs/$name"
 }
 
-stage tests 90 python -m pytest -q -m gpu tests/models/test_moe.py -p no:cacheprovider
+stage tests 90 python -m pytest -q -m gpu tests/models/test_moe.py tests/train/test_loss.py -p no:cacheprovider
 train small-adamw 90 model=$small optim=adamw train.steps=$steps_small train.log_every=5
 train medium 100 model=$medium optim=adamw train.steps=$steps_medium train.log_every=2
 train dense 80 model=$dense optim=adamw train.steps=$steps_medium train.log_every=2

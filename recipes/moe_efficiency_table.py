@@ -64,7 +64,7 @@ def table(small: list, medium: Optional[Path], dense: Optional[Path]) -> str:
             lines.append(f"| {label} | — | — | — | — | — | — | not run or not finished |")
             return None
         lines.append(f"| {label} | {r['model']} | {r['optim']} | {r['tokens_per_step']:,} | "
-                     f"{r['active_params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {_mfu(r['mfu'])} | {target} |")
+                     f"{r['active_params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {_mfu(r['mfu'])} | {target} |")
         return r
 
     for run_dir in small:

@@ -45,7 +45,7 @@ RULES = (
                                               r"bincount|repeat_interleave|take|permuterows|dispatchrows"),
     ("elementwise/norm", r"elementwise|triton_(poi|red|per)_|reduce|norm|rsqrt|mul|add|sub|div|silu|copy|"
                          r"fill|zero|cat|pow|mean|sum|exp|where|clone|foreach|embedding|neg|sqrt|clamp|ones|"
-                         r"empty|unrolled|vectorized|to_copy|_to"),
+                         r"unrolled|vectorized|to_copy|_to"),
 )
 _COMPILED_RULES = [(category, re.compile(pattern)) for category, pattern in RULES]
 
