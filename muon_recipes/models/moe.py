@@ -21,8 +21,8 @@ Tokens are sorted by expert so each expert sees one contiguous slice; the expert
 weights are 3-D parameters `[n_experts, out, in]` so that the optimizer sees `n_experts` matrices per tensor.
 
 The step does no host synchronization and has no data-dependent shape (torchtitan's MoE, MegaBlocks' dropless
-layout): the per-expert counts are a scatter-add, one stable argsort orders the `N*k` assignments by expert, the
-`grouped_mm` group ends are the counts' cumulative sum on the device, and the permutation to expert order and back
+layout): one stable sort orders the `N*k` assignments by expert, the per-expert counts are the run lengths of the
+sorted ids (a binary search), the `grouped_mm` group ends are the counts' cumulative sum on the device, and the permutation to expert order and back
 is a row gather whose backward is again a gather through the inverse permutation (no atomics, deterministic). The
 combine is the gate-weighted sum over the `k` slots of each token. Everything from the router to the combine
 therefore compiles as one graph per block (`torch.compile(fullgraph=True)`, tested). The routed and the shared
@@ -365,9 +365,11 @@ class MoE(nn.Module):
         scores, experts, gates = self.router(x)
 
         flat_experts = experts.reshape(-1)  # assignment j = token j // k, slot j % k
-        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))  # bincount without a host sync
-        order = torch.argsort(flat_experts, stable=True)  # sorted position -> assignment
+        sorted_experts, order = torch.sort(flat_experts, stable=True)  # order: sorted position -> assignment
+        # counts[e]: the length of expert e's run in the sorted ids, from a binary search for the run ends; a
+        # bincount without a host sync and without the atomics of a scatter-add onto E counters.
+        ends = torch.searchsorted(sorted_experts, torch.arange(self.n_experts, device=x.device), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         x_sorted = _DispatchRows.apply(x, order, inverse, k)
         if self.experts.expert_parallel is None:
