@@ -24,7 +24,6 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 work=${WORK:-outputs/moe_efficiency}
 export MUON_RECIPES_CACHE=${MUON_RECIPES_CACHE:-$work/data-cache}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$work/triton-cache} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$work/inductor-cache}
 small=${SMALL:-moe_small} medium=${MEDIUM:-moe_medium} dense=${DENSE:-dense_medium}
 steps_small=${STEPS_SMALL:-30} steps_medium=${STEPS_MEDIUM:-8}
 extra=${EXTRA:-}

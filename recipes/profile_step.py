@@ -143,8 +143,8 @@ def header(report: dict) -> str:
              f"`python recipes/profile_step.py {' '.join(report['overrides'])}` (torch {report['torch']}, "
              f"{report['date']}, mesh {report['mesh']}, compile {report['compile']})", "",
              f"{report['tokens_per_step']:,} tokens/step ({report['grad_accum']} x {report['batch_size']} x "
-             f"{report['seq_len']}), {report['params_total'] / 1e6:.1f}M parameters, {report['params_active'] / 1e6:.1f}M "
-             f"active; timed over {report['timed_steps']} steps after {report['warmup_steps']} warm-up steps: "
+             f"{report['seq_len']}), {report['params_total'] / 1e6:.1f}M parameters, "
+             f"{report['params_active'] / 1e6:.1f}M active; timed over {report['timed_steps']} steps after {report['warmup_steps']} warm-up steps: "
              f"{report['step_s'] * 1000:.1f} ms/step, {report['tokens_per_s']:,.0f} tokens/s, MFU {mfu}", ""]
     if report["device"] != "cpu":
         places = report["sync_locations"]

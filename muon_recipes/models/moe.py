@@ -22,11 +22,12 @@ weights are 3-D parameters `[n_experts, out, in]` so that the optimizer sees `n_
 
 The step does no host synchronization and has no data-dependent shape (torchtitan's MoE, MegaBlocks' dropless
 layout): one stable sort orders the `N*k` assignments by expert, the per-expert counts are the run lengths of the
-sorted ids (a binary search), the `grouped_mm` group ends are the counts' cumulative sum on the device, and the permutation to expert order and back
-is a row gather whose backward is again a gather through the inverse permutation (no atomics, deterministic). The
-combine is the gate-weighted sum over the `k` slots of each token. Everything from the router to the combine
-therefore compiles as one graph per block (`torch.compile(fullgraph=True)`, tested). The routed and the shared
-experts read the same input and do not depend on each other.
+sorted ids (a binary search), the `grouped_mm` group ends are the counts' cumulative sum on the device, and the
+permutation to expert order and back is a row gather whose backward is again a gather through the inverse
+permutation (no atomics, deterministic). The combine is the gate-weighted sum over the `k` slots of each token.
+Everything from the router to the combine therefore compiles as one graph per block
+(`torch.compile(fullgraph=True)`, tested). The routed and the shared experts read the same input and do not depend
+on each other.
 
 Shared experts (DeepSeekMoE, arXiv:2401.06066) process every token; `n_shared_experts` of them of width
 `expert_ffn_dim` are one SwiGLU MLP of width `n_shared_experts * expert_ffn_dim`, which is the same function.

@@ -148,9 +148,9 @@ def format_markdown(profile: StepProfile, top: int = 25, step_wall_s: Optional[f
     """The category table, then the `top` kernels, as markdown. With the step's wall time, the device's busy share
     of it (kernel time over wall time: the rest is the device waiting for the host)."""
     if profile.device == "cuda":
-        lines = [f"GPU kernel time per step: {_ms(profile.total_us)} ms"
-                 + (f" of a {step_wall_s * 1000:.2f} ms step (GPU busy {100 * profile.total_us / 1e6 / step_wall_s:.0f}%)"
-                    if step_wall_s else ""), ""]
+        busy = (f" of a {step_wall_s * 1000:.2f} ms step (GPU busy {100 * profile.total_us / 1e6 / step_wall_s:.0f}%)"
+                if step_wall_s else "")
+        lines = [f"GPU kernel time per step: {_ms(profile.total_us)} ms{busy}", ""]
     else:  # the main and the autograd thread: their self times can add up to more than the wall time
         lines = [f"CPU operator self time per step: {_ms(profile.total_us)} ms (all threads)", ""]
     if profile.host_syncs is not None:

@@ -263,20 +263,24 @@ def test_moe_block_compiles_as_one_graph_and_equals_eager(compiler):
 @pytest.mark.parametrize("fused", [True, False])
 def test_moe_in_bf16_on_gpu_is_as_close_to_float64_as_the_loop(fused):
     """The grouped GEMM path in bf16 against the per-expert loop in float64 (same weights): its relative error is
-    that of bf16 arithmetic, no larger than twice the bf16 loop's own error."""
+    that of bf16 arithmetic, no larger than twice the bf16 loop's own error. Measured on the tokens whose experts
+    bf16 routing chooses as float64 does (a near tie can flip a choice; both bf16 paths share the router)."""
     moe = make_moe(fused=fused, dtype=torch.float64, n_experts=8, dim=128, hidden=256, shared=1).cuda()
     x = torch.randn(8, 256, 128, device="cuda", dtype=torch.float64)
+    if not grouped_mm_supported(x.bfloat16(), 128, 256):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
     moe.experts.backend = "loop"
     with torch.no_grad():
-        reference = moe(x)[0]
-        moe_bf16 = moe.to(torch.bfloat16)
-        if not grouped_mm_supported(x.bfloat16(), 128, 256):
-            pytest.skip("torch._grouped_mm is not available for this GPU")
+        reference = moe(x)[0].reshape(-1, 128)
+        chosen = moe.router(x.reshape(-1, 128))[1].sort(-1).values
+        moe.to(torch.bfloat16)
+        same = (moe.router(x.bfloat16().reshape(-1, 128))[1].sort(-1).values == chosen).all(-1)
+        assert same.float().mean() > 0.5, same.float().mean()
         errors = {}
         for backend in ("grouped_mm", "loop"):
-            moe_bf16.experts.backend = backend
-            out = moe_bf16(x.bfloat16())[0].double()
-            errors[backend] = ((out - reference).norm() / reference.norm()).item()
+            moe.experts.backend = backend
+            out = moe(x.bfloat16())[0].reshape(-1, 128).double()
+            errors[backend] = ((out - reference)[same].norm() / reference[same].norm()).item()
     assert errors["grouped_mm"] < 2 * errors["loop"] + 1e-3, errors
     assert errors["grouped_mm"] < 2e-2, errors
 
