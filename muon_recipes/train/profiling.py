@@ -79,7 +79,7 @@ class StepProfile:
     steps: int
     total_us: float
     categories: dict = field(default_factory=dict)  # category -> us per step, every CATEGORIES key
-    kernels: list = field(default_factory=list)  # KernelRow per distinct name (and phase on CPU), largest first
+    kernels: list = field(default_factory=list)  # KernelRow per distinct (name, trainer phase), largest first
     host_syncs: Optional[int] = None  # blocking runtime calls per step (GPU); None on CPU
     device_to_host_copies: Optional[int] = None
 
@@ -109,15 +109,16 @@ def summarize(events: Iterable, device: str, steps: int = 1) -> StepProfile:
     if device == "cuda":
         launchers = {e.id: e for e in cpu_events if getattr(e, "linked_correlation_id", 0) == 0}
         for e in events:
-            if e.device_type != DeviceType.CUDA:
+            # Device-side copies of record_function ranges (gpu_user_annotation) span kernels counted on their own.
+            if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
                 continue
-            launcher = launchers.get(getattr(e, "linked_correlation_id", 0))
-            name = e.name
-            category_of.setdefault(name, categorize(name, _phase(launcher)))
-            totals[name] += e.time_range.end - e.time_range.start
-            calls[name] += 1
+            key = (e.name, _phase(launchers.get(getattr(e, "linked_correlation_id", 0))))
+            category_of.setdefault(key, categorize(*key))
+            totals[key] += e.time_range.end - e.time_range.start
+            calls[key] += 1
         syncs = sum(1 for e in cpu_events if e.name in SYNC_CALLS)
-        copies = sum(1 for e in events if e.device_type == DeviceType.CUDA and "DtoH" in e.name)
+        copies = sum(1 for e in events if e.device_type == DeviceType.CUDA and "DtoH" in e.name
+                     and not getattr(e, "is_user_annotation", False))
     else:
         for e in cpu_events:
             if e.is_async or e.name.startswith("ProfilerStep"):
@@ -132,8 +133,7 @@ def summarize(events: Iterable, device: str, steps: int = 1) -> StepProfile:
     for key, total in totals.items():
         category = category_of[key]
         by_category[category] += total / steps
-        name = key if isinstance(key, str) else key[0]
-        rows.append(KernelRow(name=name, category=category, calls=calls[key] / steps, total_us=total / steps))
+        rows.append(KernelRow(name=key[0], category=category, calls=calls[key] / steps, total_us=total / steps))
     rows.sort(key=lambda r: -r.total_us)
     return StepProfile(device=device, steps=steps, total_us=sum(by_category.values()), categories=by_category,
                        kernels=rows, host_syncs=None if syncs is None else syncs // max(steps, 1),

@@ -91,3 +91,42 @@ def test_gpu_kernel_names_fall_in_their_category(name, category):
 def test_the_optimizer_phase_takes_its_kernels_but_not_its_communication():
     assert categorize("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT", "optimizer") == "optimizer"
     assert categorize("ncclDevKernel_AllGather_RING_LL", "optimizer") == "communication"
+
+
+def test_a_gpu_trace_is_summarized_by_launching_phase_without_annotations():
+    """The GPU branch of `summarize` on a trace as kineto hands it over: CPU ops (an optimizer range with a GEMM
+    launched inside, a model GEMM outside), their device kernels linked by correlation id, a device-side copy of a
+    record_function range (to be skipped, it spans kernels counted on their own) and a blocking sync with its copy."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from muon_recipes.train.profiling import summarize
+
+    def cpu(id_, name, start, end, parent=None):
+        event = FunctionEvent(id_, name, thread=1, start_us=start, end_us=end)
+        if parent is not None:
+            event.set_cpu_parent(parent)
+            parent.append_cpu_child(event)
+        return event
+
+    def gpu(name, launcher, start, end, annotation=False):
+        return FunctionEvent(100 + start, name, thread=7, start_us=start, end_us=end, device_type=DeviceType.CUDA,
+                             linked_correlation_id=launcher.id if launcher else 0, is_user_annotation=annotation)
+
+    gemm = "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT"
+    step = cpu(1, "trainer.optimizer_step", 0, 100)
+    muon = cpu(2, "Optimizer.step#Muon.step", 1, 99, parent=step)
+    ns_mm = cpu(3, "aten::mm", 2, 3, parent=muon)
+    model_mm = cpu(4, "aten::mm", 200, 201)
+    item = cpu(5, "aten::item", 300, 301)
+    events = [step, muon, ns_mm, model_mm, item, cpu(6, "cudaStreamSynchronize", 300, 301),
+              gpu(gemm, ns_mm, 10, 40), gpu(gemm, model_mm, 210, 260), gpu("trainer.optimizer_step", None, 0, 100,
+                                                                          annotation=True),
+              gpu("Memcpy DtoH (Device -> Pinned)", item, 300, 302),
+              gpu("triton_poi_fused_index_select_mul_sum_3", None, 270, 280)]
+    profile = summarize(events, "cuda", steps=1)
+    assert profile.categories["optimizer"] == 30 and profile.categories["matmul/grouped_mm"] == 50
+    assert profile.categories["permutation/index/scatter/gather/sort"] == 10
+    assert profile.categories["other"] == 2 and profile.total_us == 92  # the annotation's 100 us are not counted
+    assert (profile.host_syncs, profile.device_to_host_copies) == (1, 1)
+    assert [(k.name, k.category) for k in profile.kernels[:2]] == [(gemm, "matmul/grouped_mm"), (gemm, "optimizer")]
