@@ -3,7 +3,7 @@
 # Usage: bash recipes/bench_moe_efficiency.sh OUT_DIR
 #
 # Stages, in order of importance, each a separate process under `timeout`; the whole script stops starting stages
-# when BUDGET seconds (default 290) are spent, and a stage that did not finish is a row of dashes in the table:
+# when BUDGET seconds (default 280) are spent, and a stage that did not finish is a row of dashes in the table:
 #   tests        the MoE GPU tests (bf16 grouped GEMM against the per-expert loop and float64, no host sync in a
 #                training step of the layer, fp32 weights under autocast; the compiled loss against float64)
 #   small-adamw  the trainer, SMALL (moe_small) at its recipe (compile, bf16, 32 x 1024 micro-batch), AdamW
@@ -16,7 +16,7 @@
 # AdamW keeps the optimizer out of the MoE-vs-dense comparison. Every run reads the standard library through the
 # byte tokenizer (data.scope=stdlib data.tokenizer=byte: no BPE fitting; the models keep their 32k vocabulary, so
 # the work per token is the recipe's). Knobs: SMALL, MEDIUM, DENSE (model names), STEPS_SMALL (30), STEPS_MEDIUM (8),
-# BUDGET, WORK (run directories and caches, default outputs/moe_efficiency), EXTRA (overrides added to every run:
+# BUDGET, WORK (run directories and the data cache, default outputs/moe_efficiency), EXTRA (overrides added to every run:
 # the CPU dry run in tests/recipes/test_bench_moe_efficiency.py).
 set -u
 out=${1:-moe_efficiency_out}
@@ -27,7 +27,7 @@ export MUON_RECIPES_CACHE=${MUON_RECIPES_CACHE:-$work/data-cache}
 small=${SMALL:-moe_small} medium=${MEDIUM:-moe_medium} dense=${DENSE:-dense_medium}
 steps_small=${STEPS_SMALL:-30} steps_medium=${STEPS_MEDIUM:-8}
 extra=${EXTRA:-}
-deadline=$(( $(date +%s) + ${BUDGET:-290} ))
+deadline=$(( $(date +%s) + ${BUDGET:-280} ))
 common="logging.wandb.mode=disabled logging.progress=false data.scope=stdlib data.tokenizer=byte train.eval_every=0"
 
 stage() {  # name, most seconds, command...: runs it with what is left of the budget, at most the given seconds
@@ -35,11 +35,11 @@ stage() {  # name, most seconds, command...: runs it with what is left of the bu
   local limit=$(( deadline - $(date +%s) ))
   [ "$limit" -gt "$most" ] && limit=$most
   if [ "$limit" -lt 10 ]; then
-    echo "$name: not run (budget of ${BUDGET:-290} s spent)"
+    echo "$name: not run (budget of ${BUDGET:-280} s spent)"
     return
   fi
   local start=$(date +%s)
-  timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
   local code=$?
   echo "$name: exit $code in $(( $(date +%s) - start )) s (limit $limit s)$([ $code -eq 124 ] && echo ', timed out')"
   grep -E "^(recipe|optimizer:)|passed|failed|skipped|rror" "$out/$name.log" | grep -v "^ " | cut -c1-300 | tail -5
@@ -57,7 +57,7 @@ train medium 100 model=$medium optim=adamw train.steps=$steps_medium train.log_e
 train dense 80 model=$dense optim=adamw train.steps=$steps_medium train.log_every=2
 stage profile 60 python recipes/profile_step.py model=$small optim=adamw $common $extra --warmup 3 --steps 5 \
   --markdown "$out/moe_profile.md" --json "$out/moe_profile.json"
-train small-muon 100 model=$small optim=muon_split train.steps=$steps_small train.log_every=5
+train small-muon 110 model=$small optim=muon_split train.steps=$steps_small train.log_every=5
 
 echo
 python recipes/moe_efficiency_table.py --small "$work/runs/small-adamw" "$work/runs/small-muon" \
