@@ -93,8 +93,8 @@ def profile(overrides: list, warmup: int, steps: int, profile_steps: int) -> tup
     try:
         model, optimizer = build_model_and_optimizer(rc, ctx)
         batches = RandomBatches(rc.model.vocab_size, rc.train.batch_size, rc.train.seq_len, rc.seed)
-        trainer = Trainer(rc, ctx, tempfile.mkdtemp(prefix="profile_step-"), model, optimizer, None, batches,
-                          None, None)
+        # No run directory: nothing is logged or saved (no loggers, no checkpointer).
+        trainer = Trainer(rc, ctx, tempfile.gettempdir(), model, optimizer, None, batches, None, None)
         start = time.perf_counter()
         for _ in range(warmup):
             trainer.train_step(profile=False)
