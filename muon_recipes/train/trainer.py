@@ -12,6 +12,7 @@ LR schedule moves (`train.nonfinite`).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
@@ -198,14 +199,18 @@ class Trainer:
         with record_function("trainer.grad_norm"):  # named ranges: a profile attributes their kernels (profiling.py)
             grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
         forward_backward_s = watch.lap()
-        loss_mean, bytes_mean = self._mean_over_ranks(loss_sum / t.grad_accum, target_bytes)
-        finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
+        # One collective and one device-to-host transfer per step, before the optimizer: what the host needs to
+        # skip a non-finite step and what it logs. Nothing after the optimizer waits for the device, so its
+        # kernels run while the host prepares the next step.
+        means = all_reduce_mean(torch.stack([loss_sum / t.grad_accum, aux_sum / t.grad_accum,
+                                             torch.tensor(float(target_bytes), device=self.ctx.device)]))
+        loss_mean, aux_mean, bytes_mean, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()
         lr = self.optimizer.param_groups[0]["lr"]
-        if not finite:
+        if not (math.isfinite(loss_mean) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             for moe in getattr(self.model, "moe_layers", lambda: ())():
                 moe.load_counts.zero_()  # the dropped step's expert loads must not steer the router biases
-            self._on_nonfinite(float(loss_mean), float(grad_norm))
+            self._on_nonfinite(loss_mean, grad_norm)
             return {"skipped": True}
         self.skipped_in_a_row = 0
         if hasattr(self.optimizer, "profile"):
@@ -219,13 +224,13 @@ class Trainer:
             self.scheduler.step()
         loads = self._update_router_biases()
         optim_s = watch.lap()
-        metrics = {"loss": float(loss_mean), "lr": lr, "grad_norm": float(grad_norm),
+        metrics = {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
                    "forward_backward_s": forward_backward_s, "optim_time_s": optim_s}
-        bpb = bits_per_byte(float(loss_mean), t.grad_accum * t.batch_size * t.seq_len, bytes_mean)
+        bpb = bits_per_byte(loss_mean, t.grad_accum * t.batch_size * t.seq_len, bytes_mean)
         if bpb is not None:
             metrics["bpb"] = bpb
         if cfg.model.n_experts:
-            metrics["aux_loss"] = float(all_reduce_mean(aux_sum / t.grad_accum))
+            metrics["aux_loss"] = aux_mean
         timings = getattr(self.optimizer, "last_step_timings", None)
         if profile and timings:
             for k, v in timings.items():
