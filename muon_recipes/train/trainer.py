@@ -202,8 +202,10 @@ class Trainer:
         # One collective and one device-to-host transfer per step, before the optimizer: what the host needs to
         # skip a non-finite step and what it logs. Nothing after the optimizer waits for the device, so its
         # kernels run while the host prepares the next step.
+        # (`torch.full`: the byte count travels as a kernel argument; `torch.tensor(..., device=)` would be a
+        # blocking copy that waits for the backward on its own.)
         means = all_reduce_mean(torch.stack([loss_sum / t.grad_accum, aux_sum / t.grad_accum,
-                                             torch.tensor(float(target_bytes), device=self.ctx.device)]))
+                                             torch.full((), float(target_bytes), device=self.ctx.device)]))
         loss_mean, aux_mean, bytes_mean, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()
         lr = self.optimizer.param_groups[0]["lr"]
         if not (math.isfinite(loss_mean) and math.isfinite(grad_norm)):
