@@ -86,7 +86,14 @@ def grouped_mm_supported(x: torch.Tensor, dim: int, hidden: int) -> bool:
         return False
     if dim % 8 or hidden % 8:
         return False
-    return torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return _hopper_or_newer(x.device)
+
+
+@torch.compiler.assume_constant_result
+def _hopper_or_newer(device: torch.device) -> bool:
+    """Compute capability >= 9.0. Marked constant: inside a compiled block, dynamo calls it once while tracing
+    instead of tracing `torch.cuda.get_device_capability`, which it cannot fold (a graph break per MoE layer)."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class Router(nn.Module):

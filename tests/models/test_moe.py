@@ -323,3 +323,28 @@ def test_fp32_weights_under_autocast_take_the_grouped_gemm():
         moe.experts.backend = "auto"
         automatic = moe(x)[0]
     assert automatic.dtype == torch.bfloat16 and torch.equal(automatic, forced)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_block_compiles_as_one_graph_on_gpu_with_the_automatic_backend():
+    """On the GPU the block chooses the grouped GEMM itself (`backend="auto"`: dtype, alignment and the device's
+    compute capability checked while tracing) and still compiles as one graph, forward and backward, equal to
+    eager (bf16, the same kernels: close to bf16 rounding)."""
+    block, (cos, sin) = moe_block()
+    block = block.cuda().bfloat16()
+    block.feed_forward.router.expert_bias.data = block.feed_forward.router.expert_bias.float()
+    x = torch.randn(3, 16, 32, device="cuda", dtype=torch.bfloat16)
+    if not grouped_mm_supported(x, 32, 32):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
+    cos, sin = cos.cuda().bfloat16(), sin.cuda().bfloat16()
+    results = []
+    for run in (block, torch.compile(block, fullgraph=True, backend="aot_eager")):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out, _ = run(xi, cos, sin)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()])
+    torch._dynamo.reset()
+    for eager, compiled in zip(*results):
+        assert relative_error(compiled, eager) < 1e-2
