@@ -92,7 +92,8 @@ def grouped_mm_supported(x: torch.Tensor, dim: int, hidden: int) -> bool:
 @torch.compiler.assume_constant_result
 def _hopper_or_newer(device: torch.device) -> bool:
     """Compute capability >= 9.0. Marked constant: inside a compiled block, dynamo calls it once while tracing
-    instead of tracing `torch.cuda.get_device_capability`, which it cannot fold (a graph break per MoE layer)."""
+    instead of tracing `torch.cuda.get_device_capability`, which is not among the functions it folds into a
+    constant (torch 2.13's `constant_fold_functions`)."""
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
