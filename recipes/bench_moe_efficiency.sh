@@ -51,11 +51,13 @@ train() {  # stage name, most seconds, overrides...
   stage "$name" "$most" python train.py $common "$@" $extra run_dir="$work/runs/$name"
 }
 
+python -c "import torch, time; print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
+  '| torch', torch.__version__, '| date', time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))" | tee "$out/device.txt"
 stage tests 90 python -m pytest -q -m gpu tests/models/test_moe.py tests/train/test_loss.py -p no:cacheprovider
 train small-adamw 90 model=$small optim=adamw train.steps=$steps_small train.log_every=5
 train medium 100 model=$medium optim=adamw train.steps=$steps_medium train.log_every=2
 train dense 80 model=$dense optim=adamw train.steps=$steps_medium train.log_every=2
-stage profile 60 python recipes/profile_step.py model=$small optim=adamw $common $extra --warmup 3 --steps 5 \
+stage profile 75 python recipes/profile_step.py model=$small optim=adamw $common $extra --warmup 3 --steps 5 \
   --markdown "$out/moe_profile.md" --json "$out/moe_profile.json"
 train small-muon 110 model=$small optim=muon_split train.steps=$steps_small train.log_every=5
 
