@@ -642,6 +642,17 @@ def to_dataclass(cfg: Any) -> RunConfig:
         raise ConfigError(key, getattr(e, "value", None), msg) from None
 
 
+def compose(overrides: list, conf_dir: str) -> RunConfig:
+    """The RunConfig that `train.py <overrides>` would run, composed with Hydra from `conf_dir` outside a Hydra app
+    (recipes that build what a run builds). Not validated: `validate` (or `train.entry.prepare`) does that."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+        return to_dataclass(hydra_compose("config", overrides=list(overrides)))
+
+
 def load_option(path: Any, group: str) -> Any:
     """One option file of a config group (`conf/<group>/<name>.yaml`) as its typed dataclass, without composing the
     whole run config (benchmarks and tests that need one model's or one optimizer's settings). Hydra's `defaults`

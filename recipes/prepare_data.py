@@ -21,25 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def compose(overrides: list):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from muon_recipes.config import register_configs, to_dataclass
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return to_dataclass(hydra_compose("config", overrides=overrides))
-
-
 def prepare(overrides: list) -> dict:
     """Prepare the data of the run `overrides` describe; return its sizes and the seconds it took."""
     from muon_recipes.data import build_datasets, build_tokenizer
     from muon_recipes.data.token_cache import cache_directory, cache_key, load
 
-    from muon_recipes.config import validate
+    from muon_recipes.config import compose, validate
 
-    rc = compose(overrides)
+    rc = compose(overrides, ROOT / "conf")
     validate(rc, world_size=1)
     start = time.perf_counter()
     tokenizer = build_tokenizer(rc.data, rc.model.vocab_size)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from muon_recipes.config import ConfigError, TrainConfig, derive_batch, to_dataclass
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_MODELS = ("dense_small", "gqa_small", "moe_small", "moe_medium", "dense_1b")
+GPU_MODELS = ("dense_small", "gqa_small", "moe_small", "moe_medium", "dense_medium", "dense_1b")
 TINY_MODELS = ("dense_tiny", "gqa_tiny", "moe_tiny")
 
 

@@ -20,6 +20,15 @@ Tokens are sorted by expert so each expert sees one contiguous slice; the expert
 `torch._grouped_mm` (one kernel for all experts; CUDA, bf16) or through an exact loop over the experts. Expert
 weights are 3-D parameters `[n_experts, out, in]` so that the optimizer sees `n_experts` matrices per tensor.
 
+The step does no host synchronization and has no data-dependent shape (torchtitan's MoE, MegaBlocks' dropless
+layout): one stable sort orders the `N*k` assignments by expert, the per-expert counts are the run lengths of the
+sorted ids (a binary search), the `grouped_mm` group ends are the counts' cumulative sum on the device, and the
+permutation to expert order and back is a row gather whose backward is again a gather through the inverse
+permutation (no atomics, deterministic). The combine is the gate-weighted sum over the `k` slots of each token.
+Everything from the router to the combine therefore compiles as one graph per block
+(`torch.compile(fullgraph=True)`, tested). The routed and the shared experts read the same input and do not depend
+on each other.
+
 Shared experts (DeepSeekMoE, arXiv:2401.06066) process every token; `n_shared_experts` of them of width
 `expert_ffn_dim` are one SwiGLU MLP of width `n_shared_experts * expert_ffn_dim`, which is the same function.
 
@@ -57,11 +66,12 @@ from muon_recipes.config import ModelConfig
 from muon_recipes.models.layers import FeedForward
 from muon_recipes.optim.blocks import ParamLayout
 
-# Rows per expert group handed to `torch._grouped_mm` are padded to a multiple of this. The CUTLASS kernel needs
-# 16-byte aligned group boundaries along the dimension it slices (8 bf16 rows); the weight-gradient GEMM of the
-# backward contracts over that dimension. 16 rows is a safe margin (and what fp8 would need); the padding rows
-# are zeros, computed and thrown away: at most `n_experts * 15` extra rows per layer.
-GROUP_ALIGN = 16
+# Rows per expert group handed to `torch._grouped_mm` are padded to a multiple of `GroupedExperts.group_align`.
+# 1 (no padding): the bf16 kernel takes group boundaries at any row since torch 2.8 (pytorch/pytorch#155466
+# checks alignment only on the static dimensions; torchtitan dropped its bf16 token-group padding for this
+# reason, pytorch/ao#3924); rows of `dim` bf16 values with `dim % 8 == 0` start on 16-byte boundaries anyway.
+# fp8/mxfp8 grouped GEMMs need 16 or 32: a larger value pads every group through index arithmetic on the device.
+GROUP_ALIGN = 1
 
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 
@@ -76,7 +86,15 @@ def grouped_mm_supported(x: torch.Tensor, dim: int, hidden: int) -> bool:
         return False
     if dim % 8 or hidden % 8:
         return False
-    return torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return _hopper_or_newer(x.device)
+
+
+@torch.compiler.assume_constant_result
+def _hopper_or_newer(device: torch.device) -> bool:
+    """Compute capability >= 9.0. Marked constant: inside a compiled block, dynamo calls it once while tracing
+    instead of tracing `torch.cuda.get_device_capability`, which is not among the functions it folds into a
+    constant (torch 2.13's `constant_fold_functions`)."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class Router(nn.Module):
@@ -188,6 +206,7 @@ class GroupedExperts(nn.Module):
         self.n_experts, self.dim, self.hidden, self.fused = n_experts, dim, hidden, fused
         self.init_std, self.down_std = init_std, down_std
         self.backend = "auto"
+        self.group_align = GROUP_ALIGN  # rows per grouped_mm group are padded to a multiple of this
         self.expert_parallel: Optional[ExpertParallel] = None
         if fused:
             self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
@@ -209,14 +228,14 @@ class GroupedExperts(nn.Module):
             std = self.down_std if name == "down_proj" else self.init_std
             nn.init.normal_(param, mean=0.0, std=std)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x `[M, dim]` sorted by expert, expert_ids `[M]` (non-decreasing), counts `[E]` -> `[M, dim]`."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x `[M, dim]` sorted by expert (`counts[e]` rows of expert `e`, int64 on x's device) -> `[M, dim]`."""
         if self.backend not in EXPERT_BACKENDS:
             raise ValueError(f"GroupedExperts.backend={self.backend!r}: must be one of {', '.join(EXPERT_BACKENDS)}")
         use_grouped = self.backend == "grouped_mm" or (
             self.backend == "auto" and grouped_mm_supported(x, self.dim, self.hidden))
         if use_grouped:
-            return self._forward_grouped_mm(x, expert_ids, counts)
+            return self._forward_grouped_mm(x, counts)
         return self._forward_loop(x, counts)
 
     def _weight(self, name: str) -> torch.Tensor:
@@ -244,25 +263,73 @@ class GroupedExperts(nn.Module):
         sizes = counts.tolist()
         return self._swiglu(x, project)
 
-    def _forward_grouped_mm(self, x: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # Scatter the sorted rows into a buffer whose expert groups start at multiples of GROUP_ALIGN. Its size is
-        # the static bound `M + E*(GROUP_ALIGN-1)` rounded up, so no host sync and fixed shapes under compile.
-        # The slack after the last group is given to the last expert (offs[-1] = capacity): zero rows, computed
-        # and discarded, instead of uninitialized rows whose NaNs could leak into the backward.
-        rows = x.shape[0]
-        capacity = _round_up(rows + counts.numel() * (GROUP_ALIGN - 1), GROUP_ALIGN)  # local experts under EP
-        padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
-        padded_end = padded.cumsum(0)
-        start, padded_start = counts.cumsum(0) - counts, padded_end - padded
-        dest = torch.arange(rows, device=x.device) - start[expert_ids] + padded_start[expert_ids]
-        buffer = torch.index_copy(x.new_zeros(capacity, self.dim), 0, dest, x)
-        offs = torch.cat([padded_end[:-1], padded_end.new_full((1,), capacity)]).to(torch.int32)
+    def _forward_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # Group g ends at row offs[g] = counts[0] + ... + counts[g], computed on the device: no host sync.
+        ends = counts.cumsum(0)
+        if self.group_align == 1:
+            rows, offs = x, ends
+        else:
+            rows, offs, dest = self._pad_groups(x, counts, ends)
+        offs = offs.to(torch.int32)
 
         def project(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             # w is [E, out, in]; grouped_mm wants [E, in, out]: the transposed view is column-major, as required.
             return torch._grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs)
 
-        return self._swiglu(buffer, project)[dest]
+        out = self._swiglu(rows, project)
+        return out if self.group_align == 1 else out[dest]
+
+    def _pad_groups(self, x: torch.Tensor, counts: torch.Tensor,
+                    ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(buffer, group ends, dest): the sorted rows copied to `buffer[dest]`, every expert group starting at a
+        multiple of `group_align`. The buffer has the static size `M + E*(align-1)` rounded up, so no host sync and
+        fixed shapes under compile; the slack after the last group is given to the last expert (its last end is
+        the buffer's size): zero rows, computed and discarded, never uninitialized rows whose NaNs could leak into
+        the backward."""
+        align, n_rows = self.group_align, x.shape[0]
+        capacity = _round_up(n_rows + counts.numel() * (align - 1), align)  # local experts under EP
+        padded = (counts + align - 1) // align * align
+        padded_end = padded.cumsum(0)
+        row = torch.arange(n_rows, device=x.device)
+        expert_of_row = torch.searchsorted(ends, row, right=True)  # rows are sorted by expert
+        dest = row + (padded_end - padded - (ends - counts))[expert_of_row]
+        buffer = torch.index_copy(x.new_zeros(capacity, self.dim), 0, dest, x)
+        offs = torch.cat([padded_end[:-1], padded_end.new_full((1,), capacity)])
+        return buffer, offs, dest
+
+
+class _DispatchRows(torch.autograd.Function):
+    """`x[order // k]`: token rows copied into expert order, one row per (token, slot) assignment.
+
+    The backward sums each token's `k` row gradients, read through the inverse permutation (`inverse[j]` is the
+    sorted position of assignment `j = token * k + slot`): a gather and a sum over `k`, instead of the scatter-add
+    with atomics that autograd would derive from the indexing."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).unflatten(0, (-1, ctx.k)).sum(dim=1), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`rows[index]` for a permutation `index` whose inverse is `inverse`: the backward is `grad[inverse]`, a
+    gather, not autograd's zero-fill plus scatter-add."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -298,20 +365,29 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if torch.is_autocast_enabled(x.device.type):
+            # The residual stream stays fp32 under autocast (fp32 weights, no FSDP mixed precision); the expert
+            # GEMMs are not autocast ops, so cast once here: they run in bf16 like every autocast matmul, through
+            # the grouped kernel rather than the per-expert loop.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         n_tokens, k = x.shape[0], self.top_k
         scores, experts, gates = self.router(x)
 
         flat_experts = experts.reshape(-1)  # assignment j = token j // k, slot j % k
-        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))  # bincount without a host sync
-        order = torch.argsort(flat_experts, stable=True)
+        sorted_experts, order = torch.sort(flat_experts, stable=True)  # order: sorted position -> assignment
+        # counts[e]: the length of expert e's run in the sorted ids, from a binary search for the run ends; a
+        # bincount without a host sync and without the atomics of a scatter-add onto E counters.
+        ends = torch.searchsorted(sorted_experts, torch.arange(self.n_experts, device=x.device), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        x_sorted = _DispatchRows.apply(x, order, inverse, k)
         if self.experts.expert_parallel is None:
-            y_sorted = self.experts(x[order // k], flat_experts[order], counts)
+            y_sorted = self.experts(x_sorted, counts)
         else:
-            y_sorted = self._expert_parallel_forward(x[order // k], counts, self.experts.expert_parallel)
+            y_sorted = self._expert_parallel_forward(x_sorted, counts, self.experts.expert_parallel)
 
-        # Back to (token, slot) order, weight each slot by its gate, sum the k slots.
-        y = torch.index_copy(torch.zeros_like(y_sorted), 0, order, y_sorted).view(n_tokens, k, -1)
+        # Back to (token, slot) order, weight each slot by its gate, sum the k slots (one fused kernel compiled).
+        y = _PermuteRows.apply(y_sorted, inverse, order).view(n_tokens, k, -1)
         out = (y * gates.unsqueeze(-1).to(y.dtype)).sum(dim=1)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
@@ -339,8 +415,10 @@ class MoE(nn.Module):
         row_expert = torch.repeat_interleave(torch.arange(local_experts, device=counts.device).repeat(ep.size),
                                              received_counts.reshape(-1), output_size=sum(recv_splits))
         by_expert = torch.argsort(row_expert, stable=True)
-        y = self.experts(received[by_expert], row_expert[by_expert], received_counts.sum(0))
-        y = torch.index_copy(torch.zeros_like(y), 0, by_expert, y)  # back to (source, expert) order
+        positions = torch.arange(by_expert.numel(), device=x_sorted.device)
+        back = torch.empty_like(by_expert).scatter_(0, by_expert, positions)  # the inverse permutation
+        y = self.experts(_PermuteRows.apply(received, by_expert, back), received_counts.sum(0))
+        y = _PermuteRows.apply(y, back, by_expert)  # back to (source, expert) order
         return _AllToAll.apply(y, send_splits, recv_splits, ep)
 
     @torch.no_grad()

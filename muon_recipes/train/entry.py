@@ -288,6 +288,15 @@ def _train(rc: RunConfig, ctx, run_dir: str, tokenizer, config_dict: dict, launc
 def _build(rc: RunConfig, ctx, tokenizer):
     """Model (sharded), optimizer and datasets: this rank's local part of start-up."""
     from muon_recipes.data import build_datasets
+
+    model, optimizer = build_model_and_optimizer(rc, ctx)
+    train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
+    return model, optimizer, train_ds, eval_ds
+
+
+def build_model_and_optimizer(rc: RunConfig, ctx):
+    """The model as a run trains it (built with the run's seed, sharded, compiled as configured) and its optimizer;
+    also what `recipes/profile_step.py` profiles."""
     from muon_recipes.models import build_model
     from muon_recipes.optim.param_groups import build_optimizer
     from muon_recipes.parallel.fsdp import parallelize
@@ -300,9 +309,7 @@ def _build(rc: RunConfig, ctx, tokenizer):
     bf16 = (rc.train.mixed_precision == "bf16" or (rc.train.mixed_precision == "auto" and ctx.device.type == "cuda"))
     parallelize(model, ctx.mesh, bf16=bf16, compile=rc.train.compile,
                 activation_checkpointing=rc.train.activation_checkpointing, expert_mesh=ctx.expert_mesh)
-    optimizer = build_optimizer(model, rc.optim)
-    train_ds, eval_ds = _build_data(build_datasets, rc, tokenizer)
-    return model, optimizer, train_ds, eval_ds
+    return model, build_optimizer(model, rc.optim)
 
 
 def _commit(rc: RunConfig, run_dir: str, step: int, config_dict: dict, loggers) -> tuple[int, list[str]]:

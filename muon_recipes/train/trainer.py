@@ -19,12 +19,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
+from torch.profiler import record_function
 
 from muon_recipes.config import RunConfig
 from muon_recipes.train.schedules import lr_multiplier
 from muon_recipes.parallel.distributed import DistributedContext, all_reduce_mean, all_reduce_sum
 from muon_recipes.train.loggers import Loggers, token_count
 from muon_recipes.train.metrics import Stopwatch, bits_per_byte, device_peak_flops, peak_memory_gib
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats, computed in float32 whatever the logits' dtype.
+
+    Eager, `logits.float()` materializes a float32 copy of the `[B, T, V]` logits and the log-softmax another (with
+    a 32k vocabulary and 32 x 1024 tokens, 4 GiB each, and as much again in the backward): memory traffic that takes
+    a tenth of a moe_small step on a GPU. Compiled (`Trainer`, with `train.compile` on a GPU), the upcast, the
+    log-sum-exp and the gradient are fused kernels that read the bf16 logits and keep float32 in registers."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 class NonFiniteError(RuntimeError):
@@ -110,6 +121,9 @@ class Trainer:
         # UTF-8 bytes per token id (on the CPU, where the loader's batches are): bits per byte of every loss.
         self.byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)) if tokenizer is not None else None
         self.autocast = (ctx.mesh is None and ctx.device.type == "cuda" and self._bf16())
+        self.cross_entropy = cross_entropy
+        if t.compile and ctx.device.type == "cuda":
+            self.cross_entropy = torch.compile(cross_entropy, dynamic=False)
         self.history: list[dict] = []  # logged metrics, for callers that run the trainer in-process
         self.first_optimizer_step = True
         self.launch_time: Optional[float] = None  # perf_counter() when the run started
@@ -146,9 +160,7 @@ class Trainer:
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(inputs)
-        logits = out.logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return loss, out.aux_loss
+        return self.cross_entropy(out.logits, targets), out.aux_loss
 
     def _set_grad_sync(self, enabled: bool) -> None:
         setter = getattr(self.model, "set_requires_gradient_sync", None)
@@ -161,9 +173,10 @@ class Trainer:
         counts = self.model.expert_load_counts()
         if not counts:
             return None
-        # Every rank must apply the same bias update (biases are replicated buffers): sum the loads first.
-        stacked = all_reduce_sum(torch.stack([c.float() for c in counts]))
-        self.model.update_router_biases(list(stacked.unbind(0)))
+        with record_function("trainer.router_bias_update"):
+            # Every rank must apply the same bias update (biases are replicated buffers): sum the loads first.
+            stacked = all_reduce_sum(torch.stack([c.float() for c in counts]))
+            self.model.update_router_biases(list(stacked.unbind(0)))
         return stacked
 
     def train_step(self, profile: bool) -> dict:
@@ -183,45 +196,46 @@ class Trainer:
             ((loss + aux) / t.grad_accum).backward()
             loss_sum += loss.detach()
             aux_sum += aux.detach()
-        grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
+        with record_function("trainer.grad_norm"):  # named ranges: a profile attributes their kernels (profiling.py)
+            grad_norm = _grad_norm_and_clip(self.params, cfg.optim.grad_clip)
         forward_backward_s = watch.lap()
-        loss_mean, bytes_mean = self._mean_over_ranks(loss_sum / t.grad_accum, target_bytes)
-        scalars = [loss_mean, grad_norm]
-        if cfg.model.n_experts:
-            scalars.append(all_reduce_mean(aux_sum / t.grad_accum))
-        # Every number the step logs, read with one host sync here, where the non-finite policy must wait anyway:
-        # a read after the optimizer step would make the host wait for the whole step on the device before it
-        # could queue the next forward.
-        values = torch.stack([v.float() for v in scalars]).tolist()
-        loss_value, grad_norm_value = values[0], values[1]
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        # One collective and one device-to-host transfer per step, before the optimizer: what the host needs to
+        # skip a non-finite step and what it logs. Nothing after the optimizer waits for the device, so its
+        # kernels run while the host prepares the next step.
+        # (`torch.full`: the byte count travels as a kernel argument; `torch.tensor(..., device=)` would be a
+        # blocking copy that waits for the backward on its own.)
+        means = all_reduce_mean(torch.stack([loss_sum / t.grad_accum, aux_sum / t.grad_accum,
+                                             torch.full((), float(target_bytes), device=self.ctx.device)]))
+        loss_mean, aux_mean, bytes_mean, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()
         lr = self.optimizer.param_groups[0]["lr"]
-        if not finite:
+        if not (math.isfinite(loss_mean) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             for moe in getattr(self.model, "moe_layers", lambda: ())():
                 moe.load_counts.zero_()  # the dropped step's expert loads must not steer the router biases
-            self._on_nonfinite(loss_value, grad_norm_value)
+            self._on_nonfinite(loss_mean, grad_norm)
             return {"skipped": True}
         self.skipped_in_a_row = 0
         if hasattr(self.optimizer, "profile"):
             self.optimizer.profile = profile
-        if self.first_optimizer_step:
-            self._first_optimizer_step()
-        else:
-            self.optimizer.step()
+        with record_function("trainer.optimizer_step"):
+            if self.first_optimizer_step:
+                self._first_optimizer_step()
+            else:
+                self.optimizer.step()
         # The optimizer's own time, comparable with recipes/bench_optimizer.py: the lr schedule, the gradients'
         # release and the MoE router-bias update (a collective and a few small kernels) come after the mark.
         optim_s = watch.lap()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with record_function("trainer.after_optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
         loads = self._update_router_biases()
-        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
+        metrics = {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
                    "forward_backward_s": forward_backward_s, "optim_time_s": optim_s}
-        bpb = bits_per_byte(loss_value, t.grad_accum * t.batch_size * t.seq_len, bytes_mean)
+        bpb = bits_per_byte(loss_mean, t.grad_accum * t.batch_size * t.seq_len, bytes_mean)
         if bpb is not None:
             metrics["bpb"] = bpb
         if cfg.model.n_experts:
-            metrics["aux_loss"] = values[2]
+            metrics["aux_loss"] = aux_mean
         timings = getattr(self.optimizer, "last_step_timings", None)
         if profile and timings:
             for k, v in timings.items():

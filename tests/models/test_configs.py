@@ -11,7 +11,8 @@ from muon_recipes.optim.blocks import collect_layouts
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 FILES = sorted(CONF.glob("*.yaml"))
-EXPECTED = {"dense_tiny", "gqa_tiny", "moe_tiny", "dense_small", "gqa_small", "moe_small", "moe_medium", "dense_1b"}
+EXPECTED = {"dense_tiny", "gqa_tiny", "moe_tiny", "dense_small", "gqa_small", "moe_small", "moe_medium", "dense_medium",
+            "dense_1b"}
 
 
 def load(path: Path) -> ModelConfig:
@@ -44,7 +45,7 @@ def test_config_builds_and_every_parameter_is_declared(path, fused):
 
 @pytest.mark.parametrize("name, low, high", [("dense_small", 100e6, 150e6), ("gqa_small", 100e6, 150e6),
                                              ("moe_small", 100e6, 150e6), ("moe_medium", 0.9e9, 1.1e9),
-                                             ("dense_1b", 0.8e9, 0.9e9)])
+                                             ("dense_medium", 0.25e9, 0.28e9), ("dense_1b", 0.8e9, 0.9e9)])
 def test_sizes_are_as_advertised(name, low, high):
     assert low <= param_counts(load(CONF / f"{name}.yaml")).total <= high
 
@@ -75,3 +76,15 @@ def test_moe_small_routes_two_of_eight_or_more_experts():
     skipped = sum(p.numel() // p.shape[0] * (p.shape[0] - 2) for p in experts)
     counts = param_counts(cfg)
     assert counts.total - counts.active == skipped
+
+
+def test_dense_medium_matches_moe_medium_active_matmul_work():
+    """The dense counterpart of moe_medium for the efficiency comparison: the same FLOPs per token within 1% (the
+    MLP width a moe_medium token passes through, top-2 routed + 1 shared expert, in every layer), same attention."""
+    from muon_recipes.models.flops import flops_per_token
+
+    dense, moe = load(CONF / "dense_medium.yaml"), load(CONF / "moe_medium.yaml")
+    assert dense.ffn_dim == (moe.top_k + moe.n_shared_experts) * moe.expert_ffn_dim
+    assert abs(flops_per_token(dense, 2048) / flops_per_token(moe, 2048) - 1) < 0.01
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        assert getattr(dense, key) == getattr(moe, key), key

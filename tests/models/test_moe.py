@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from muon_recipes.config import ModelConfig
-from muon_recipes.models.moe import GROUP_ALIGN, MoE, grouped_mm_supported
+from muon_recipes.models.moe import MoE, grouped_mm_supported
 
 D, HIDDEN = 16, 24
 
@@ -161,11 +161,13 @@ def compare_backends(moe: MoE, x: torch.Tensor, atol: float, rtol: float) -> Non
 
 @pytest.mark.skipif(not grouped_mm_runs_on("cpu", torch.float32), reason="torch._grouped_mm has no CPU kernel here")
 @pytest.mark.parametrize("fused", [True, False])
-def test_grouped_mm_path_equals_the_loop_on_cpu(fused):
+@pytest.mark.parametrize("group_align", [1, 16])
+def test_grouped_mm_path_equals_the_loop_on_cpu(fused, group_align):
     moe = make_moe(fused=fused, dtype=torch.float32, n_experts=6)
+    moe.experts.group_align = group_align
     with torch.no_grad():
         moe.router.expert_bias[3] = -100.0  # expert 3 receives no token: an empty group
-    x = torch.randn(37, D)  # 74 assignments: groups that are not multiples of GROUP_ALIGN
+    x = torch.randn(37, D)  # 74 assignments: groups of sizes that are not multiples of 8 or 16
     compare_backends(moe, x, atol=1e-5, rtol=1e-5)
     assert moe(x)[2][3] == 0
 
@@ -173,8 +175,11 @@ def test_grouped_mm_path_equals_the_loop_on_cpu(fused):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fused", [True, False])
-def test_grouped_mm_path_equals_the_loop_on_gpu_in_bf16(fused):
+@pytest.mark.parametrize("group_align", [1, 16])
+def test_grouped_mm_path_equals_the_loop_on_gpu_in_bf16(fused, group_align):
+    """Group boundaries at any row (group_align 1, the default) and padded to 16 rows: both equal the loop."""
     moe = make_moe(fused=fused, dtype=torch.bfloat16, n_experts=8, dim=64, hidden=128, shared=1).cuda()
+    moe.experts.group_align = group_align
     x = torch.randn(4, 250, 64, device="cuda", dtype=torch.bfloat16)
     if not grouped_mm_supported(x, 64, 128):
         pytest.skip("torch._grouped_mm is not available for this GPU")
@@ -189,7 +194,6 @@ def test_grouped_mm_path_equals_the_loop_on_gpu_in_bf16(fused):
 def test_grouped_mm_is_only_chosen_where_its_constraints_hold():
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     assert not grouped_mm_supported(x, 64, 128)  # CPU: the exact loop
-    assert GROUP_ALIGN * 2 % 16 == 0  # bf16 rows of 2 bytes: groups start on 16-byte boundaries (8 rows)
     if torch.cuda.is_available():
         assert not grouped_mm_supported(x.cuda().float(), 64, 128)  # fp32: not the bf16 kernel
         assert not grouped_mm_supported(x.cuda(), 64, 100)  # 200-byte rows: unaligned
@@ -200,3 +204,147 @@ def test_unknown_backend_is_refused():
     moe.experts.backend = "cutlass"
     with pytest.raises(ValueError, match="backend='cutlass'"):
         moe(torch.randn(2, D, dtype=torch.float64))
+
+
+def moe_block(seed: int = 0):
+    """A transformer block with an MoE feed-forward (4 routed experts of 32 + 1 shared), float32 on the CPU."""
+    from muon_recipes.models.transformer import RotaryEmbedding, TransformerBlock
+
+    cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, ffn_dim=64, n_layers=2, n_experts=4, top_k=2,
+                      n_shared_experts=1, expert_ffn_dim=32, first_dense_layers=0, max_seq_len=16)
+    torch.manual_seed(seed)
+    block, rotary = TransformerBlock(cfg, layer_id=1), RotaryEmbedding(8, 16, 10000.0)
+    for module in (*block.modules(), rotary):
+        if hasattr(module, "init_weights"):
+            module.init_weights()
+    with torch.no_grad():
+        block.feed_forward.router.expert_bias.copy_(torch.randn(4) * 0.2)
+    return block, rotary(16)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.skipif(not grouped_mm_runs_on("cpu", torch.bfloat16), reason="torch._grouped_mm has no CPU kernel here")
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_moe_block_compiles_as_one_graph_and_equals_eager(compiler):
+    """Router, dispatch, grouped experts, combine and the load statistics in one graph (fullgraph: a graph break,
+    or a host sync that needs a value from a tensor, raises), in bf16 (the grouped kernel's dtype under compile).
+    Output and gradients are compared with the eager per-expert loop in float64 on the same weights: the compiled
+    block's error is that of bf16 arithmetic, no larger than twice the eager bf16 loop's; the expert loads it
+    records equal the eager ones."""
+    block, (cos, sin) = moe_block()
+    x = torch.randn(3, 16, 32, dtype=torch.float64)
+    weight = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+    results = {}
+    for name, dtype in (("float64", torch.float64), ("eager bf16", torch.bfloat16), ("compiled", torch.bfloat16)):
+        block.to(dtype).zero_grad()
+        block.feed_forward.router.expert_bias.data = block.feed_forward.router.expert_bias.float()  # stays fp32
+        block.feed_forward.load_counts.zero_()
+        block.feed_forward.experts.backend = "grouped_mm" if name == "compiled" else "loop"
+        run = torch.compile(block, fullgraph=True, backend=compiler) if name == "compiled" else block
+        xi = x.to(dtype, copy=True).requires_grad_()
+        out, _ = run(xi, cos.to(dtype), sin.to(dtype))
+        (out.double() * weight).sum().backward()
+        results[name] = {"out": out.detach(), "x": xi.grad, "load": block.feed_forward.load_counts.clone(),
+                         **{n: p.grad.clone() for n, p in block.named_parameters()}}
+    torch._dynamo.reset()
+    reference, loop, compiled = results["float64"], results["eager bf16"], results["compiled"]
+    assert torch.equal(compiled.pop("load"), loop.pop("load")) and reference.pop("load").sum() == 3 * 16 * 2
+    for key in reference:
+        loop_error, compiled_error = relative_error(loop[key], reference[key]), relative_error(compiled[key],
+                                                                                              reference[key])
+        assert compiled_error < 2 * loop_error + 1e-3 and compiled_error < 3e-2, (key, compiled_error, loop_error)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [True, False])
+def test_moe_in_bf16_on_gpu_is_as_close_to_float64_as_the_loop(fused):
+    """The grouped GEMM path in bf16 against the per-expert loop in float64 (same weights): its relative error is
+    that of bf16 arithmetic, no larger than twice the bf16 loop's own error. Measured on the tokens whose experts
+    bf16 routing chooses as float64 does (a near tie can flip a choice; both bf16 paths share the router)."""
+    moe = make_moe(fused=fused, dtype=torch.float64, n_experts=8, dim=128, hidden=256, shared=1).cuda()
+    x = torch.randn(8, 256, 128, device="cuda", dtype=torch.float64)
+    if not grouped_mm_supported(x.bfloat16(), 128, 256):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
+    moe.experts.backend = "loop"
+    with torch.no_grad():
+        reference = moe(x)[0].reshape(-1, 128)
+        chosen = moe.router(x.reshape(-1, 128))[1].sort(-1).values
+        moe.to(torch.bfloat16)
+        same = (moe.router(x.bfloat16().reshape(-1, 128))[1].sort(-1).values == chosen).all(-1)
+        assert same.float().mean() > 0.5, same.float().mean()
+        errors = {}
+        for backend in ("grouped_mm", "loop"):
+            moe.experts.backend = backend
+            out = moe(x.bfloat16())[0].reshape(-1, 128).double()
+            errors[backend] = ((out - reference)[same].norm() / reference[same].norm()).item()
+    assert errors["grouped_mm"] < 2 * errors["loop"] + 1e-3, errors
+    assert errors["grouped_mm"] < 2e-2, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_training_step_on_gpu_never_waits_for_the_device():
+    """Forward and backward of the MoE layer (bf16, grouped GEMM), the load recording and the bias update, under
+    `torch.cuda.set_sync_debug_mode("error")`: any operation that synchronizes the host with the device raises."""
+    moe = make_moe(dtype=torch.bfloat16, n_experts=8, dim=64, hidden=128, shared=1).cuda()
+    x = torch.randn(4, 250, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if not grouped_mm_supported(x, 64, 128):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
+    moe(x)[0].float().pow(2).sum().backward()  # first call: lazy initialization of kernels and handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, aux, counts = moe(x)
+        (out.float().pow(2).sum() + aux).backward()
+        moe.record_load(counts)
+        moe.update_bias(moe.load_counts.clone())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert int(counts.sum()) == 4 * 250 * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_weights_under_autocast_take_the_grouped_gemm():
+    """Without FSDP mixed precision the weights and the residual stream are fp32 and autocast runs the matmuls in
+    bf16: the experts then run as one grouped GEMM too (the same result as forcing it), not the per-expert loop."""
+    moe = make_moe(dtype=torch.float32, n_experts=8, dim=64, hidden=128, shared=1).cuda()
+    x = torch.randn(4, 250, 64, device="cuda")
+    if not grouped_mm_supported(x.bfloat16(), 64, 128):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        moe.experts.backend = "grouped_mm"
+        forced = moe(x)[0]
+        moe.experts.backend = "auto"
+        automatic = moe(x)[0]
+    assert automatic.dtype == torch.bfloat16 and torch.equal(automatic, forced)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_block_compiles_as_one_graph_on_gpu_with_the_automatic_backend():
+    """On the GPU the block chooses the grouped GEMM itself (`backend="auto"`: dtype, alignment and the device's
+    compute capability checked while tracing) and still compiles as one graph, forward and backward, equal to
+    eager (bf16, the same kernels: close to bf16 rounding)."""
+    block, (cos, sin) = moe_block()
+    block = block.cuda().bfloat16()
+    block.feed_forward.router.expert_bias.data = block.feed_forward.router.expert_bias.float()
+    x = torch.randn(3, 16, 32, device="cuda", dtype=torch.bfloat16)
+    if not grouped_mm_supported(x, 32, 32):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
+    cos, sin = cos.cuda().bfloat16(), sin.cuda().bfloat16()
+    results = []
+    for run in (block, torch.compile(block, fullgraph=True, backend="aot_eager")):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out, _ = run(xi, cos, sin)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()])
+    torch._dynamo.reset()
+    for eager, compiled in zip(*results):
+        assert relative_error(compiled, eager) < 1e-2
