@@ -5,7 +5,7 @@
 #   against the eager step, plain and single-GPU FSDP2 parameters), then the whole optimizer step of the moe_small
 #   and dense_1b parameter sets, eager (`muon`) beside captured (`muon_graph`) and fused AdamW, one process per
 #   model (a model that runs out of time leaves the other's numbers), and the targets of issue 15 against what was
-#   measured. Time limits: 70 s for the tests, 85 s for moe_small and 75 s for dense_1b (each includes the cold
+#   measured. Time limits: 150 s for the tests (their cold Triton autotuning included), 85 s for moe_small and 75 s for dense_1b (each includes the cold
 #   Triton autotuning of its shapes, about 56 s and 43 s on an H200).
 #   STAGES=trainer (about a minute): two short trainer runs of moe_tiny on the GPU (single-GPU FSDP2), captured and
 #   eager, and their losses side by side.
@@ -18,7 +18,7 @@ for stage in ${STAGES:-tests bench}; do
   start=$(date +%s)
   case $stage in
     tests)
-      timeout 70 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
+      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
         > "$out/gpu_tests_cuda_graph.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_cuda_graph.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_cuda_graph.log" | head -20 ;;
