@@ -175,9 +175,27 @@ def _precompile(X: torch.Tensor, loop_on: Callable[[Plan], Callable[[torch.Tenso
     _precompiled.add(key)
     if not tile_search.precompile_enabled():
         return
+    tile_search.compile_candidates(_recorded(X, loop_on))
+
+
+def _recorded(X: torch.Tensor, loop_on) -> dict:
     with tile_search.recorded_launches() as launches:
         loop_on(ALL_TRITON)(X)
-    tile_search.compile_candidates(launches)
+    return launches
+
+
+def triton_launches(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[int] | None = None,
+                    out_dtype: torch.dtype | None = None) -> list[tuple]:
+    """The Triton launches (kernel, grid, args, constexprs) one call of the iterations on X would make with
+    every product on the Triton kernels, one per kernel specialization, without running any: the standard form,
+    or the Gram form when `restarts` is given. X may be a CPU tensor (nothing runs on it), so a CPU machine can
+    list and compile a GPU workload's kernels (recipes/bench_tile_search.py)."""
+    coeffs = _check_coefficients(coefficients)
+    if restarts is None:
+        loop_on = functools.partial(_standard_loop, coeffs)
+    else:
+        loop_on = functools.partial(_gram_loop, coeffs, tuple(restarts), out_dtype or X.dtype)
+    return list(_recorded(X, loop_on).values())
 
 
 def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan) -> torch.Tensor:

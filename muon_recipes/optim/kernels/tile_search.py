@@ -164,3 +164,36 @@ def compiled_binaries() -> int | None:
         return total
     except (AttributeError, TypeError, IndexError):
         return None
+
+
+@dataclass
+class Progress:
+    """Where this process's tile choosing stands: choices held, binaries held, what the searches cost."""
+
+    choices: int
+    binaries: int | None
+    stats: SearchStats
+
+
+def progress() -> Progress:
+    from muon_recipes.optim.kernels.tuning import tuned_problem_count
+
+    return Progress(tuned_problem_count(), compiled_binaries(), snapshot())
+
+
+def describe(before: Progress, after: Progress) -> str:
+    """What choosing tiles cost between two `progress()` calls, in one line, e.g. "13 tile choices
+    (MUON_NS_AUTOTUNE=bounded): 11 searched here (31 candidates timed, 1.2 s), 2 read from the disk cache or
+    untimed; 33 kernel binaries compiled or loaded, 4.1 s compiling in parallel"."""
+    from muon_recipes.optim.kernels.tuning import tile_search_mode
+
+    spent = after.stats.minus(before.stats)
+    choices = after.choices - before.choices
+    if choices == 0 and spent.precompiled == 0:
+        return "no new tile choices"
+    text = (f"{choices} tile choices (MUON_NS_AUTOTUNE={tile_search_mode()}): {spent.searches} searched here "
+            f"({spent.timed} candidates timed, {spent.search_seconds:.1f} s), {choices - spent.searches} read from "
+            f"the disk cache in TRITON_CACHE_DIR or untimed")
+    if after.binaries is not None and before.binaries is not None:
+        text += f"; {after.binaries - before.binaries} kernel binaries compiled or loaded"
+    return text + f", {spent.compile_seconds:.1f} s compiling in parallel"
