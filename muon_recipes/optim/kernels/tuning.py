@@ -98,9 +98,12 @@ def tile_label(config) -> str:
     return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-s{config.num_stages}-w{config.num_warps}"
 
 
-def matmul_configs() -> list:
-    tiles = _INTERPRETER_TILES if interpreting() else _GPU_TILES
-    return [_config(bm, bn, bk, stages, warps, group_m=2 if interpreting() else 8)
+def matmul_configs(interpreted: bool | None = None) -> list:
+    """The matmul kernels' tile configurations: the GPU's, or the interpreter's single one (default: whichever
+    runs here)."""
+    interpreted = interpreting() if interpreted is None else interpreted
+    tiles = _INTERPRETER_TILES if interpreted else _GPU_TILES
+    return [_config(bm, bn, bk, stages, warps, group_m=2 if interpreted else 8)
             for bm, bn, bk, stages, warps in tiles]
 
 
