@@ -264,9 +264,9 @@ def main(argv=None) -> None:
         print(json.dumps(worker(buckets)), flush=True)
         return
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    paths = {(True, True): "gram", (True, False): "standard", (False, False): "torch"}
     print(f"{args.model} buckets (count x m x n, path): " + ", ".join(
-        f"{c}x{m}x{n} ({'gram' if bucket_path(m, n, True)[1] else 'standard' if bucket_path(m, n, True)[0] else 'torch'})"
-        for c, m, n in buckets), flush=True)
+        f"{c}x{m}x{n} ({paths[bucket_path(m, n, True)]})" for c, m, n in buckets), flush=True)
     if on_gpu:
         rows = gpu_report(args, buckets)
         table = markdown(rows)

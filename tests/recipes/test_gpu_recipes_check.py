@@ -68,7 +68,8 @@ def test_cold_and_warm_starts_report_the_first_optimizer_step_and_the_steady_one
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = (tmp_path / "out" / "coldwarm.md").read_text().splitlines()
     for start, target in (("cold", 10), ("warm", 3)):
-        rows = [json.loads(line) for line in (tmp_path / f"work/runs/moe_small-muon_split-{start}/metrics.jsonl").open()]
+        metrics = tmp_path / f"work/runs/moe_small-muon_split-{start}/metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.open()]
         cells = [c.strip() for c in next(line for line in table if line.startswith(f"| {start} |")).split("|")[1:-1]]
         assert cells[1] == f"{rows[0]['optim_time_s']:.2f}"
         assert cells[2].startswith(f"< {target} s: ")

@@ -29,7 +29,6 @@ choice) and replays it, which leaves one graph launch, one copy in and one copy 
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -58,7 +57,7 @@ ALL_TRITON = Plan()
 _plans: dict[tuple, Plan] = {}
 # (device, shape, dtype, coefficients, kernels, precision) -> captured loop
 _graphs: dict[tuple, "_CapturedNewtonSchulz"] = {}
-# (device, shape, dtype, precision, (coefficients, restarts, out dtype)) whose tile candidates were compiled ahead of their searches
+# (device, shape, dtype, precision, (coefficients, restarts, out dtype)): tile candidates compiled ahead of searches
 _precompiled: set[tuple] = set()
 
 
@@ -190,11 +189,8 @@ def triton_launches(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[
     every product on the Triton kernels, one per kernel specialization, without running any: the standard form,
     or the Gram form when `restarts` is given. X may be a CPU tensor (nothing runs on it), so a CPU machine can
     list and compile a GPU workload's kernels (recipes/bench_tile_search.py)."""
-    coeffs = _check_coefficients(coefficients)
-    if restarts is None:
-        loop_on = functools.partial(_standard_loop, coeffs)
-    else:
-        loop_on = functools.partial(_gram_loop, coeffs, tuple(restarts), out_dtype or X.dtype)
+    restarts = None if restarts is None else tuple(restarts)
+    loop_on = _loop_on(_check_coefficients(coefficients), restarts, out_dtype or X.dtype)
     return list(_recorded(X, loop_on).values())
 
 
@@ -312,12 +308,12 @@ def gram_iterations_triton(X: torch.Tensor, coefficients: Sequence, restarts: Se
     return _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype or X.dtype)
 
 
-def _standard_loop(coeffs, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda inp: _iterate(inp, coeffs, plan)
-
-
-def _gram_loop(coeffs, restarts, out_dtype, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda inp: _iterate_gram(inp, coeffs, plan, restarts, out_dtype)
+def _loop_on(coeffs, restarts, out_dtype) -> Callable[[Plan], Callable[[torch.Tensor], torch.Tensor]]:
+    """plan -> the loop of one call on that plan's products: the standard form, or the Gram form with
+    `restarts`."""
+    if restarts is None:
+        return lambda plan: (lambda inp: _iterate(inp, coeffs, plan))
+    return lambda plan: (lambda inp: _iterate_gram(inp, coeffs, plan, restarts, out_dtype))
 
 
 def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torch.Tensor:
@@ -329,10 +325,7 @@ def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torc
         raise ValueError(f"out_dtype={out_dtype}: must be one of {', '.join(map(str, KERNEL_DTYPES))}")
     if not coeffs:
         return X.to(out_dtype or X.dtype, copy=True)
-    if restarts is None:
-        loop_on = functools.partial(_standard_loop, coeffs)
-    else:
-        loop_on = functools.partial(_gram_loop, coeffs, restarts, out_dtype)
+    loop_on = _loop_on(coeffs, restarts, out_dtype)
     _precompile(X, loop_on, (coeffs, restarts, out_dtype))
     plan = _plan_for(X, coeffs, kernels, gram=restarts is not None)
     loop = loop_on(plan)
