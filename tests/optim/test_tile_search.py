@@ -178,3 +178,35 @@ def test_recorded_launches_are_the_products_of_each_form():
         ("_symmetric_matmul_kernel", (512, 512, 3), ("float16",) * 4, True),
         ("_update_kernel", (512, 2048, 3), ("float16",) * 3, False),
         ("_update_kernel", (512, 2048, 3), ("float16", "float16", "bfloat16"), False)])
+
+
+def test_a_search_is_counted_once_when_it_times_and_never_when_its_choice_is_read(mode):
+    """The autotuner calls the prune hook for every new key and the benchmark only when the disk cache missed;
+    a lone candidate (MUON_NS_AUTOTUNE=heuristic) runs once, untimed."""
+    from muon_recipes.optim.kernels import tile_search
+
+    mode("heuristic")
+    search = tile_search._Search()
+    named, constexprs = PRODUCTS["moe-gram-R"]
+    before = tile_search.snapshot()
+    search.prune(matmul_configs(interpreted=False), named, **constexprs)      # a key whose choice is on disk
+    assert tile_search.snapshot().minus(before).searches == 0
+    runs = []
+    search.prune(matmul_configs(interpreted=False), named, **constexprs)      # a key searched here
+    assert search.benchmark(lambda: runs.append(1), (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    spent = tile_search.snapshot().minus(before)
+    assert (spent.searches, spent.timed, runs) == (1, 0, [1])
+
+
+def test_the_first_step_line_says_what_was_searched_read_and_compiled(mode):
+    from muon_recipes.optim.kernels.tile_search import Progress, SearchStats, describe
+
+    mode("bounded")
+    before = Progress(2, 10, SearchStats(searches=1, timed=3, search_seconds=0.5, precompiled=3, compile_seconds=1.0))
+    after = Progress(15, 36, SearchStats(searches=12, timed=33, search_seconds=1.25, precompiled=17,
+                                         compile_seconds=4.5))
+    assert describe(before, after) == (
+        "13 tile choices (MUON_NS_AUTOTUNE=bounded): 11 searched here (30 candidates timed, 0.8 s), 2 read from the "
+        "disk cache in TRITON_CACHE_DIR or untimed; 26 kernel binaries compiled or loaded, 3.5 s compiling in "
+        "parallel")
+    assert describe(after, after) == "no new tile choices"
