@@ -100,7 +100,9 @@ def _hopper_source(kernel, named: dict, constexprs: dict):
     signature, constants, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
         value = values[name]
-        if name in constexprs or name in rules or (type(value) is int and value == 1):
+        if getattr(fn.params[index], "do_not_specialize", False) and type(value) is int:
+            signature[name] = "i32"
+        elif name in constexprs or name in rules or (type(value) is int and value == 1):
             signature[name], constants[(index,)] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name], attrs[(index,)] = _POINTER[value.dtype], [["tt.divisibility", 16]]
@@ -116,6 +118,7 @@ def _hopper_source(kernel, named: dict, constexprs: dict):
 def cpu_report(buckets, modes, compile_how: str) -> dict:
     import triton
 
+    from muon_recipes.optim.kernels.fast_launch import unwrap
     from muon_recipes.optim.kernels.iterations import triton_launches
     from muon_recipes.optim.kernels.tuning import search_candidates, tile_label
     from muon_recipes.optim.newton_schulz import coefficients, gram_restarts
@@ -139,9 +142,11 @@ def cpu_report(buckets, modes, compile_how: str) -> dict:
                    *[str(a.dtype) for a in args if isinstance(a, torch.Tensor)])
             keys.add(key)
             for config in search_candidates(kernel.configs, named, **constexprs):
+                fn = unwrap(kernel)[0]
                 spec = (kernel.base_fn.__name__, tuple(str(a.dtype) if isinstance(a, torch.Tensor) else
-                                                       (a == 1, a % 16 == 0) if isinstance(a, int) else 0
-                                                       for a in args),
+                                                       (a == 1, a % 16 == 0) if isinstance(a, int)
+                                                       and not fn.params[i].do_not_specialize else 0
+                                                       for i, a in enumerate(args)),
                         tuple(sorted(constexprs.items())), tile_label(config))
                 binaries.setdefault(spec, (kernel, named, {**constexprs, **config.kwargs}, config))
         row = {"searches": len(keys), "binaries": len(binaries), "launches": len(launches)}

@@ -37,7 +37,7 @@ from muon_recipes.optim.kernels.tuning import input_precision
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                     "EVEN_M": lambda args: args["M"] % args["BLOCK_M"] == 0 and args["M"] % args["BLOCK_N"] == 0,
                     "K_TILES": k_tiles_heuristic})
-@triton.jit
+@triton.jit(do_not_specialize=["BATCH"])   # the grid's batch axis only: no binary per batch size
 def _symmetric_matmul_kernel(
     x_ptr, y_ptr, c_ptr, out_ptr,
     M, K, BATCH,

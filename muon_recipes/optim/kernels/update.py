@@ -28,7 +28,7 @@ from muon_recipes.optim.kernels.tuning import input_precision
 @autotuned(key=["M", "N", "BATCH", "INPUT_PRECISION"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                     "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0, "K_TILES": k_tiles_heuristic})
-@triton.jit
+@triton.jit(do_not_specialize=["BATCH"])   # the grid's batch axis only: no binary per batch size
 def _update_kernel(
     b_ptr, x_ptr, out_ptr,
     M, N, K, BATCH,          # out and x: [BATCH, M, N]; b: [BATCH, M, M]; K == M (the reduction over rows of x)
