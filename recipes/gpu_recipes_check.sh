@@ -75,7 +75,7 @@ PY
     tiles)
       # moe_small's buckets alone, one fresh process per MUON_NS_AUTOTUNE mode: first-pass seconds, searches and
       # compilations, and the steady Newton-Schulz time per step (bounded against the full search). < 3 minutes.
-      timeout 240 python recipes/bench_tile_search.py --model moe_small --out "$out/tile_search.json" \
+      timeout 175 python recipes/bench_tile_search.py --model moe_small --out "$out/tile_search.json" \
         | tee "$out/tile_search.md" ;;
     recipes)
       runs=()
