@@ -14,8 +14,8 @@ H200, almost all of it compilation. Here:
   The Newton-Schulz loops call it with the launches of all products of a new shape at once
   (`iterations.py`), which puts a whole shape's compilations in parallel, not only one search's. When the
   choices are already on disk it costs a cache lookup per candidate (about a millisecond);
-* `SearchStats` counts what the searches cost, for the optimizer's first-step log line
-  (`search_report`).
+* `SearchStats` counts what the searches and compilations cost; `progress()` before and after the optimizer's
+  first step and `describe` make the trainer's one log line of it.
 
 `MUON_NS_PRECOMPILE=0` turns the parallel compilation off (each candidate is then compiled by the autotuner
 as it reaches it).
