@@ -174,7 +174,11 @@ def _precompile(X: torch.Tensor, loop_on: Callable[[Plan], Callable[[torch.Tenso
     _precompiled.add(key)
     if not tile_search.precompile_enabled():
         return
-    tile_search.compile_candidates(_recorded(X, loop_on))
+    try:
+        launches = _recorded(X, loop_on)
+    except Exception:   # noqa: BLE001 - an optimization only: the real loop runs next and reports any error itself
+        return
+    tile_search.compile_candidates(launches)
 
 
 def _recorded(X: torch.Tensor, loop_on) -> dict:
