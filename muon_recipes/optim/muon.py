@@ -35,7 +35,7 @@ from muon_recipes.optim import dispatch
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
                                               resolve_dtype)
-from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
+from muon_recipes.optim.orthogonalize import NSSettings, compile_ahead, orthogonalize
 
 ADAMW_LR = 3e-3  # an AdamW group's lr when it sets none (the `optim.adamw.lr` default of conf/)
 BUCKET_MB = 256.0  # sharded parameters: target size of one communication bucket (full matrices, MB)
@@ -148,6 +148,7 @@ class Muon(torch.optim.Optimizer):
         self.replica_spread = replica_spread
         self._plans: dict[Tensor, tuple] = {}
         self._dist_cache: dict = {}  # process-group maps and the sharded step plan, reused between steps
+        self._compiled_ahead = False  # the first step compiles every bucket's kernels at once (`_compile_ahead`)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -174,6 +175,7 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("bucket_mb", BUCKET_MB)
         self.__dict__.setdefault("adamw_defaults", dict(lr=ADAMW_LR, weight_decay=0.0))
         self.__dict__.setdefault("replica_spread", "auto")
+        self.__dict__.setdefault("_compiled_ahead", False)
 
     # ----------------------------------------------------------------------------------------------------------
     # Step
@@ -188,6 +190,8 @@ class Muon(torch.optim.Optimizer):
         timer = _StepTimer(self.profile, device)
         items = [item for group in self.param_groups if group["algorithm"] == "muon"
                  for item in self._momentum(group)]
+        if items and not self._compiled_ahead:
+            self._compile_ahead(items)
         if items:
             for item, ortho in zip(items, self._orthogonalize(items, timer, overlap=self._adamw_groups)):
                 self._apply(item, ortho)
@@ -195,6 +199,19 @@ class Muon(torch.optim.Optimizer):
             self._adamw_groups()
         self.last_step_timings = timer.finish()
         return loss
+
+    def _compile_ahead(self, items: list[MatrixUpdate]) -> None:
+        """Before the first orthogonalization of a single process: the Newton-Schulz kernels of every bucket of the
+        step compiled at once (`orthogonalize.compile_ahead`), so a machine's first-ever tile searches only time.
+        Under sharding each rank orthogonalizes a part, found only inside the step: there each shape compiles its
+        own candidates at once as it comes (`kernels/iterations.py`)."""
+        self._compiled_ahead = True
+        if any(is_dtensor(item.param) and item.param.device_mesh.size() > 1 for item in items):
+            return
+        try:
+            compile_ahead([(item.plan, item.ns, local(item.param).device) for item in items])
+        except Exception:   # noqa: BLE001 - an optimization only: the step compiles what it needs as it goes
+            pass
 
     # (1) momentum ---------------------------------------------------------------------------------------------
     def _momentum(self, group: dict) -> list[MatrixUpdate]:
