@@ -11,8 +11,9 @@ H200, almost all of it compilation. Here:
   thread pool through Triton's own `AsyncCompileMode` (the same `warmup` the autotuner would run, so the
   binaries land in the kernels' in-memory cache where the search then finds them). Compilation releases the
   GIL for nearly all of its time (the MLIR passes and the ptxas subprocess), so threads scale with the cores.
-  The Newton-Schulz loops call it with the launches of all products of a new shape at once
-  (`iterations.py`), which puts a whole shape's compilations in parallel, not only one search's. When the
+  Muon's first step calls it with the launches of every bucket at once (`orthogonalize.compile_ahead`, in a
+  single process), and the Newton-Schulz loops with those of all products of a new shape (`iterations.py`, the
+  only way under sharding), so whole steps or shapes compile in parallel, not only one search's candidates. When the
   choices are already on disk it costs a cache lookup per candidate (about a millisecond);
 * `SearchStats` counts what the searches and compilations cost; `progress()` before and after the optimizer's
   first step and `describe` make the trainer's one log line of it.
