@@ -226,8 +226,9 @@ class Trainer:
 
     def _first_optimizer_step(self) -> None:
         """The process's first optimizer step, timed and said in one line: on a GPU it chooses the Newton-Schulz
-        kernels' tiles for every new problem shape (timing candidates, or reading earlier choices from Triton's disk
-        cache), which can take seconds before any training is seen."""
+        kernels' tiles for every new problem shape (compiling and timing a bounded set of candidates, or reading
+        earlier choices from Triton's disk cache), which can take seconds before any training is seen; the line
+        says how many choices were searched or read, how many binaries were built, and the seconds of each part."""
         self.first_optimizer_step = False
         tile_search = _tile_search() if self.ctx.device.type == "cuda" else None
         before = tile_search.progress() if tile_search else None
