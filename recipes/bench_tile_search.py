@@ -105,8 +105,8 @@ def _hopper_source(kernel, named: dict, constexprs: dict):
             signature[name] = "i32"
         elif name in constexprs or name in rules or (type(value) is int and value == 1):
             signature[name], constants[(index,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name], attrs[(index,)] = _POINTER[value.dtype], [["tt.divisibility", 16]]
+        elif isinstance(value, torch.dtype):   # a 16-byte aligned tensor, as recorded
+            signature[name], attrs[(index,)] = _POINTER[value], [["tt.divisibility", 16]]
         elif isinstance(value, int):
             signature[name] = "i32"
             if value % 16 == 0:
@@ -140,11 +140,11 @@ def cpu_report(buckets, modes, compile_how: str) -> dict:
         for kernel, _, args, constexprs in launches:
             named = dict(zip(kernel.arg_names, args))
             key = (kernel.base_fn.__name__, *[{**named, **constexprs}[k] for k in kernel.keys],
-                   *[str(a.dtype) for a in args if isinstance(a, torch.Tensor)])
+                   *[str(a) for a in args if isinstance(a, torch.dtype)])
             keys.add(key)
             for config in search_candidates(kernel.configs, named, **constexprs):
                 fn = unwrap(kernel)[0]
-                spec = (kernel.base_fn.__name__, tuple(str(a.dtype) if isinstance(a, torch.Tensor) else
+                spec = (kernel.base_fn.__name__, tuple(str(a) if isinstance(a, torch.dtype) else
                                                        (a == 1, a % 16 == 0) if isinstance(a, int)
                                                        and not fn.params[i].do_not_specialize else 0
                                                        for i, a in enumerate(args)),

@@ -25,12 +25,12 @@ HOPPER_SHARED_MEMORY = 227 * 1024
 
 
 def symmetric(batch, m, k, dtype, has_c=False, precision="tf32"):
-    return ({"M": m, "K": k, "BATCH": batch, "x_ptr": torch.empty(0, dtype=dtype)},
+    return ({"M": m, "K": k, "BATCH": batch, "x_ptr": dtype},
             {"HAS_C": has_c, "INPUT_PRECISION": precision})
 
 
 def update(batch, m, n, dtype, add_x=True, precision="tf32"):
-    return ({"M": m, "N": n, "K": m, "BATCH": batch, "x_ptr": torch.empty(0, dtype=dtype)},
+    return ({"M": m, "N": n, "K": m, "BATCH": batch, "x_ptr": torch.empty(0, dtype=dtype)},   # a tensor here
             {"ADD_X": add_x, "INPUT_PRECISION": precision})
 
 
@@ -63,7 +63,7 @@ def test_each_mode_searches_a_subset_of_the_pruned_tiles_led_by_the_models_pick(
     named, constexprs = PRODUCTS[name]
     configs = matmul_configs(interpreted=False)
     pruned = prune_configs(configs, named, **constexprs)
-    element_size = named["x_ptr"].element_size()
+    element_size = named["x_ptr"].itemsize
     mode("full")
     assert search_candidates(configs, named, **constexprs) == pruned
     mode("heuristic")
@@ -152,7 +152,7 @@ def _launch_summary(launches):
     rows = []
     for kernel, _, args, constexprs in launches:
         named = dict(zip(kernel.arg_names, args))
-        dtypes = tuple(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
+        dtypes = tuple(str(a).replace("torch.", "") for a in args if isinstance(a, torch.dtype))
         sizes = (named["M"], named.get("N", named["K"]), named["BATCH"])
         flag = constexprs.get("HAS_C", constexprs.get("ADD_X"))
         rows.append((kernel.base_fn.__name__, sizes, dtypes, flag))

@@ -181,21 +181,25 @@ def _precompile(X: torch.Tensor, loop_on: Callable[[Plan], Callable[[torch.Tenso
     tile_search.compile_candidates(launches)
 
 
-def _recorded(X: torch.Tensor, loop_on) -> dict:
+def _recorded(X: torch.Tensor, loop_on) -> list[tuple]:
+    """The dry pass's launches, each tensor argument replaced by its dtype (what Triton's `warmup` takes for a
+    16-byte aligned tensor), so the pass's buffers are freed at once however many launches are kept."""
     with tile_search.recorded_launches() as launches:
         loop_on(ALL_TRITON)(X)
-    return launches
+    return [(kernel, grid, tuple(a.dtype if isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0 else a
+                                 for a in args), constexprs)
+            for kernel, grid, args, constexprs in launches.values()]
 
 
 def triton_launches(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[int] | None = None,
                     out_dtype: torch.dtype | None = None) -> list[tuple]:
-    """The Triton launches (kernel, grid, args, constexprs) one call of the iterations on X would make with
-    every product on the Triton kernels, one per kernel specialization, without running any: the standard form,
+    """The Triton launches (kernel, grid, args, constexprs; tensors as their dtypes) one call of the iterations on
+    X would make with every product on the Triton kernels, one per kernel specialization, without running any: the standard form,
     or the Gram form when `restarts` is given. X may be a CPU tensor (nothing runs on it), so a CPU machine can
     list and compile a GPU workload's kernels (recipes/bench_tile_search.py)."""
     restarts = None if restarts is None else tuple(restarts)
     loop_on = _loop_on(_check_coefficients(coefficients), restarts, out_dtype or X.dtype)
-    return list(_recorded(X, loop_on).values())
+    return _recorded(X, loop_on)
 
 
 def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan) -> torch.Tensor:

@@ -136,7 +136,7 @@ def compile_candidates(launches) -> None:
     Each autotuned kernel's `warmup` compiles exactly what its search will time (the same candidates, the same
     argument specialization), so the search then finds every binary compiled. A failure here only costs the
     time: the autotuner compiles (and reports) anything still missing as it did before."""
-    launches = list(launches.values()) if isinstance(launches, dict) else list(launches)
+    launches = list(launches)
     if not launches:
         return
     start = time.perf_counter()

@@ -111,6 +111,12 @@ def _next_power_of_two(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def element_size_of(pointer) -> int:
+    """Bytes per element of a pointer argument: a tensor, or the torch.dtype that stands for one in a recorded
+    launch (`iterations.triton_launches`) and in Triton's `warmup`."""
+    return pointer.itemsize if isinstance(pointer, torch.dtype) else pointer.element_size()
+
+
 def prune_configs(configs, named_args, **kwargs):
     """Drop tiles far larger than the problem or too big for shared memory; always keep at least one.
 
@@ -123,12 +129,12 @@ def prune_configs(configs, named_args, **kwargs):
     (tests/optim/test_kernels_sm90.py).
 
     `M`, `N`, `K` are the output rows, output columns (absent for the square symmetric products) and
-    reduction length of the kernel's product; `x_ptr` carries the element type.
+    reduction length of the kernel's product; `x_ptr` carries the element type (a tensor or a torch.dtype).
     """
     m, k = named_args["M"], named_args["K"]
     symmetric = "N" not in named_args
     n = named_args.get("N", m)
-    element_size = named_args["x_ptr"].element_size()
+    element_size = element_size_of(named_args["x_ptr"])
     ieee = kwargs.get("INPUT_PRECISION") == "ieee"
     kept = []
     for config in configs:
@@ -169,7 +175,7 @@ def problem_of(named_args: dict, **kwargs) -> Product:
     m, k = named_args["M"], named_args["K"]
     symmetric = "N" not in named_args
     return Product(batch=named_args["BATCH"], m=m, n=m if symmetric else named_args["N"], k=k,
-                   symmetric=symmetric, element_size=named_args["x_ptr"].element_size(),
+                   symmetric=symmetric, element_size=element_size_of(named_args["x_ptr"]),
                    reads_c=bool(kwargs.get("HAS_C", kwargs.get("ADD_X", False))))
 
 
