@@ -8,11 +8,11 @@ configuration neither spills its accumulators to local memory nor overflows shar
 on Hopper's warpgroup tensor-core instruction (HGMMA in the machine code) rather than the older per-warp HMMA
 or plain FMAs, and that an elementwise pass reads and writes with 16-byte vector accesses (LDG.E.128).
 
-Arguments are described the way Triton's launcher specializes them: a tensor by its dtype (its address is
-16-byte aligned, as every torch allocation is), an integer by its value (1 becomes a constant, a multiple of
-16 is marked divisible, unless the kernel says `do_not_specialize` for it), a float as fp32. The kernel's `triton.heuristics` are evaluated on those values and
-the tile configuration, as at launch. Nothing is timed: speed still comes from the GPU benchmarks
-(recipes/bench_newton_schulz.py).
+Arguments are described the way Triton's launcher specializes them: a tensor by its dtype (its address is 16-byte
+aligned, as every torch allocation is), an integer by its value (1 becomes a constant, a multiple of 16 is marked
+divisible, unless the kernel says `do_not_specialize` for it), a float as fp32. The kernel's `triton.heuristics` are
+evaluated on those values and the tile configuration, as at launch. Nothing is timed: speed still comes from the GPU
+benchmarks (recipes/bench_newton_schulz.py).
 """
 
 from __future__ import annotations

@@ -193,10 +193,10 @@ def _recorded(X: torch.Tensor, loop_on) -> list[tuple]:
 
 def triton_launches(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[int] | None = None,
                     out_dtype: torch.dtype | None = None) -> list[tuple]:
-    """The Triton launches (kernel, grid, args, constexprs; tensors as their dtypes) one call of the iterations on
-    X would make with every product on the Triton kernels, one per kernel specialization, without running any: the standard form,
-    or the Gram form when `restarts` is given. X may be a CPU tensor (nothing runs on it), so a CPU machine can
-    list and compile a GPU workload's kernels (recipes/bench_tile_search.py)."""
+    """The Triton launches (kernel, grid, args, constexprs; tensors as their dtypes) one call of the iterations on X
+    would make with every product on the Triton kernels, one per kernel specialization, without running any: the
+    standard form, or the Gram form when `restarts` is given. X may be a CPU tensor (nothing runs on it), so a CPU
+    machine can list and compile a GPU workload's kernels (recipes/bench_tile_search.py)."""
     restarts = None if restarts is None else tuple(restarts)
     loop_on = _loop_on(_check_coefficients(coefficients), restarts, out_dtype or X.dtype)
     return _recorded(X, loop_on)
