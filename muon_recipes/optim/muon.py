@@ -208,6 +208,8 @@ class Muon(torch.optim.Optimizer):
         self._compiled_ahead = True
         if any(is_dtensor(item.param) and item.param.device_mesh.size() > 1 for item in items):
             return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return   # a step captured in a CUDA graph: nothing may allocate or compile here
         try:
             compile_ahead([(item.plan, item.ns, local(item.param).device) for item in items])
         except Exception:   # noqa: BLE001 - an optimization only: the step compiles what it needs as it goes
