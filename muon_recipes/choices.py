@@ -40,3 +40,7 @@ LR_SCHEDULES = ("cosine", "wsd", "constant")
 ITERATION_KERNELS = ("auto", "triton")
 # What the embedded corpus reads from the running Python installation (data/sources.py).
 CORPUS_SCOPES = ("stdlib", "site-packages")
+# How much of the Newton-Schulz kernels' tile candidates a new problem shape searches (kernels/tuning.py), read from
+# the environment variable TILE_SEARCH_ENV: the cost model's best few, all of them, or its first choice untimed.
+TILE_SEARCHES = ("bounded", "full", "heuristic")
+TILE_SEARCH_ENV = "MUON_NS_AUTOTUNE"

@@ -222,6 +222,16 @@ def test_bad_config_value(tmp_path, monkeypatch, overrides, world, fragments):
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_tile_search_mode_in_the_environment(tmp_path, monkeypatch):
+    """MUON_NS_AUTOTUNE is read by the kernels at their first search, on the GPU, long after start-up: checked with
+    the config, before anything starts."""
+    monkeypatch.setenv("MUON_NS_AUTOTUNE", "fast")
+    code, err = run_in_process([f"run_dir={tmp_path / 'run'}"])
+    assert_one_line(code, err, "error: invalid config: MUON_NS_AUTOTUNE='fast': must be one of bounded, full, "
+                               "heuristic")
+    assert not (tmp_path / "run").exists()
+
+
 def test_split_sizes_that_do_not_sum_to_the_rows():
     """The optimizer used directly: a param group's split_sizes must tile the weight's rows."""
     import torch

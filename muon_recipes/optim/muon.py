@@ -40,7 +40,7 @@ from muon_recipes.optim.cuda_graph import CapturedStep, CudaGraphUnavailable, St
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
                                               resolve_dtype)
-from muon_recipes.optim.orthogonalize import NSSettings, orthogonalize
+from muon_recipes.optim.orthogonalize import NSSettings, compile_ahead, orthogonalize
 
 ADAMW_LR = 3e-3  # an AdamW group's lr when it sets none (the `optim.adamw.lr` default of conf/)
 BUCKET_MB = 256.0  # sharded parameters: target size of one communication bucket (full matrices, MB)
@@ -172,6 +172,7 @@ class Muon(torch.optim.Optimizer):
         self._graph_blocked: Optional[str] = None  # why the step stays eager under cuda_graph="auto"
         self._plans: dict[Tensor, tuple] = {}
         self._dist_cache: dict = {}  # process-group maps and the sharded step plan, reused between steps
+        self._compiled_ahead = False  # the first step compiles every bucket's kernels at once (`_compile_ahead`)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -201,6 +202,7 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("cuda_graph", "off")
         self.__dict__.setdefault("_captured", None)
         self.__dict__.setdefault("_graph_blocked", None)
+        self.__dict__.setdefault("_compiled_ahead", False)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -231,6 +233,8 @@ class Muon(torch.optim.Optimizer):
         from `grads` (param -> local gradient): the form a CUDA graph can record (`cuda_graph.py`)."""
         items = [item for index, group in enumerate(self.param_groups) if group["algorithm"] == "muon"
                  for item in self._momentum(group, index, grads)]
+        if items and not self._compiled_ahead:
+            self._compile_ahead(items)
         adamw = lambda: self._adamw_groups(scalars, grads)  # noqa: E731
         if items:
             for item, ortho in zip(items, self._orthogonalize(items, timer, overlap=adamw)):
@@ -281,6 +285,21 @@ class Muon(torch.optim.Optimizer):
                 _, _, segments = self._plan(p, group)
                 for _, _, ratio in segments or ():
                     scalars.declare(index, ("alpha", ratio))
+
+    def _compile_ahead(self, items: list[MatrixUpdate]) -> None:
+        """Before the first orthogonalization of a single process: the Newton-Schulz kernels of every bucket of the
+        step compiled at once (`orthogonalize.compile_ahead`), so a machine's first-ever tile searches only time.
+        Under sharding each rank orthogonalizes a part, found only inside the step: there each shape compiles its
+        own candidates at once as it comes (`kernels/iterations.py`)."""
+        self._compiled_ahead = True
+        if any(is_dtensor(item.param) and item.param.device_mesh.size() > 1 for item in items):
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return   # a step captured in a CUDA graph: nothing may allocate or compile here
+        try:
+            compile_ahead([(item.plan, item.ns, local(item.param).device) for item in items])
+        except Exception:   # noqa: BLE001 - an optimization only: the step compiles what it needs as it goes
+            pass
 
     # (1) momentum ---------------------------------------------------------------------------------------------
     def _momentum(self, group: dict, index: int, static_grads: Optional[dict]) -> list[MatrixUpdate]:

@@ -178,6 +178,36 @@ def gram_iterations_torch(X: torch.Tensor, coefficients: list[tuple[float, float
     return torch.bmm(Q, X)
 
 
+def _route(X: torch.Tensor, backend: str, method: str) -> tuple[bool, bool, torch.dtype]:
+    """For a batch X [B, rows, cols] already in the Newton-Schulz dtype: (Triton kernels?, Gram form?, the dtype
+    the iterations work in: float16 for the Gram form of a 16-bit dtype, see the module doc)."""
+    rows, cols = X.shape[-2:]
+    gram = dispatch.uses_gram_form(method, rows, cols, X.is_cuda)
+    half = X.dtype in (torch.bfloat16, torch.float16)
+    return dispatch.newton_schulz_on_triton(X, backend), gram, torch.float16 if gram and half else X.dtype
+
+
+def triton_launches(count: int, rows: int, cols: int, steps: int = NS_STEPS, schedule: Schedule = NS_SCHEDULE,
+                    dtype: torch.dtype | str = NS_DTYPE, backend: str = "auto", method: str = NS_METHOD,
+                    device: torch.device | str = "cuda") -> list[tuple]:
+    """The Triton kernel launches (kernel, grid, args, constexprs; one per specialization) that `newton_schulz`
+    makes of `count` rows x cols matrices on `device`, recorded without running: none where it runs on torch.
+    What `kernels.tile_search.compile_candidates` compiles ahead of a step (`orthogonalize.compile_ahead`).
+    The buffers it records with are allocated on `device` for the moment of the call, as the real call's are."""
+    dtype = resolve_dtype(dtype)
+    m, n = min(rows, cols), max(rows, cols)
+    triton, gram, work = _route(torch.empty((1, m, n), dtype=dtype, device=device), backend, method)
+    if not triton or count * m * n == 0:
+        return []
+    from muon_recipes.optim.kernels.iterations import triton_launches as iteration_launches
+
+    X = torch.empty((count, m, n), dtype=work, device=device)
+    coeffs = coefficients(schedule, steps)
+    if gram:
+        return iteration_launches(X, coeffs, gram_restarts(steps), out_dtype=dtype)
+    return iteration_launches(X, coeffs)
+
+
 def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = NS_SCHEDULE,
                   dtype: torch.dtype | str = NS_DTYPE, backend: str = "auto",
                   eps: float = NS_EPS, method: str = NS_METHOD) -> torch.Tensor:
@@ -201,11 +231,9 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = N
     X = G.reshape(-1, rows, cols).to(dtype)
     if X.numel() == 0:
         return X.reshape(G.shape)
-    triton = dispatch.newton_schulz_on_triton(X, backend)
+    triton, gram, work = _route(X, backend, method)
     kernels = dispatch.kernels() if triton else None
-    gram = dispatch.uses_gram_form(method, rows, cols, X.is_cuda)
     half = dtype in (torch.bfloat16, torch.float16)
-    work = torch.float16 if gram and half else dtype
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
     divisor = norm * (_NORM_SAFETY[schedule] if isinstance(schedule, str) else 1.0) + eps
     # One pass: the division runs in float32 and rounds once into a fresh `work` buffer (a plain `X / norm`

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
+from muon_recipes.optim import dispatch
 from muon_recipes.optim.blocks import BlockPlan, copy_block
-from muon_recipes.optim.newton_schulz import newton_schulz
+from muon_recipes.optim.newton_schulz import newton_schulz, triton_launches
 
 @dataclass(frozen=True)
 class NSSettings:
@@ -73,3 +74,34 @@ def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) ->
         else:
             outputs.append(plan.assemble(pieces, torch.empty(update.shape, dtype=ns.dtype, device=update.device)))
     return outputs
+
+
+def bucket_shapes(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]) -> dict[tuple, int]:
+    """{((m, n), device, settings): matrices} of the batches `orthogonalize` forms from these blocks (m <= n)."""
+    shapes: dict[tuple, int] = {}
+    for plan, ns, device in jobs:
+        for count, rows, cols in plan.block_shapes():
+            key = ((min(rows, cols), max(rows, cols)), torch.device(device), ns)
+            shapes[key] = shapes.get(key, 0) + count
+    return shapes
+
+
+def compile_ahead(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]) -> None:
+    """Compile the Triton tile candidates of every batch these blocks make, all at once, before any is timed.
+
+    On a machine that has never tuned the kernels, the first step otherwise compiles one shape's candidates
+    after another (each shape compiles its own at once: `kernels/iterations.py`); compiling every shape's
+    together fills the host's cores once. Each batch's launches are recorded with buffers of its size on its
+    device, one batch at a time, so the memory this needs is that of the largest batch's Newton-Schulz, as in
+    the step itself. Nothing to do off the GPU, without Triton, or with MUON_NS_PRECOMPILE=0."""
+    if dispatch.kernels() is None:
+        return
+    from muon_recipes.optim.kernels import tile_search
+
+    if not tile_search.precompile_enabled():
+        return
+    launches = []
+    for ((m, n), device, ns), count in bucket_shapes(jobs).items():
+        if device.type == "cuda":
+            launches += triton_launches(count, m, n, ns.steps, ns.schedule, ns.dtype, ns.backend, ns.method, device)
+    tile_search.compile_candidates(launches)

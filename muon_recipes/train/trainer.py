@@ -251,19 +251,18 @@ class Trainer:
 
     def _first_optimizer_step(self) -> None:
         """The process's first optimizer step, timed and said in one line: on a GPU it chooses the Newton-Schulz
-        kernels' tiles for every new problem shape (timing candidates, or reading earlier choices from Triton's disk
-        cache), which can take seconds before any training is seen."""
+        kernels' tiles for every new problem shape (compiling and timing a bounded set of candidates, or reading
+        earlier choices from Triton's disk cache), which can take seconds before any training is seen; the line
+        says how many choices were searched or read, how many binaries were built, and the seconds of each part."""
         self.first_optimizer_step = False
-        tuned = _tuned_problem_count if self.ctx.device.type == "cuda" else None
-        before = tuned() if tuned else 0
+        tile_search = _tile_search() if self.ctx.device.type == "cuda" else None
+        before = tile_search.progress() if tile_search else None
         watch = Stopwatch(self.ctx.device)
         self.optimizer.step()
         seconds = watch.lap()
-        if tuned and self.ctx.is_main:
-            chosen = tuned() - before
-            print(f"optimizer: first step {seconds:.2f} s, choosing Newton-Schulz kernel tiles for {chosen} problem "
-                  f"shapes ({'timed now or read from the disk cache in TRITON_CACHE_DIR' if chosen else 'none new'})",
-                  flush=True)
+        if tile_search and self.ctx.is_main:
+            print(f"optimizer: first step {seconds:.2f} s; Newton-Schulz kernel tiles: "
+                  f"{tile_search.describe(before, tile_search.progress())}", flush=True)
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         t = self.cfg.train
@@ -446,15 +445,16 @@ class Trainer:
         self.checkpointer.save(self.step, self.model, self.optimizer, extras, rank_extras, self.config_dict)
 
 
-def _tuned_problem_count() -> int:
-    """Tile choices the Newton-Schulz kernels hold in this process (0 where Triton is not in use)."""
+def _tile_search():
+    """The Newton-Schulz kernels' tile-search accounting (`optim/kernels/tile_search.py`), or None where Triton
+    is not in use."""
     from muon_recipes.optim.dispatch import triton_available
 
     if not triton_available():
-        return 0
-    from muon_recipes.optim.kernels.tuning import tuned_problem_count
+        return None
+    from muon_recipes.optim.kernels import tile_search
 
-    return tuned_problem_count()
+    return tile_search
 
 
 def _progress_bar(total: int, initial: int):

@@ -8,11 +8,11 @@ configuration neither spills its accumulators to local memory nor overflows shar
 on Hopper's warpgroup tensor-core instruction (HGMMA in the machine code) rather than the older per-warp HMMA
 or plain FMAs, and that an elementwise pass reads and writes with 16-byte vector accesses (LDG.E.128).
 
-Arguments are described the way Triton's launcher specializes them: a tensor by its dtype (its address is
-16-byte aligned, as every torch allocation is), an integer by its value (1 becomes a constant, a multiple of
-16 is marked divisible), a float as fp32. The kernel's `triton.heuristics` are evaluated on those values and
-the tile configuration, as at launch. Nothing is timed: speed still comes from the GPU benchmarks
-(recipes/bench_newton_schulz.py).
+Arguments are described the way Triton's launcher specializes them: a tensor by its dtype (its address is 16-byte
+aligned, as every torch allocation is), an integer by its value (1 becomes a constant, a multiple of 16 is marked
+divisible, unless the kernel says `do_not_specialize` for it), a float as fp32. The kernel's `triton.heuristics` are
+evaluated on those values and the tile configuration, as at launch. Nothing is timed: speed still comes from the GPU
+benchmarks (recipes/bench_newton_schulz.py).
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def compile_for_hopper(kernel, args: dict, constexprs: dict, *, num_warps: int =
     signature, constants, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
         value = named[name]
-        if name in constexprs or name in rules or (type(value) is int and value == 1):
+        if getattr(fn.params[index], "do_not_specialize", False) and type(value) is int:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"   # neither 1 nor multiples of 16 special
+        elif name in constexprs or name in rules or (type(value) is int and value == 1):
             signature[name] = "constexpr"   # the launcher also turns an integer argument equal to 1 into one
             constants[(index,)] = value
         elif isinstance(value, torch.dtype):

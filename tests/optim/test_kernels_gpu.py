@@ -329,3 +329,113 @@ def test_scaled_add_matches_float64():
         ours = scaled_add_(weight, update, alpha=-0.02, decay=0.999)
         assert ours.data_ptr() == weight.data_ptr()
         assert _relative_error(ours, exact) <= 1.01 * _relative_error(reference, exact) + 1e-9
+
+
+_TILE_SEARCH_SCRIPT = r"""
+import json, torch
+from muon_recipes.optim.kernels import tile_search
+from muon_recipes.optim.kernels.iterations import ns_iterations_triton, triton_launches
+X = torch.randn(8, 512, 1536, device="cuda")
+X = (X / X.norm(dim=(-2, -1), keepdim=True)).to(torch.bfloat16)
+coefficients = [(3.4445, -4.7750, 2.0315)] * 5
+start = tile_search.progress()
+tile_search.compile_candidates(triton_launches(X, coefficients))
+compiled = tile_search.progress()
+Y = ns_iterations_triton(X, coefficients, kernels="triton")
+torch.cuda.synchronize()
+searched = tile_search.progress()
+def loop(Z):
+    for a, b, c in coefficients:
+        A = Z @ Z.mT
+        Z = a * Z + (b * A + c * (A @ A)) @ Z
+    return Z
+exact = loop(X.double())
+error = ((Y.double() - exact).norm() / exact.norm()).item()
+torch_error = ((loop(X).double() - exact).norm() / exact.norm()).item()
+print(json.dumps({"precompiled_binaries": compiled.binaries - start.binaries,
+                  "search_binaries": searched.binaries - compiled.binaries,
+                  "searches": searched.stats.searches, "timed": searched.stats.timed,
+                  "choices": searched.choices - start.choices, "error": error, "torch_error": torch_error,
+                  "line": tile_search.describe(start, searched)}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["bounded", "heuristic", "full"])
+def test_tile_candidates_compile_ahead_and_the_search_only_times(mode, tmp_path):
+    """In a fresh process with an empty Triton cache: compiling a loop's launches ahead builds every candidate
+    binary, so the searches that follow compile nothing more; each search times at most the mode's candidates
+    (none for `heuristic`), and the tiles chosen compute the iteration as accurately as the torch loop in bf16,
+against float64."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from muon_recipes.optim.kernels.tuning import BOUNDED_CANDIDATES
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MUON_NS_AUTOTUNE=mode, TRITON_CACHE_DIR=str(tmp_path / "triton"),
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _TILE_SEARCH_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["choices"] == 3, result              # X X^T, b A + c A A and a X + B X: three problem keys
+    assert result["precompiled_binaries"] >= 3 and result["search_binaries"] == 0, result
+    per_key = {"bounded": BOUNDED_CANDIDATES, "heuristic": 0, "full": 11}[mode]
+    assert result["timed"] <= 3 * per_key, result
+    if mode != "heuristic":
+        assert result["searches"] == 3 and result["timed"] >= 3, result
+    assert result["error"] <= 1.25 * result["torch_error"] + 1e-3, result
+
+
+_COMPILE_AHEAD_SCRIPT = r"""
+import json, torch
+from torch import nn
+from muon_recipes.optim import Muon
+from muon_recipes.optim.blocks import BlockPlan
+from muon_recipes.optim.kernels import tile_search
+from muon_recipes.optim.orthogonalize import NSSettings, compile_ahead
+torch.manual_seed(0)
+experts = nn.Parameter(torch.randn(9, 768, 512, device="cuda"))     # 9 tall blocks: a Gram-form bucket (float16)
+qkv = nn.Parameter(torch.randn(1024, 512, device="cuda"))           # q 512 x 512, k and v 256 x 512
+plain = nn.Parameter(torch.randn(512, 512, device="cuda"))          # joins q's bucket
+opt = Muon([dict(params=[qkv], split_sizes=(512, 256, 256)), dict(params=[plain, experts])], lr=0.02)
+for p in (experts, qkv, plain):
+    p.grad = torch.randn_like(p)
+ns = NSSettings(5, "keller", torch.bfloat16, "auto", 1e-7, "gram")
+jobs = [(BlockPlan.build(qkv.shape, (512, 256, 256)), ns, qkv.device), (BlockPlan.build(plain.shape), ns, qkv.device),
+        (BlockPlan.build(experts.shape), ns, qkv.device)]
+start = tile_search.progress()
+compile_ahead(jobs)
+ahead = tile_search.progress()
+opt.step()
+torch.cuda.synchronize()
+stepped = tile_search.progress()
+print(json.dumps({"ahead": ahead.binaries - start.binaries, "in_step": stepped.binaries - ahead.binaries,
+                  "choices": stepped.choices - start.choices, "searches": stepped.stats.searches,
+                  "finite": all(bool(torch.isfinite(p).all()) for p in (experts, qkv, plain)),
+                  "line": tile_search.describe(start, stepped)}))
+"""
+
+
+def test_the_first_step_compiles_every_buckets_candidates_ahead(tmp_path):
+    """The ahead-of-time compilation of a whole step covers it: with an empty Triton cache, the step that follows
+    (its per-shape dry passes, its cuBLAS-or-Triton plans and its tile searches) builds no further binary."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MUON_NS_AUTOTUNE="bounded", TRITON_CACHE_DIR=str(tmp_path / "triton"),
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_AHEAD_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Buckets: 2 x 512 x 512 and 2 x 256 x 512 (standard form: 2 + 3 problem keys), 9 x 512 x 768 (Gram form: 4).
+    assert result["choices"] == 9 and result["searches"] == 9, result
+    assert result["ahead"] >= 10 and result["in_step"] == 0 and result["finite"], result

@@ -154,6 +154,14 @@ def test_equal_block_shapes_share_one_batched_call(monkeypatch):
         p.grad = torch.randn_like(p)
     opt.step()
     assert sorted(calls) == [(5, 12, 16), (8, 4, 16)]
+    # The batches the first step's kernels are compiled for ahead (on a GPU) are these calls.
+    from muon_recipes.optim.blocks import BlockPlan
+    from muon_recipes.optim.orthogonalize import NSSettings, bucket_shapes
+
+    ns = NSSettings(5, "keller", torch.bfloat16, "torch", 1e-7)
+    jobs = [(BlockPlan.build(p.shape, group.get("split_sizes"), "per_expert"), ns, p.device)
+            for group in opt.param_groups for p in group["params"]]
+    assert sorted((count, m, n) for ((m, n), _, _), count in bucket_shapes(jobs).items()) == sorted(calls)
 
 
 # --------------------------------------------------------------------------------------------------------------

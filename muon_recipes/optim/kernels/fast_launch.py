@@ -7,6 +7,9 @@ The first launch of each specialization takes that path (compiling and autotunin
 then keeps the compiled kernel, its grid and its constant arguments, and later launches call the compiled
 kernel directly.
 
+Inside `tile_search.recorded_launches()` a launch is recorded instead of run (a dry pass of a loop tells
+`tile_search.compile_candidates` what to compile before any search starts).
+
 The cache key holds everything the JIT specializes on: the exact integer arguments (sizes and strides), the
 16-byte alignment, dtype and device of every tensor, and the constexpr arguments. Under the CPU interpreter,
 or with `MUON_NS_FAST_LAUNCH=0`, every launch takes the ordinary path.
@@ -21,6 +24,7 @@ import torch
 import triton
 
 from muon_recipes.optim.dispatch import interpreting
+from muon_recipes.optim.kernels.tile_search import recording
 
 
 def unwrap(kernel) -> tuple:
@@ -56,7 +60,12 @@ class FastLaunch:
         return tuple(parts), tuple(constexprs.items())
 
     def __call__(self, grid: Callable[[dict], tuple], args: tuple, constexprs: dict) -> None:
-        """Launch with the runtime `args` (positional, in the kernel's order) and the caller's constexprs."""
+        """Launch with the runtime `args` (positional, in the kernel's order) and the caller's constexprs; within
+        `tile_search.recorded_launches()` record the launch instead."""
+        launches = recording()
+        if launches is not None:   # one entry per specialization: repeats compile nothing new
+            launches.setdefault((id(self), self._key(args, constexprs)), (self.kernel, grid, args, constexprs))
+            return
         if not self.enabled:
             self.kernel[grid](*args, **constexprs)
             return

@@ -18,6 +18,9 @@ restart), b R + c R R (the same symmetric kernels), Z Q + a Q for commuting symm
 kernel with two operands, `commuting_product`, run where the plan runs the polynomial), and Q X (the update
 kernel with a = 0, run where the plan runs the update).
 
+The first call of a shape compiles the tile candidates of all its Triton products at once, in parallel, before
+any of them is timed (`_precompile`, `tile_search.compile_candidates`): a shape's searches then only time.
+
 Buffers are allocated once per call and X ping-pongs between two of them, so the caller's tensor is never
 written. Small matrices are bound by launch latency (15 launches for 5 iterations, each a few microseconds
 of GPU work): `cuda_graph=True` captures the whole loop once per (device, shape, dtype, coefficients, kernel
@@ -34,6 +37,7 @@ import torch
 
 from muon_recipes.choices import ITERATION_KERNELS
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
+from muon_recipes.optim.kernels import tile_search
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
@@ -53,6 +57,8 @@ ALL_TRITON = Plan()
 _plans: dict[tuple, Plan] = {}
 # (device, shape, dtype, coefficients, kernels, precision) -> captured loop
 _graphs: dict[tuple, "_CapturedNewtonSchulz"] = {}
+# (device, shape, dtype, precision, (coefficients, restarts, out dtype)): tile candidates compiled ahead of searches
+_precompiled: set[tuple] = set()
 
 
 def _gram_cublas(X, A):
@@ -124,9 +130,12 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5) -> float:
     return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2]
 
 
-def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float]) -> Plan:
-    """Time each product with the Triton kernel and with cuBLAS on this shape; keep the faster of each."""
+def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False) -> Plan:
+    """Time each product with the Triton kernel and with cuBLAS on this shape; keep the faster of each. The
+    Gram form's products of X are Q X, without the a X term (a = 0): that is the update it times."""
     a, b, c = coefficient
+    if gram:
+        a = 0.0
     A = torch.empty((X.shape[0], X.shape[1], X.shape[1]), dtype=X.dtype, device=X.device)
     B, out = torch.empty_like(A), torch.empty_like(X)
     _gram_triton(X, A)   # a realistic A (symmetric, the spectrum of X X^T) for the next products
@@ -139,16 +148,58 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float]) -> P
     return Plan(**choices)
 
 
-def _plan_for(X: torch.Tensor, coeffs, kernels: str) -> Plan:
+def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False) -> Plan:
     if kernels == "triton" or not X.is_cuda:
         return ALL_TRITON
-    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype))
+    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram)
     plan = _plans.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             return ALL_TRITON   # cannot time inside a capture; the graph runner plans before capturing
-        plan = _plans[key] = _measure_plan(X, coeffs[0])
+        plan = _plans[key] = _measure_plan(X, coeffs[0], gram)
     return plan
+
+
+def _precompile(X: torch.Tensor, loop_on: Callable[[Plan], Callable[[torch.Tensor], torch.Tensor]],
+                form: tuple) -> None:
+    """Before the first call of a shape: compile the tile candidates of every Triton product of its loop at
+    once (`tile_search.compile_candidates`), instead of one after another inside each product's search.
+
+    A dry pass of the loop with every product on Triton records the launches without running them (the torch
+    operations between them run on uninitialized buffers; their results are dropped). The plan's timing of
+    Triton against cuBLAS and the searches that follow find the binaries compiled."""
+    key = (X.device.index, tuple(X.shape), X.dtype, input_precision(X.dtype), form)
+    if key in _precompiled or not X.is_cuda or torch.cuda.is_current_stream_capturing():
+        return
+    _precompiled.add(key)
+    if not tile_search.precompile_enabled():
+        return
+    try:
+        launches = _recorded(X, loop_on)
+    except Exception:   # noqa: BLE001 - an optimization only: the real loop runs next and reports any error itself
+        return
+    tile_search.compile_candidates(launches)
+
+
+def _recorded(X: torch.Tensor, loop_on) -> list[tuple]:
+    """The dry pass's launches, each tensor argument replaced by its dtype (what Triton's `warmup` takes for a
+    16-byte aligned tensor), so the pass's buffers are freed at once however many launches are kept."""
+    with tile_search.recorded_launches() as launches:
+        loop_on(ALL_TRITON)(X)
+    return [(kernel, grid, tuple(a.dtype if isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0 else a
+                                 for a in args), constexprs)
+            for kernel, grid, args, constexprs in launches.values()]
+
+
+def triton_launches(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[int] | None = None,
+                    out_dtype: torch.dtype | None = None) -> list[tuple]:
+    """The Triton launches (kernel, grid, args, constexprs; tensors as their dtypes) one call of the iterations on X
+    would make with every product on the Triton kernels, one per kernel specialization, without running any: the
+    standard form, or the Gram form when `restarts` is given. X may be a CPU tensor (nothing runs on it), so a CPU
+    machine can list and compile a GPU workload's kernels (recipes/bench_tile_search.py)."""
+    restarts = None if restarts is None else tuple(restarts)
+    loop_on = _loop_on(_check_coefficients(coefficients), restarts, out_dtype or X.dtype)
+    return _recorded(X, loop_on)
 
 
 def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan) -> torch.Tensor:
@@ -265,6 +316,14 @@ def gram_iterations_triton(X: torch.Tensor, coefficients: Sequence, restarts: Se
     return _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype or X.dtype)
 
 
+def _loop_on(coeffs, restarts, out_dtype) -> Callable[[Plan], Callable[[torch.Tensor], torch.Tensor]]:
+    """plan -> the loop of one call on that plan's products: the standard form, or the Gram form with
+    `restarts`."""
+    if restarts is None:
+        return lambda plan: (lambda inp: _iterate(inp, coeffs, plan))
+    return lambda plan: (lambda inp: _iterate_gram(inp, coeffs, plan, restarts, out_dtype))
+
+
 def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torch.Tensor:
     coeffs = _check_coefficients(coefficients)
     _check_input(X)
@@ -274,11 +333,10 @@ def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torc
         raise ValueError(f"out_dtype={out_dtype}: must be one of {', '.join(map(str, KERNEL_DTYPES))}")
     if not coeffs:
         return X.to(out_dtype or X.dtype, copy=True)
-    plan = _plan_for(X, coeffs, kernels)
-    if restarts is None:
-        loop = lambda inp: _iterate(inp, coeffs, plan)   # noqa: E731
-    else:
-        loop = lambda inp: _iterate_gram(inp, coeffs, plan, restarts, out_dtype)   # noqa: E731
+    loop_on = _loop_on(coeffs, restarts, out_dtype)
+    _precompile(X, loop_on, (coeffs, restarts, out_dtype))
+    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None)
+    loop = loop_on(plan)
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
     if cuda_graph and X.is_cuda and not torch.cuda.is_current_stream_capturing():

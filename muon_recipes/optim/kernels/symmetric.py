@@ -29,15 +29,15 @@ from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
 from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
-from muon_recipes.optim.kernels.tuning import autotune_options, input_precision, matmul_configs, prune_configs
+from muon_recipes.optim.kernels.tile_search import autotuned
+from muon_recipes.optim.kernels.tuning import input_precision
 
 
-@triton.autotune(configs=matmul_configs(), key=["M", "K", "BATCH", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_configs}, **autotune_options())
+@autotuned(key=["M", "K", "BATCH", "INPUT_PRECISION"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                     "EVEN_M": lambda args: args["M"] % args["BLOCK_M"] == 0 and args["M"] % args["BLOCK_N"] == 0,
                     "K_TILES": k_tiles_heuristic})
-@triton.jit
+@triton.jit(do_not_specialize=["BATCH"])   # the grid's batch axis only: no binary per batch size
 def _symmetric_matmul_kernel(
     x_ptr, y_ptr, c_ptr, out_ptr,
     M, K, BATCH,

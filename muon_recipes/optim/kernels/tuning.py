@@ -1,12 +1,19 @@
-"""Autotuning search spaces for the Newton-Schulz kernels, and the choices shared by all of them.
+"""Autotuning search spaces for the Newton-Schulz kernels, how much of them is searched, and the choices shared
+by all of them.
 
-Triton's autotuner times every candidate tile shape on the first call for a key (here: the matrix sizes, the
-batch size, the dtypes and the fp32 matmul precision) and caches the winner for the life of the process, so
-each bucket shape of an optimizer pays the search once. The candidates are the tile shapes that run Hopper's
-warpgroup MMA well for bf16 (128 x 256 and 128 x 128 tiles, 8 warps, 3-4 pipeline stages) plus smaller ones
-for the small, batched matrices of mixture-of-experts layers, where occupancy matters more than per-tile
-efficiency. Candidates that cannot fit in shared memory or that are much larger than the matrix are pruned
-before any compilation.
+Triton's autotuner times candidate tile shapes on the first call for a key (here: the matrix sizes, the
+batch size, the dtypes and the fp32 matmul precision) and caches the winner for the life of the process (and on
+disk, `autotune_options`), so each bucket shape of an optimizer pays the search once. The candidates are the
+tile shapes that run Hopper's warpgroup MMA well for bf16 (128 x 256 and 128 x 128 tiles, 8 warps, 3-4
+pipeline stages) plus smaller ones for the small, batched matrices of mixture-of-experts layers, where occupancy
+matters more than per-tile efficiency. Candidates that cannot fit in shared memory or that are much larger than
+the matrix are pruned before any compilation.
+
+Compiling a candidate costs far more than timing it (about half a second against a few milliseconds), and a
+first search over every candidate of every key made moe_small's first optimizer step take 56 s on an H200.
+So the search is bounded, as in kernel libraries that ship a tile heuristic: the candidates left after pruning
+are ranked by a cost model (`tile_model.py`) and only the best few are compiled (in parallel,
+`tile_search.py`) and timed. `MUON_NS_AUTOTUNE` chooses how much is searched (`tile_search_mode`).
 
 Under `TRITON_INTERPRET=1` (the CPU test path) there is a single small config, so odd sizes still span
 several tiles and the masked edges get exercised, and nothing is timed.
@@ -20,12 +27,17 @@ import os
 import torch
 import triton
 
+from muon_recipes.choices import TILE_SEARCH_ENV, TILE_SEARCHES
 from muon_recipes.optim.dispatch import interpreting
+from muon_recipes.optim.kernels.tile_model import Product, estimated_ns
 
 # Shared memory per SM on Hopper is 228 KB (227 usable per block); leave room for the epilogue's
 # layout conversion.
 _SHARED_MEMORY_BUDGET = 200 * 1024
-
+# Candidates compiled and timed per problem key under MUON_NS_AUTOTUNE=bounded. They compile in
+# parallel, so the budget costs little wall time beyond one compilation; three leave room for the cost model's
+# misses among tiles it ranks close together.
+BOUNDED_CANDIDATES = 3
 
 
 def autotune_options() -> dict:
@@ -86,14 +98,23 @@ def tile_label(config) -> str:
     return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-s{config.num_stages}-w{config.num_warps}"
 
 
-def matmul_configs() -> list:
-    tiles = _INTERPRETER_TILES if interpreting() else _GPU_TILES
-    return [_config(bm, bn, bk, stages, warps, group_m=2 if interpreting() else 8)
+def matmul_configs(interpreted: bool | None = None) -> list:
+    """The matmul kernels' tile configurations: the GPU's, or the interpreter's single one (default: whichever
+    runs here)."""
+    interpreted = interpreting() if interpreted is None else interpreted
+    tiles = _INTERPRETER_TILES if interpreted else _GPU_TILES
+    return [_config(bm, bn, bk, stages, warps, group_m=2 if interpreted else 8)
             for bm, bn, bk, stages, warps in tiles]
 
 
 def _next_power_of_two(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def element_size_of(pointer) -> int:
+    """Bytes per element of a pointer argument: a tensor, or the torch.dtype that stands for one in a recorded
+    launch (`iterations.triton_launches`) and in Triton's `warmup`."""
+    return pointer.itemsize if isinstance(pointer, torch.dtype) else pointer.element_size()
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -108,12 +129,12 @@ def prune_configs(configs, named_args, **kwargs):
     (tests/optim/test_kernels_sm90.py).
 
     `M`, `N`, `K` are the output rows, output columns (absent for the square symmetric products) and
-    reduction length of the kernel's product; `x_ptr` carries the element type.
+    reduction length of the kernel's product; `x_ptr` carries the element type (a tensor or a torch.dtype).
     """
     m, k = named_args["M"], named_args["K"]
     symmetric = "N" not in named_args
     n = named_args.get("N", m)
-    element_size = named_args["x_ptr"].element_size()
+    element_size = element_size_of(named_args["x_ptr"])
     ieee = kwargs.get("INPUT_PRECISION") == "ieee"
     kept = []
     for config in configs:
@@ -131,6 +152,64 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         kept.append(config)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def tile_search_mode() -> str:
+    """How much of the pruned candidates a new problem key searches, from MUON_NS_AUTOTUNE:
+
+    * `full` (default): every candidate left after pruning (69 compilations for moe_small, all at once ahead of
+      the timing in a single process);
+    * `bounded`: the `BOUNDED_CANDIDATES` best by the cost model are compiled and timed. Not yet the default: the
+      cost model's constants have not been checked against the full search's choices on a GPU
+      (`STAGES=tiles bash recipes/gpu_recipes_check.sh OUT` compares their Newton-Schulz ms per step);
+    * `heuristic`: the cost model's first choice only, nothing timed (the fastest start, no measurement).
+
+    `config.validate` checks the same variable before a run starts; this check serves the optimizer used alone.
+    """
+    mode = os.environ.get(TILE_SEARCH_ENV, "full")
+    if mode not in TILE_SEARCHES:
+        raise ValueError(f"{TILE_SEARCH_ENV}={mode!r}: must be one of {', '.join(TILE_SEARCHES)}")
+    return mode
+
+
+def problem_of(named_args: dict, **kwargs) -> Product:
+    """The matmul of one launch of the symmetric or the update kernel, from its arguments (see
+    `prune_configs` for their names)."""
+    m, k = named_args["M"], named_args["K"]
+    symmetric = "N" not in named_args
+    return Product(batch=named_args["BATCH"], m=m, n=m if symmetric else named_args["N"], k=k,
+                   symmetric=symmetric, element_size=element_size_of(named_args["x_ptr"]),
+                   reads_c=bool(kwargs.get("HAS_C", kwargs.get("ADD_X", False))))
+
+
+def ranked_configs(configs, named_args, **kwargs) -> list:
+    """The configurations left by `prune_configs`, fastest first by the cost model (ties keep their order)."""
+    product = problem_of(named_args, **kwargs)
+    kept = prune_configs(configs, named_args, **kwargs)
+    return sorted(kept, key=lambda c: estimated_ns(product, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                   c.kwargs["BLOCK_K"], c.num_stages, c.num_warps))
+
+
+def search_candidates(configs, named_args, **kwargs) -> list:
+    """The candidates a new problem key compiles and times under `tile_search_mode()`: all that pruning keeps
+    (`full`), the cost model's first choice (`heuristic`), or `BOUNDED_CANDIDATES` of them (`bounded`).
+
+    The bounded set is the first choice and then the best of each other output tile shape (BM x BN), in the
+    model's order, before any second variant (stages, warps, BK) of a shape already in: the model is least sure
+    about the trade between big efficient tiles and enough tiles to fill the GPU, and the timing settles that
+    better with different shapes than with near-copies of one. Pipeline variants fill what is left."""
+    mode = tile_search_mode()
+    if mode == "full":
+        return prune_configs(configs, named_args, **kwargs)
+    ranked = ranked_configs(configs, named_args, **kwargs)
+    if mode == "heuristic":
+        return ranked[:1]
+    shapes, first, rest = set(), [], []
+    for config in ranked:
+        shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+        (rest if shape in shapes else first).append(config)
+        shapes.add(shape)
+    return (first + rest)[:BOUNDED_CANDIDATES]
 
 
 def autotuned_kernels() -> list:

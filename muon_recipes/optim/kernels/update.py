@@ -21,14 +21,14 @@ from muon_recipes.optim.kernels.fast_launch import FastLaunch
 from muon_recipes.optim.kernels.symmetric import check_batched, output_buffer
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
-from muon_recipes.optim.kernels.tuning import autotune_options, input_precision, matmul_configs, prune_configs
+from muon_recipes.optim.kernels.tile_search import autotuned
+from muon_recipes.optim.kernels.tuning import input_precision
 
 
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "BATCH", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_configs}, **autotune_options())
+@autotuned(key=["M", "N", "BATCH", "INPUT_PRECISION"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                     "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0, "K_TILES": k_tiles_heuristic})
-@triton.jit
+@triton.jit(do_not_specialize=["BATCH"])   # the grid's batch axis only: no binary per batch size
 def _update_kernel(
     b_ptr, x_ptr, out_ptr,
     M, N, K, BATCH,          # out and x: [BATCH, M, N]; b: [BATCH, M, M]; K == M (the reduction over rows of x)
