@@ -93,7 +93,8 @@ run_config() {  # name, own limit (s), minimum (s), environment (VAR=value ...),
   grep -E "^step [0-9]+ " "$log" | tail -n 1 | cut -c1-200 | sed 's/^/   last: /'
   if [ "$status" -eq 0 ]; then
     passed+=("$name")
-  elif { [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; } && ! grep -qE "$errors|^Traceback|^========= Invalid" "$log"; then
+  elif { [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; } \
+       && ! grep -qE "$errors|^Traceback|^========= Invalid" "$log"; then
     echo "   stopped by its time limit without an error"
     stopped+=("$name")
   else
@@ -127,7 +128,8 @@ for stage in ${STAGES:-blocking async tests memcheck nograph nofast fused bpe}; 
         $(train_args fused "$steps" optim.split.experts=fused $small_data) ;;
     tests)
       run_config tests 90 20 CUDA_LAUNCH_BLOCKING=0 -- bash -c "python -m pytest -q -x -p no:cacheprovider \
-        tests/optim/test_fast_launch.py tests/optim/test_kernels_gpu.py -k 'grid or first_launch or own_batch or stays_in_bounds' \
+        tests/optim/test_fast_launch.py tests/optim/test_kernels_gpu.py \
+        -k 'grid or first_launch or own_batch or stays_in_bounds' \
         && python -m pytest -q -x -p no:cacheprovider tests/models/test_moe.py -k empty_expert" ;;
     memcheck)
       if ! command -v compute-sanitizer > /dev/null; then

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from muon_recipes.optim.kernels import fast_launch, normalize, transpose  # noqa: E402
+from muon_recipes.optim.kernels import normalize, transpose  # noqa: E402
 from muon_recipes.optim.kernels.fast_launch import FastLaunch, unwrap  # noqa: E402
 
 
