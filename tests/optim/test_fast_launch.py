@@ -48,6 +48,22 @@ class RecordingCompiled:
         return lambda *args: self.kernel.launches.append(("fast", tuple(grid)))
 
 
+class RecordingWithSource(RecordingKernel):
+    """Also records the batch of the first argument (the transposed copy's source, `[B, R, C]`)."""
+
+    def __getitem__(self, grid):
+        def ordinary(*args, **constexprs):
+            meta = dict(zip(self.arg_names, args), **constexprs)
+            self.launches.append((args[0].shape[0], tuple(grid(meta))[2]))
+            return RecordingCompiledWithSource(self)
+        return ordinary
+
+
+class RecordingCompiledWithSource(RecordingCompiled):
+    def __getitem__(self, grid):
+        return lambda *args: self.kernel.launches.append((args[0].shape[0], tuple(grid)[2]))
+
+
 def recording(real_kernel) -> tuple[FastLaunch, RecordingKernel]:
     kernel = RecordingKernel(unwrap(real_kernel)[0].arg_names)
     launcher = FastLaunch(kernel)
@@ -99,3 +115,28 @@ def test_normalization_of_two_batches_with_equal_matrix_sizes_launches_its_own_b
         x = torch.ones(batch, m, n)
         normalize.divide_matrices(x, torch.ones(batch), out=torch.empty_like(x))
     assert [grid[1] for _, grid in kernel.launches] == [5, 2, 1]
+
+
+@pytest.mark.parametrize("experts", ["per_expert", "fused"])
+def test_the_bucket_copies_of_a_moe_small_step_each_cover_their_own_matrices(monkeypatch, experts):
+    """`orthogonalize` on moe_small's expert and shared-expert updates of two layers (gate/up split 768 + 768), every
+    copy into and out of the buckets through the transposed-copy launcher, as on a GPU: each launch's grid spans
+    exactly its source's matrices (Newton-Schulz itself left out: the identity)."""
+    from muon_recipes.optim import dispatch, orthogonalize as orthogonalize_module
+    from muon_recipes.optim.blocks import BlockPlan
+    from muon_recipes.optim.orthogonalize import NSSettings
+
+    kernel = RecordingWithSource(unwrap(transpose._transposed_copy_kernel)[0].arg_names)
+    launcher = FastLaunch(kernel)
+    launcher.enabled = True
+    monkeypatch.setattr(transpose, "_launch_transposed_copy", launcher)
+    monkeypatch.setattr(dispatch, "copy_transposed_on_triton",   # the GPU's decision, on CPU tensors
+                        lambda dst, src: dispatch.is_transposed_view(src) and dst.stride(-1) == 1)
+    monkeypatch.setattr(orthogonalize_module, "newton_schulz", lambda batch, **settings: batch)
+    ns = NSSettings(5, "keller", torch.bfloat16, "torch", 1e-7, "gram")
+    shapes = [((8, 1536, 512), (768, 768)), ((8, 512, 768), None), ((1536, 512), (768, 768)), ((512, 768), None)]
+    jobs = [(torch.zeros(shape, dtype=torch.bfloat16), BlockPlan.build(shape, split, experts), ns)
+            for _ in range(2) for shape, split in shapes]
+    orthogonalize_module.orthogonalize(jobs)
+    assert kernel.launches
+    assert all(grid_batch == batch for batch, grid_batch in kernel.launches), kernel.launches
