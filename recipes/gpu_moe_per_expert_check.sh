@@ -129,7 +129,7 @@ for stage in ${STAGES:-blocking async tests memcheck nograph nofast fused bpe}; 
     tests)
       run_config tests 90 20 CUDA_LAUNCH_BLOCKING=0 -- bash -c "python -m pytest -q -x -p no:cacheprovider \
         tests/optim/test_fast_launch.py tests/optim/test_kernels_gpu.py \
-        -k 'grid or first_launch or own_batch or stays_in_bounds' \
+        -k 'grid or first_launch or own_batch or own_matrices or stays_in_bounds' \
         && python -m pytest -q -x -p no:cacheprovider tests/models/test_moe.py -k empty_expert" ;;
     memcheck)
       if ! command -v compute-sanitizer > /dev/null; then
