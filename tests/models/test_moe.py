@@ -191,6 +191,67 @@ def test_grouped_mm_path_equals_the_loop_on_gpu_in_bf16(fused, group_align):
         assert torch.equal(moe(x)[0], forced)  # auto picks the grouped GEMM here
 
 
+# Experts that receive no token: the first, the last, several in a row, and all but top_k of them. Their groups
+# are empty (repeated group ends in `offs`, also at the start and at the end), in the forward's products and in
+# the backward's weight-gradient products, which contract over the group's rows.
+EMPTY_EXPERTS = ((0,), (7,), (0, 1, 2, 7), (1, 2, 3, 4, 5, 6))
+
+
+def starve(moe: MoE, experts: tuple[int, ...]) -> None:
+    """Route no token to `experts` (a selection bias far below every affinity)."""
+    with torch.no_grad():
+        moe.router.expert_bias.zero_()
+        moe.router.expert_bias[list(experts)] = -100.0
+
+
+@pytest.mark.skipif(not grouped_mm_runs_on("cpu", torch.float32), reason="torch._grouped_mm has no CPU kernel here")
+@pytest.mark.parametrize("empty", EMPTY_EXPERTS, ids=lambda e: "empty" + "_".join(map(str, e)))
+@pytest.mark.parametrize("group_align", [1, 16])
+def test_empty_expert_groups_equal_the_loop_on_cpu(empty, group_align):
+    """Forward, input gradient and every weight gradient equal the per-expert loop; a starved expert's weight
+    gradient is exactly zero."""
+    moe = make_moe(fused=True, dtype=torch.float32, n_experts=8)
+    moe.experts.group_align = group_align
+    starve(moe, empty)
+    x = torch.randn(45, D)
+    counts = moe(x)[2]
+    assert counts[list(empty)].sum() == 0 and counts.sum() == 90
+    compare_backends(moe, x, atol=1e-5, rtol=1e-5)
+    for name in ("gate_up_proj", "down_proj"):
+        assert getattr(moe.experts, name).grad[list(empty)].abs().max() == 0, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("empty", EMPTY_EXPERTS, ids=lambda e: "empty" + "_".join(map(str, e)))
+@pytest.mark.parametrize("group_align", [1, 16])
+def test_empty_expert_groups_equal_the_loop_on_gpu_at_moe_small_sizes(empty, group_align):
+    """moe_small's expert layer (8 experts of 768 on d_model 512, top-2, one step's 8192 tokens) in bf16 with some
+    experts starved: the grouped GEMM equals the loop forward and backward, the starved experts' weight gradients
+    are exactly zero, and nothing faults (synchronized after each pass, so an illegal access is raised here)."""
+    moe = make_moe(fused=True, dtype=torch.bfloat16, n_experts=8, dim=512, hidden=768, shared=1).cuda()
+    moe.experts.group_align = group_align
+    starve(moe, empty)
+    x = torch.randn(32, 256, 512, device="cuda", dtype=torch.bfloat16)
+    if not grouped_mm_supported(x, 512, 768):
+        pytest.skip("torch._grouped_mm is not available for this GPU")
+    results = {}
+    for backend in ("loop", "grouped_mm"):   # the grouped GEMM last: its gradients are checked below
+        moe.experts.backend = backend
+        moe.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        out, _, counts = moe(xi)
+        torch.cuda.synchronize()
+        out.float().pow(2).mean().backward()
+        torch.cuda.synchronize()
+        results[backend] = {"out": out, "x": xi.grad, **{n: p.grad.clone() for n, p in moe.named_parameters()}}
+        assert counts[list(empty)].sum() == 0 and counts.sum() == 32 * 256 * 2
+    for key, reference in results["loop"].items():   # bf16 rounding of different summation orders
+        assert relative_error(results["grouped_mm"][key], reference) < 2e-2, key
+    for name in ("gate_up_proj", "down_proj"):
+        assert getattr(moe.experts, name).grad[list(empty)].abs().max() == 0, name
+
+
 def test_grouped_mm_is_only_chosen_where_its_constraints_hold():
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     assert not grouped_mm_supported(x, 64, 128)  # CPU: the exact loop

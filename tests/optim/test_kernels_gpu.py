@@ -439,3 +439,41 @@ def test_the_first_step_compiles_every_buckets_candidates_ahead(tmp_path):
     # Buckets: 2 x 512 x 512 and 2 x 256 x 512 (standard form: 2 + 3 problem keys), 9 x 512 x 768 (Gram form: 4).
     assert result["choices"] == 9 and result["searches"] == 9, result
     assert result["ahead"] >= 10 and result["in_step"] == 0 and result["finite"], result
+
+
+def test_transposed_copy_of_one_matrix_after_eight_with_the_same_strides_stays_in_bounds():
+    """moe_small with per-expert Muon: the routed experts' gate halves ([8, 768, 512] of [8, 1536, 512]) and the
+    shared expert's ([768, 512] of [1536, 512]) are copied transposed into one bucket with one kernel
+    specialization; the second copy must run over its one matrix only (FastLaunch evaluates each call's grid).
+    The bucket is followed by guard matrices that must stay NaN."""
+    from muon_recipes.optim.kernels import copy_transposed
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    routed = torch.randn(8, 1536, 512, device="cuda", generator=generator).bfloat16()
+    shared = torch.randn(1536, 512, device="cuda", generator=generator).bfloat16()
+    bucket = torch.full((8 + 1 + 8, 512, 768), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gate, shared_gate = routed[:, :768].mT, shared.unsqueeze(0)[:, :768].mT   # as `orthogonalize` cuts them
+    assert gate.stride() == shared_gate.stride()
+    for _ in range(2):   # the second round takes FastLaunch's direct path for both copies
+        copy_transposed(bucket[:8], gate)
+        copy_transposed(bucket[8:9], shared_gate)
+        torch.cuda.synchronize()
+        assert torch.equal(bucket[:8], routed[:, :768].mT)
+        assert torch.equal(bucket[8], shared[:768].mT)
+        assert bucket[9:].isnan().all(), "the one-matrix copy wrote past its destination"
+
+
+def test_normalization_of_a_smaller_batch_after_a_larger_one_stays_in_bounds():
+    """Two batches with equal matrix sizes (one kernel specialization): the second launch covers its own batch."""
+    from muon_recipes.optim.kernels import divide_matrices
+
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    large = torch.randn(6, 64, 96, device="cuda", generator=generator)
+    small = torch.randn(1, 96, 64, device="cuda", generator=generator)
+    for _ in range(2):
+        divide_matrices(large, torch.full((6,), 2.0, device="cuda"))
+        out = torch.full((3, 96, 64), float("nan"), device="cuda")
+        divide_matrices(small, torch.full((1,), 2.0, device="cuda"), out=out[:1])
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], small[0] / 2)
+        assert out[1:].isnan().all(), "the one-matrix division wrote past its output"

@@ -11,8 +11,13 @@ Inside `tile_search.recorded_launches()` a launch is recorded instead of run (a 
 `tile_search.compile_candidates` what to compile before any search starts).
 
 The cache key holds everything the JIT specializes on: the exact integer arguments (sizes and strides), the
-16-byte alignment, dtype and device of every tensor, and the constexpr arguments. Under the CPU interpreter,
-or with `MUON_NS_FAST_LAUNCH=0`, every launch takes the ordinary path.
+16-byte alignment, dtype and device of every tensor, and the constexpr arguments. The launch grid is not part
+of what is compiled and is evaluated again at every launch: a caller's grid may depend on numbers that are no
+argument of the kernel (the batch count of `transpose.copy_transposed` and `normalize.divide_matrices`), so
+two launches with one key can need different grids. (A grid kept from the first launch of a key once ran the
+transposed copy of a one-matrix block over the eight matrices of an expert weight with the same sizes and
+strides: reads and writes seven matrices past both tensors.) Under the CPU interpreter, or with
+`MUON_NS_FAST_LAUNCH=0`, every launch takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -72,7 +77,11 @@ class FastLaunch:
         key = self._key(args, constexprs)
         entry = self.entries.get(key)
         if entry is not None:
-            runner, tail = entry
+            compiled, meta, tail, runners = entry
+            launch_grid = _grid3(grid(meta))   # this call's grid: see the module doc
+            runner = runners.get(launch_grid)
+            if runner is None:
+                runner = runners[launch_grid] = compiled[launch_grid]
             runner(*args, *tail)
             return
         compiled = self.kernel[grid](*args, **constexprs)
@@ -90,5 +99,14 @@ class FastLaunch:
         for name, rule in self.heuristics.items():
             named[name] = rule(named)
         tail = tuple(named[name] for name in self.arg_names[len(args):])
-        launch_grid = tuple(grid(named)) + (1,) * (3 - len(grid(named)))
-        self.entries[key] = (compiled[launch_grid], tail)
+        launch_grid = _grid3(grid(named))
+        # What a grid reads (the constexprs and the tuned configuration), without the tensors: an entry must not
+        # keep the first launch's buffers alive. Every launch evaluates its own grid on it (`__call__`).
+        meta = {name: value for name, value in named.items() if not isinstance(value, torch.Tensor)}
+        self.entries[key] = (compiled, meta, tail, {launch_grid: compiled[launch_grid]})
+
+
+def _grid3(grid) -> tuple:
+    """A launch grid of one to three dims as three ints."""
+    grid = tuple(grid)
+    return grid + (1,) * (3 - len(grid))
