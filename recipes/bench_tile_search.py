@@ -86,40 +86,10 @@ def bucket_path(m: int, n: int, on_cuda: bool) -> tuple[bool, bool]:
 # ------------------------------------------------------------------------------------------------------------------
 # CPU: count and compile the candidates
 # ------------------------------------------------------------------------------------------------------------------
-_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-
-
-def _hopper_source(kernel, named: dict, constexprs: dict):
-    """The kernel's source specialized as Triton's launcher would for these arguments and constexprs."""
-    import triton
-
-    from muon_recipes.optim.kernels.fast_launch import unwrap
-
-    fn, rules = unwrap(kernel)
-    values = {**named, **constexprs}
-    for name, rule in rules.items():
-        values[name] = rule(values)
-    signature, constants, attrs = {}, {}, {}
-    for index, name in enumerate(fn.arg_names):
-        value = values[name]
-        if getattr(fn.params[index], "do_not_specialize", False) and type(value) is int:
-            signature[name] = "i32"
-        elif name in constexprs or name in rules or (type(value) is int and value == 1):
-            signature[name], constants[(index,)] = "constexpr", value
-        elif isinstance(value, torch.dtype):   # a 16-byte aligned tensor, as recorded
-            signature[name], attrs[(index,)] = _POINTER[value], [["tt.divisibility", 16]]
-        elif isinstance(value, int):
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32"
-    return triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
-
-
 def cpu_report(buckets, modes, compile_how: str) -> dict:
     import triton
 
+    from muon_recipes.optim.kernels.ahead_of_time import specialized_source
     from muon_recipes.optim.kernels.fast_launch import unwrap
     from muon_recipes.optim.kernels.iterations import triton_launches
     from muon_recipes.optim.kernels.tuning import search_candidates, tile_label
@@ -157,7 +127,7 @@ def cpu_report(buckets, modes, compile_how: str) -> dict:
 
             def build(item):
                 kernel, named, constexprs, config = item
-                source = _hopper_source(kernel, named, constexprs)
+                source = specialized_source(kernel, named, constexprs)
                 triton.compile(source, target=target, options={"num_warps": config.num_warps,
                                                                "num_stages": config.num_stages})
 

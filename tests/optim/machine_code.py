@@ -8,10 +8,8 @@ configuration neither spills its accumulators to local memory nor overflows shar
 on Hopper's warpgroup tensor-core instruction (HGMMA in the machine code) rather than the older per-warp HMMA
 or plain FMAs, and that an elementwise pass reads and writes with 16-byte vector accesses (LDG.E.128).
 
-Arguments are described the way Triton's launcher specializes them: a tensor by its dtype (its address is 16-byte
-aligned, as every torch allocation is), an integer by its value (1 becomes a constant, a multiple of 16 is marked
-divisible, unless the kernel says `do_not_specialize` for it), a float as fp32. The kernel's `triton.heuristics` are
-evaluated on those values and the tile configuration, as at launch. Nothing is timed: speed still comes from the GPU
+Arguments are described the way Triton's launcher specializes them (`muon_recipes/optim/kernels/ahead_of_time.py`:
+a tensor by its dtype, an integer by its value, a float as fp32). Nothing is timed: speed still comes from the GPU
 benchmarks (recipes/bench_newton_schulz.py).
 """
 
@@ -25,16 +23,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-import torch
 import triton
-from triton.runtime.jit import JITFunction
-
-from muon_recipes.optim.kernels.fast_launch import unwrap
+from muon_recipes.optim.kernels.ahead_of_time import specialized_source
 
 # Dynamic shared memory one block may use on Hopper (H100/H200): 227 KB.
 HOPPER_SHARED_MEMORY = 227 * 1024
 
-_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # An instruction line of `cuobjdump -sass`: /*0150*/  @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;
 _SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)")
 _RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -71,33 +65,7 @@ def compile_for_hopper(kernel, args: dict, constexprs: dict, *, num_warps: int =
                        num_stages: int = 3) -> MachineCode:
     """Build `kernel` for sm_90 with the runtime `args` (name -> torch.dtype for a tensor, int, float) and the
     `constexprs` (the caller's and the tile configuration's); return its resource usage and instructions."""
-    fn, rules = unwrap(kernel)
-    if not isinstance(fn, JITFunction):
-        raise RuntimeError(f"{fn!r} is not a JIT function (TRITON_INTERPRET=1 interprets kernels instead of "
-                           "compiling them)")
-    named = {**args, **constexprs}
-    for name, rule in rules.items():
-        named[name] = rule(named)
-    signature, constants, attrs = {}, {}, {}
-    for index, name in enumerate(fn.arg_names):
-        value = named[name]
-        if getattr(fn.params[index], "do_not_specialize", False) and type(value) is int:
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"   # neither 1 nor multiples of 16 special
-        elif name in constexprs or name in rules or (type(value) is int and value == 1):
-            signature[name] = "constexpr"   # the launcher also turns an integer argument equal to 1 into one
-            constants[(index,)] = value
-        elif isinstance(value, torch.dtype):
-            signature[name] = _POINTER_TYPES[value]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}={value!r}: describe a tensor by its torch.dtype, a scalar by an int or float")
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32"
-    source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    source = specialized_source(kernel, args, constexprs)
     target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
     compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
