@@ -202,10 +202,7 @@ class Trainer:
         # One collective and one device-to-host transfer per step, before the optimizer: what the host needs to
         # skip a non-finite step and what it logs. Nothing after the optimizer waits for the device, so its
         # kernels run while the host prepares the next step.
-        # (`torch.full`: the byte count travels as a kernel argument; `torch.tensor(..., device=)` would be a
-        # blocking copy that waits for the backward on its own.)
-        means = all_reduce_mean(torch.stack([loss_sum / t.grad_accum, aux_sum / t.grad_accum,
-                                             torch.full((), float(target_bytes), device=self.ctx.device)]))
+        means = self._means_over_ranks([loss_sum / t.grad_accum, aux_sum / t.grad_accum], target_bytes)
         loss_mean, aux_mean, bytes_mean, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()
         lr = self.optimizer.param_groups[0]["lr"]
         if not (math.isfinite(loss_mean) and math.isfinite(grad_norm)):
@@ -282,12 +279,12 @@ class Trainer:
         """UTF-8 bytes of text that a CPU batch of target ids stands for."""
         return int(self.byte_lengths[targets].sum()) if self.byte_lengths is not None else 0
 
-    def _mean_over_ranks(self, loss: torch.Tensor, target_bytes: int) -> tuple[torch.Tensor, float]:
-        """(this rank's loss, the text bytes its targets stand for), each averaged over the ranks in one
-        collective: with equal tokens per rank, the bits per byte of the whole batch follow from the two means."""
-        loss_mean, bytes_mean = all_reduce_mean(torch.stack([
-            loss, torch.tensor(float(target_bytes), device=self.ctx.device)])).unbind(0)
-        return loss_mean, float(bytes_mean)
+    def _means_over_ranks(self, values: list, target_bytes: int) -> torch.Tensor:
+        """This rank's device scalars `values` (the loss first) and the text bytes its targets stand for, each
+        averaged over the ranks in one collective, as one device tensor (no host sync: `torch.full` passes the byte
+        count as a kernel argument, where `torch.tensor(..., device=)` would be a blocking copy). With equal tokens
+        per rank, the bits per byte of the whole batch follow from the loss and byte means."""
+        return all_reduce_mean(torch.stack([*values, torch.full((), float(target_bytes), device=self.ctx.device)]))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -308,9 +305,9 @@ class Trainer:
             total += loss
         # MoE layers count expert load only in training mode, so evaluation never moves the router biases.
         self.model.train()
-        loss_mean, bytes_mean = self._mean_over_ranks(total / t.eval_batches, target_bytes)
-        result = {"eval_loss": float(loss_mean)}
-        bpb = bits_per_byte(float(loss_mean), t.eval_batches * t.batch_size * t.seq_len, bytes_mean)
+        loss_mean, bytes_mean = self._means_over_ranks([total / t.eval_batches], target_bytes).tolist()
+        result = {"eval_loss": loss_mean}
+        bpb = bits_per_byte(loss_mean, t.eval_batches * t.batch_size * t.seq_len, bytes_mean)
         if bpb is not None:
             result["eval_bpb"] = bpb
         return result
