@@ -44,3 +44,4 @@ CORPUS_SCOPES = ("stdlib", "site-packages")
 # the environment variable TILE_SEARCH_ENV: the cost model's best few, all of them, or its first choice untimed.
 TILE_SEARCHES = ("bounded", "full", "heuristic")
 TILE_SEARCH_ENV = "MUON_NS_AUTOTUNE"
+TILE_SEARCH_DEFAULT = "bounded"   # as fast as "full" on moe_small's buckets at half its cold start (docs/benchmarks.md)

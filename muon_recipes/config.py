@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, CUDA_GRAPH_MODES, EXPERT_MODES,
-                                  LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES, SPLIT_MODES, TILE_SEARCH_ENV,
-                                  TILE_SEARCHES)
+                                  LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES, SPLIT_MODES, TILE_SEARCH_DEFAULT,
+                                  TILE_SEARCH_ENV, TILE_SEARCHES)
 
 
 class ConfigError(ValueError):
@@ -611,7 +611,7 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     validate_model(cfg.model)
     validate_optim(cfg.optim)
     # Not a config key but part of the run's setup: how the Newton-Schulz kernels search their tiles.
-    _choice(TILE_SEARCH_ENV, os.environ.get(TILE_SEARCH_ENV, "bounded"), TILE_SEARCHES)
+    _choice(TILE_SEARCH_ENV, os.environ.get(TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT), TILE_SEARCHES)
     validate_split_policy(cfg.model, cfg.optim)
     validate_data(cfg.data)
     if cfg.data.tokenizer == "bpe":

@@ -27,7 +27,7 @@ import os
 import torch
 import triton
 
-from muon_recipes.choices import TILE_SEARCH_ENV, TILE_SEARCHES
+from muon_recipes.choices import TILE_SEARCH_DEFAULT, TILE_SEARCH_ENV, TILE_SEARCHES
 from muon_recipes.optim.dispatch import interpreting
 from muon_recipes.optim.kernels.tile_model import Product, estimated_ns
 
@@ -157,16 +157,17 @@ def prune_configs(configs, named_args, **kwargs):
 def tile_search_mode() -> str:
     """How much of the pruned candidates a new problem key searches, from MUON_NS_AUTOTUNE:
 
-    * `full` (default): every candidate left after pruning (69 compilations for moe_small, all at once ahead of
-      the timing in a single process);
-    * `bounded`: the `BOUNDED_CANDIDATES` best by the cost model are compiled and timed. Not yet the default: the
-      cost model's constants have not been checked against the full search's choices on a GPU
-      (`STAGES=tiles bash recipes/gpu_recipes_check.sh OUT` compares their Newton-Schulz ms per step);
+    * `bounded` (default): the `BOUNDED_CANDIDATES` best by the cost model are compiled and timed. On one H200
+      its tiles ran moe_small's buckets as fast as the full search's (4.8-5.6 ms against 5.7 ms of Newton-Schulz
+      per step) with 24 compilations instead of 69 and a cold first pass of 6.7 s instead of 11.6 s
+      (`STAGES=tiles bash recipes/gpu_recipes_check.sh OUT`, docs/benchmarks.md);
+    * `full`: every candidate left after pruning (69 compilations for moe_small, all at once ahead of the timing
+      in a single process);
     * `heuristic`: the cost model's first choice only, nothing timed (the fastest start, no measurement).
 
     `config.validate` checks the same variable before a run starts; this check serves the optimizer used alone.
     """
-    mode = os.environ.get(TILE_SEARCH_ENV, "full")
+    mode = os.environ.get(TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT)
     if mode not in TILE_SEARCHES:
         raise ValueError(f"{TILE_SEARCH_ENV}={mode!r}: must be one of {', '.join(TILE_SEARCHES)}")
     return mode
