@@ -15,6 +15,12 @@ category table.
 Host syncs (GPU only): the CUDA runtime calls that block the host until the device is done
 (`cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize`) and the device-to-host copies that
 precede most of them (`.item()`, `.tolist()`, `float(tensor)`, a boolean mask's size).
+
+Where the device waits for the host (GPU only): the share of the profiled wall time in which no kernel ran (the
+union of the kernels' intervals against the span of the trace), and the host time of each CUDA runtime call
+(`cudaLaunchKernel`, `cudaMemcpyAsync`, `cudaStreamSynchronize`, ...). A copy from pageable host memory or a sync
+shows up there as milliseconds in one call, where a launch costs microseconds: the calls say what the idle
+device was waiting for.
 """
 
 from __future__ import annotations
@@ -83,9 +89,38 @@ class StepProfile:
     kernels: list = field(default_factory=list)  # KernelRow per distinct (name, trainer phase), largest first
     host_syncs: Optional[int] = None  # blocking runtime calls per step (GPU); None on CPU
     device_to_host_copies: Optional[int] = None
+    span_us: Optional[float] = None  # GPU: wall time per step from the first to the last event of the trace
+    idle_us: Optional[float] = None  # GPU: time per step in that span with no kernel running
+    runtime_calls: list = field(default_factory=list)  # GPU: RuntimeRow per CUDA runtime call, most host time first
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class RuntimeRow:
+    name: str
+    calls: float  # per step
+    host_us: float  # host time per step inside the call
+    longest_us: float  # the longest single call
+
+
+def _is_runtime_call(name: str) -> bool:
+    """A CUDA runtime or driver API call as the profiler names it (`cudaLaunchKernel`, `cuLaunchKernelEx`), not a
+    library operator (`cudnn...`, `cublas...`)."""
+    return re.match(r"cu(da)?[A-Z]", name) is not None
+
+
+def covered_time(intervals: list) -> float:
+    """The length of the union of `intervals` [(start, end), ...]: overlapping kernels (streams) count once."""
+    covered, start, reach = 0.0, None, None
+    for begin, end in sorted(intervals):
+        if reach is None or begin > reach:
+            covered += 0.0 if reach is None else reach - start
+            start, reach = begin, end
+        else:
+            reach = max(reach, end)
+    return covered + (0.0 if reach is None else reach - start)
 
 
 def _phase(event) -> Optional[str]:
@@ -120,6 +155,19 @@ def summarize(events: Iterable, device: str, steps: int = 1) -> StepProfile:
         syncs = sum(1 for e in cpu_events if e.name in SYNC_CALLS)
         copies = sum(1 for e in events if e.device_type == DeviceType.CUDA and "DtoH" in e.name
                      and not getattr(e, "is_user_annotation", False))
+        kernels = [(e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        span = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) if events else 0.0
+        idle = span - covered_time(kernels)
+        runtime: dict = defaultdict(lambda: [0, 0.0, 0.0])
+        for e in cpu_events:
+            if _is_runtime_call(e.name):
+                row, length = runtime[e.name], e.time_range.end - e.time_range.start
+                row[0] += 1
+                row[1] += length
+                row[2] = max(row[2], length)
+        runtime_rows = sorted((RuntimeRow(name, n / steps, us / steps, longest)
+                               for name, (n, us, longest) in runtime.items()), key=lambda r: -r.host_us)
     else:
         for e in cpu_events:
             if e.is_async or e.name.startswith("ProfilerStep"):
@@ -128,7 +176,8 @@ def summarize(events: Iterable, device: str, steps: int = 1) -> StepProfile:
             category_of.setdefault(key, categorize(*key))
             totals[key] += e.self_cpu_time_total
             calls[key] += 1
-        syncs = copies = None
+        syncs = copies = span = idle = None
+        runtime_rows = []
     by_category = dict.fromkeys(CATEGORIES, 0.0)
     rows = []
     for key, total in totals.items():
@@ -138,7 +187,9 @@ def summarize(events: Iterable, device: str, steps: int = 1) -> StepProfile:
     rows.sort(key=lambda r: -r.total_us)
     return StepProfile(device=device, steps=steps, total_us=sum(by_category.values()), categories=by_category,
                        kernels=rows, host_syncs=None if syncs is None else syncs // max(steps, 1),
-                       device_to_host_copies=None if copies is None else copies // max(steps, 1))
+                       device_to_host_copies=None if copies is None else copies // max(steps, 1),
+                       span_us=None if span is None else span / steps, idle_us=None if idle is None else idle / steps,
+                       runtime_calls=runtime_rows)
 
 
 def _ms(us: float) -> str:
@@ -157,6 +208,14 @@ def format_markdown(profile: StepProfile, top: int = 25, step_wall_s: Optional[f
     if profile.host_syncs is not None:
         lines += [f"host syncs per step: {profile.host_syncs} blocking runtime calls "
                   f"({', '.join(SYNC_CALLS)}), {profile.device_to_host_copies} device-to-host copies", ""]
+    if profile.idle_us is not None and profile.span_us:
+        lines += [f"under the profiler: {_ms(profile.span_us)} ms per step from the first to the last event, the GPU "
+                  f"idle {_ms(profile.idle_us)} ms of it ({100 * profile.idle_us / profile.span_us:.0f}%)", ""]
+    if profile.runtime_calls:
+        lines += ["| CUDA runtime call | calls/step | host ms/step | longest call (ms) |", "|---|---:|---:|---:|"]
+        for row in profile.runtime_calls[:8]:
+            lines.append(f"| `{row.name}` | {row.calls:g} | {_ms(row.host_us)} | {_ms(row.longest_us)} |")
+        lines.append("")
     lines += ["| category | ms/step | % of step |", "|---|---:|---:|"]
     for category in CATEGORIES:
         us = profile.categories[category]

@@ -132,3 +132,39 @@ def test_a_gpu_trace_is_summarized_by_launching_phase_without_annotations():
     assert profile.categories["other"] == 2 and profile.total_us == 92  # the annotation's 100 us are not counted
     assert (profile.host_syncs, profile.device_to_host_copies) == (1, 1)
     assert [(k.name, k.category) for k in profile.kernels[:2]] == [(gemm, "matmul/grouped_mm"), (gemm, "optimizer")]
+
+
+def test_covered_time_counts_overlapping_kernels_once():
+    from muon_recipes.train.profiling import covered_time
+
+    # Two streams overlapping on [2, 3], a kernel inside another, a gap [5, 7]: 0-5 and 7-9 covered.
+    assert covered_time([(7, 9), (0, 3), (2, 5), (1, 2)]) == 7
+    assert covered_time([]) == 0
+
+
+def test_runtime_calls_and_idle_time_of_a_gpu_trace():
+    """A GPU trace as the profiler gives it: launches and a blocking copy on the host, kernels on the device. The
+    idle time is the span not covered by kernels; the copy's host time shows in its runtime row."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from muon_recipes.train.profiling import summarize
+
+    def event(name, device, start, end, correlation=0):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end),
+                               id=start, linked_correlation_id=correlation, cpu_parent=None, is_async=False)
+
+    events = [event("cudaLaunchKernel", DeviceType.CPU, 0, 5), event("cudaMemcpyAsync", DeviceType.CPU, 10, 400),
+              event("cudaLaunchKernel", DeviceType.CPU, 400, 404),
+              event("triton_poi_fused_mul_0", DeviceType.CUDA, 5, 300, correlation=0),
+              event("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, 380, 390),
+              event("aten::mm", DeviceType.CPU, 399, 410),
+              event("nvjet_sm90_tst_256x128", DeviceType.CUDA, 404, 500)]
+    profile = summarize(events, "cuda", steps=1)
+    assert profile.span_us == 500
+    assert profile.idle_us == 500 - (295 + 10 + 96)
+    rows = {r.name: r for r in profile.runtime_calls}
+    assert set(rows) == {"cudaLaunchKernel", "cudaMemcpyAsync"}   # aten::mm is an operator, not a runtime call
+    assert profile.runtime_calls[0].name == "cudaMemcpyAsync" and rows["cudaMemcpyAsync"].host_us == 390
+    assert rows["cudaLaunchKernel"].calls == 2 and rows["cudaLaunchKernel"].longest_us == 5
