@@ -162,10 +162,26 @@ class Trainer:
             out = self.model(inputs)
         return self.cross_entropy(out.logits, targets), out.aux_loss
 
-    def _set_grad_sync(self, enabled: bool) -> None:
-        setter = getattr(self.model, "set_requires_gradient_sync", None)
-        if setter is not None:
-            setter(enabled)
+    def _start_micro_batch(self, last: bool) -> None:
+        """FSDP2's settings for the next micro-batch: gradients are reduced only after the last one (the others
+        accumulate unsharded). Over one shard (a single GPU, or HSDP with shard 1) the bf16 parameters also stay
+        gathered until the last backward: resharding there frees only their bf16 copy (the shard is the whole
+        parameter) and costs a cast of every parameter, with the hooks' host time, at each micro-batch."""
+        if not hasattr(self.model, "set_requires_gradient_sync"):
+            return
+        self.model.set_requires_gradient_sync(last)
+        if self.ctx.shard == 1:
+            self.model.set_reshard_after_backward(last)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A CPU batch on the device without stalling it. A copy from pageable memory goes through the driver's
+        staging buffer and can wait for the work queued before it, so the GPU drains at every micro-batch and then
+        idles while the host launches the next forward; from pinned memory the copy is one asynchronous transfer
+        in stream order. The pinned block comes from torch's caching host allocator, which reuses it only after
+        the copy has run."""
+        if self.ctx.device.type != "cuda":
+            return batch.to(self.ctx.device)
+        return batch.pin_memory().to(self.ctx.device, non_blocking=True)
 
     def _update_router_biases(self) -> Optional[list]:
         if not self.cfg.model.n_experts:
@@ -189,9 +205,8 @@ class Trainer:
         for micro in range(t.grad_accum):
             inputs, targets = next(self.train_loader)
             target_bytes += self._text_bytes(targets)
-            inputs = inputs.to(self.ctx.device, non_blocking=True)
-            targets = targets.to(self.ctx.device, non_blocking=True)
-            self._set_grad_sync(micro == t.grad_accum - 1)
+            inputs, targets = self._to_device(inputs), self._to_device(targets)
+            self._start_micro_batch(last=micro == t.grad_accum - 1)
             loss, aux = self._forward_loss(inputs, targets)
             ((loss + aux) / t.grad_accum).backward()
             loss_sum += loss.detach()
@@ -301,7 +316,7 @@ class Trainer:
         for _ in range(t.eval_batches):
             inputs, targets = next(loader)
             target_bytes += self._text_bytes(targets)
-            loss, _ = self._forward_loss(inputs.to(self.ctx.device), targets.to(self.ctx.device))
+            loss, _ = self._forward_loss(self._to_device(inputs), self._to_device(targets))
             total += loss
         # MoE layers count expert load only in training mode, so evaluation never moves the router biases.
         self.model.train()
