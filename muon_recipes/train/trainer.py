@@ -174,11 +174,12 @@ class Trainer:
             self.model.set_reshard_after_backward(last)
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        """A CPU batch on the device without stalling it. A copy from pageable memory goes through the driver's
-        staging buffer and can wait for the work queued before it, so the GPU drains at every micro-batch and then
-        idles while the host launches the next forward; from pinned memory the copy is one asynchronous transfer
-        in stream order. The pinned block comes from torch's caching host allocator, which reuses it only after
-        the copy has run."""
+        """A CPU batch on the device without holding up the host. A copy from pageable memory is staged by the
+        driver through its own pinned buffer, and a batch larger than that buffer waits for the transfers queued
+        before it (a wait on the GPU); from pinned memory the copy is one asynchronous transfer in stream order.
+        The pinned block comes from torch's caching host allocator, which reuses it only after the copy has run.
+        (At moe_small's 2 x 256 KiB per micro-batch the pageable copies did not wait on an H200: each call took
+        under 0.1 ms. The step's saving came from keeping parameters gathered, `_start_micro_batch`.)"""
         if self.ctx.device.type != "cuda":
             return batch.to(self.ctx.device)
         return batch.pin_memory().to(self.ctx.device, non_blocking=True)
