@@ -1,9 +1,10 @@
 """The optimizer step is bitwise stable: a fixed CPU run reproduces the parameters stored in
 `tests/optim/data/muon_step_reference.pt`.
 
-How the reference was produced: `python tests/optim/step_reference.py` on commit c821edc, the code before the
-optimizer was reshaped into a library (choices module, kernel dispatch, constructor, renames), with torch
-2.13.0 on an AVX512 CPU. It steps a toy model with fused QKV under GQA, fused gate/up and 3-D experts three
+How the reference was produced: `python tests/optim/step_reference.py` with torch 2.13.0 on an AVX512 CPU with
+avx512_bf16 and avx512_fp16 (its flags are stored with it), by a tree whose step equals, bit for bit on that
+CPU, the step of commit c821edc, the code before the optimizer was reshaped into a library (choices module,
+kernel dispatch, constructor, renames). It steps a toy model with fused QKV under GQA, fused gate/up and 3-D experts three
 times under three settings (see `step_reference.SETTINGS`). Regenerate it deliberately, by running that
 script, only when a change is meant to alter the optimizer's arithmetic, and say so in the commit.
 
