@@ -140,3 +140,14 @@ def test_the_bucket_copies_of_a_moe_small_step_each_cover_their_own_matrices(mon
     orthogonalize_module.orthogonalize(jobs)
     assert kernel.launches
     assert all(grid_batch == batch for batch, grid_batch in kernel.launches), kernel.launches
+
+
+def test_ceil_div_matches_triton_cdiv():
+    """The grids' host-side ceil division against Triton's own, at the edges (exact multiples, one past, one)."""
+    import triton
+
+    from muon_recipes.optim.kernels.fast_launch import ceil_div
+
+    for a in (0, 1, 63, 64, 65, 1023, 1024, 1025, 5632, 14336 * 4096):
+        for b in (1, 16, 32, 64, 128, 256):
+            assert ceil_div(a, b) == triton.cdiv(a, b), (a, b)

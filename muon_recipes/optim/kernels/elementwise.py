@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting, momentum_applies, scaled_add_applies
-from muon_recipes.optim.kernels.fast_launch import FastLaunch
+from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
 from muon_recipes.optim.kernels.tile_ops import round_to_output
 
 _BLOCK = 4096
@@ -69,7 +69,7 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device) if out is None else out
     numel = grad.numel()
     if numel:
-        _launch_momentum(lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
+        _launch_momentum(lambda meta: (ceil_div(numel, meta["BLOCK"]),),
                          (grad, buf, out, numel, float(momentum)),
                          {"NESTEROV": bool(nesterov), "BLOCK": _BLOCK, "INTERPRETED": interpreting()})
     return out
@@ -110,7 +110,7 @@ def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float | torch.Tensor,
                          "CUDA device")
     numel = w.numel()
     if numel:
-        _launch_scaled_add(lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
+        _launch_scaled_add(lambda meta: (ceil_div(numel, meta["BLOCK"]),),
                            (w, o, numel, decay if in_memory else float(decay), alpha if in_memory else float(alpha)),
                            {"BLOCK": _BLOCK, "INTERPRETED": interpreting(), "SCALARS_IN_MEMORY": in_memory})
     return w

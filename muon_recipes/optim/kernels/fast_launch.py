@@ -106,6 +106,13 @@ class FastLaunch:
         self.entries[key] = (compiled, meta, tail, {launch_grid: compiled[launch_grid]})
 
 
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for the launch grids, which run on the host at every launch. `triton.cdiv` does the same, but
+    since Triton 3.5 it is a `ConstexprFunction` whose call costs microseconds in Python: a few per grid, several
+    hundred grids per optimizer step."""
+    return -(-a // b)
+
+
 def _grid3(grid) -> tuple:
     """A launch grid of one to three dims as three ints."""
     grid = tuple(grid)

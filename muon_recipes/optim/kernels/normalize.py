@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
-from muon_recipes.optim.kernels.fast_launch import FastLaunch
+from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
 from muon_recipes.optim.kernels.tile_ops import round_to_output
 
 # Elements per program: 16 KB of bf16, enough in flight per SM to saturate HBM with 4 warps.
@@ -61,6 +61,6 @@ def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor |
                          f"{out.dtype} {tuple(out.shape)}")
     per_matrix = x.shape[1] * x.shape[2]
     if x.numel():
-        _launch_divide(lambda meta: (triton.cdiv(per_matrix, meta["BLOCK"]), batch),
+        _launch_divide(lambda meta: (ceil_div(per_matrix, meta["BLOCK"]), batch),
                        (x, divisors.contiguous(), out, per_matrix), {"BLOCK": _BLOCK, "INTERPRETED": interpreting()})
     return out

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
-from muon_recipes.optim.kernels.fast_launch import FastLaunch
+from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
 from muon_recipes.optim.kernels.tile_search import autotuned
@@ -167,7 +167,7 @@ def launch_symmetric_matmul(x: torch.Tensor, out: torch.Tensor, alpha: float = 1
     has_c = c is not None
     c_arg = c if has_c else out
     y = x if y is None else y
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]), batch, 1)  # noqa: E731
+    grid = lambda meta: (ceil_div(m, meta["BLOCK_M"]) * ceil_div(m, meta["BLOCK_N"]), batch, 1)  # noqa: E731
     args = (x, y, c_arg, out, m, k, batch, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c_arg.stride(0),
             c_arg.stride(1), out.stride(0), out.stride(1), alpha, beta)
     constexprs = {"HAS_C": has_c, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()}

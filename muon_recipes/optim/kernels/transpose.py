@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import TRANSPOSE_DTYPES, interpreting
-from muon_recipes.optim.kernels.fast_launch import FastLaunch
+from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
 from muon_recipes.optim.kernels.tile_ops import round_to_output
 
 _TILE = 64
@@ -63,7 +63,7 @@ def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if batch > 65535:
         raise ValueError(f"copy_transposed: {batch} matrices, at most 65535 per call (the launch grid's batch axis)")
     if s3.numel():
-        grid = lambda meta: (triton.cdiv(rows, meta["TILE"]), triton.cdiv(cols, meta["TILE"]), batch)  # noqa: E731
+        grid = lambda meta: (ceil_div(rows, meta["TILE"]), ceil_div(cols, meta["TILE"]), batch)  # noqa: E731
         _launch_transposed_copy(grid, (s3, d3, rows, cols, *s3.stride(), *d3.stride()),
                                 {"TILE": _TILE, "INTERPRETED": interpreting()})
     return dst

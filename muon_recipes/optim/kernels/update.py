@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import interpreting
-from muon_recipes.optim.kernels.fast_launch import FastLaunch
+from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
 from muon_recipes.optim.kernels.symmetric import check_batched, output_buffer
 from muon_recipes.optim.kernels.tile_ops import (k_tiles_heuristic, multiply_accumulate, reduction_tiles,
                                                  round_to_output)
@@ -94,7 +94,7 @@ def launch_update(x: torch.Tensor, b: torch.Tensor, a: float, out: torch.Tensor)
     batch, m, n = x.shape
 
     _launch_update(
-        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch, 1),
+        lambda meta: (ceil_div(m, meta["BLOCK_M"]) * ceil_div(n, meta["BLOCK_N"]), batch, 1),
         (b, x, out, m, n, m, batch,
          b.stride(0), b.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), a),
         {"ADD_X": a != 0.0, "INPUT_PRECISION": input_precision(x.dtype), "INTERPRETED": interpreting()})
