@@ -9,6 +9,9 @@
 #   Triton autotuning of its shapes, about 56 s and 43 s on an H200).
 #   STAGES=trainer (about a minute): two short trainer runs of moe_tiny on the GPU (single-GPU FSDP2), captured and
 #   eager, and their losses side by side.
+#   STAGES=layout (about a minute): moe_small's step, eager and captured, on plain tensors (the benchmark's default)
+#   and on the trainer's single-GPU layout (FSDP2 over one rank: DTensor parameters), one process each: whether the
+#   layout explains the trainer's captured step (5.8 ms) running above the benchmark's (4.7 ms).
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -55,6 +58,13 @@ for name, target in targets.items():
               f"(p10 {graph['p10_ms']:.2f}, p90 {graph['p90_ms']:.2f}); target <= {target} ms: {met}")
 PY
       ;;
+    layout)
+      for mesh in single fsdp; do
+        timeout 60 python recipes/bench_optimizer.py --model moe_small --mesh "$mesh" --optimizers muon,muon_graph \
+          --steps 30 --warmup 5 --no-breakdown --out "$out/bench_layout_$mesh.json" > "$out/bench_layout_$mesh.log" 2>&1
+        echo "bench_optimizer moe_small --mesh $mesh exit $?"
+        grep -E "^\| moe_small|Error" "$out/bench_layout_$mesh.log" | head -4
+      done ;;
     trainer)
       for mode in on off; do
         rm -rf "$out/trainer_cuda_graph_$mode"
