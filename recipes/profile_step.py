@@ -72,9 +72,15 @@ def sync_locations(trainer) -> list[tuple[str, int]]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     _synchronize(trainer.ctx.device)
-    places = Counter(f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in caught
-                     if "synchroniz" in str(w.message).lower())
+    places = Counter(f"{_source(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower())
     return places.most_common()
+
+
+def _source(filename: str) -> str:
+    """A warning's file as a reader finds it: relative to the repository, or from the installed package's name
+    (`torch/cuda/__init__.py`) for a file under site-packages."""
+    _, installed, inside = filename.rpartition("site-packages" + os.sep)
+    return inside if installed else os.path.relpath(filename, ROOT)
 
 
 def profile(overrides: list, warmup: int, steps: int, profile_steps: int) -> tuple[dict, object]:

@@ -168,3 +168,16 @@ def test_runtime_calls_and_idle_time_of_a_gpu_trace():
     assert set(rows) == {"cudaLaunchKernel", "cudaMemcpyAsync"}   # aten::mm is an operator, not a runtime call
     assert profile.runtime_calls[0].name == "cudaMemcpyAsync" and rows["cudaMemcpyAsync"].host_us == 390
     assert rows["cudaLaunchKernel"].calls == 2 and rows["cudaLaunchKernel"].longest_us == 5
+
+
+def test_sync_locations_name_installed_files_by_package():
+    """A sync inside torch is named from its package (`torch/cuda/__init__.py`), not by a path out of the checkout
+    into the environment; the repository's own files stay relative to it."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    installed = "/opt/env/lib/python3.12/site-packages/torch/cuda/__init__.py"
+    assert profile_step._source(installed) == "torch/cuda/__init__.py"
+    assert profile_step._source(str(ROOT / "muon_recipes/train/trainer.py")) == "muon_recipes/train/trainer.py"
