@@ -43,16 +43,20 @@ def parallelize(model: nn.Module, mesh: Optional[DeviceMesh], *, bf16: bool, com
 
         experts = shard_experts(model, expert_mesh)
     n = len(model.layers)
-    # Resharding after forward frees the gathered parameters until backward gathers them again. Over one shard the
-    # shard is the whole parameter: it frees only the bf16 compute copy (2 bytes per parameter beside the fp32
-    # weight, gradient and optimizer state) at the price of casting every parameter again in backward, with the
-    # hooks' host time. The last block's parameters are needed first in backward: they stay gathered in any case.
-    resharding_frees_memory = mesh.size(mesh.ndim - 1) > 1
+    reshard = resharding_frees_memory(mesh)
     for i, block in enumerate(model.layers):
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=resharding_frees_memory and i < n - 1,
-                    **_ignoring(experts))
+        # The last block's parameters are needed first in backward: they stay gathered in any case.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard and i < n - 1, **_ignoring(experts))
     fully_shard(model, mesh=mesh, mp_policy=mp, **_ignoring(experts))
     return model
+
+
+def resharding_frees_memory(mesh: Optional[DeviceMesh]) -> bool:
+    """Whether resharding gathered parameters (after forward, between micro-batches) frees memory: only where the
+    shard group has several ranks. Over one shard (a single GPU, HSDP with shard 1) the shard is the whole
+    parameter, so resharding frees only the bf16 compute copy (2 bytes per parameter beside the fp32 weight,
+    gradient and optimizer state) at the price of casting every parameter again, with the hooks' host time."""
+    return mesh is not None and mesh.size(mesh.ndim - 1) > 1
 
 
 def _ignoring(params: Optional[set]) -> dict:

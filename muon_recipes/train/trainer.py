@@ -24,6 +24,7 @@ from torch.profiler import record_function
 from muon_recipes.config import RunConfig
 from muon_recipes.train.schedules import lr_multiplier
 from muon_recipes.parallel.distributed import DistributedContext, all_reduce_mean, all_reduce_sum
+from muon_recipes.parallel.fsdp import resharding_frees_memory
 from muon_recipes.train.loggers import Loggers, token_count
 from muon_recipes.train.metrics import Stopwatch, bits_per_byte, device_peak_flops, peak_memory_gib
 
@@ -164,13 +165,12 @@ class Trainer:
 
     def _start_micro_batch(self, last: bool) -> None:
         """FSDP2's settings for the next micro-batch: gradients are reduced only after the last one (the others
-        accumulate unsharded). Over one shard (a single GPU, or HSDP with shard 1) the bf16 parameters also stay
-        gathered until the last backward: resharding there frees only their bf16 copy (the shard is the whole
-        parameter) and costs a cast of every parameter, with the hooks' host time, at each micro-batch."""
+        accumulate unsharded). Where resharding frees nothing (`fsdp.resharding_frees_memory`: one shard) the
+        parameters also stay gathered until the last backward."""
         if not hasattr(self.model, "set_requires_gradient_sync"):
             return
         self.model.set_requires_gradient_sync(last)
-        if self.ctx.shard == 1:
+        if not resharding_frees_memory(self.ctx.mesh):
             self.model.set_reshard_after_backward(last)
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
