@@ -187,6 +187,63 @@ def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
         if name.endswith("_triton"):   # the tile the autotuner chose for this product (its last call)
             kernel = _update_kernel if name.startswith("update") else _symmetric_matmul_kernel
             result[name]["tile"] = tile_label(kernel.best_config)
+    result.update(persistent_breakdown(X, A, B, coefficients[0], gram_flops, poly_flops, update_flops))
+    return result
+
+
+# Tiles of the persistent kernels timed by the breakdown, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); a tile
+# that does not fit the shape or the shared memory is reported and skipped.
+PERSISTENT_TILES = {
+    "symmetric": ((128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 128, 8, 2)),
+    "update": ((128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+               (128, 128, 128, 8, 3)),
+}
+
+
+def persistent_breakdown(X, A, B, coefficient, gram_flops, poly_flops, update_flops) -> dict:
+    """Each product on the persistent TMA kernels (`kernels/persistent.py`) with each of `PERSISTENT_TILES`:
+    its time, its rate, and its largest difference from the pointer kernel's result on the same inputs (zero
+    where both tiles reduce in the same blocks; otherwise about one rounding of the output)."""
+    from muon_recipes.optim.kernels import persistent
+    from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
+    from muon_recipes.optim.kernels.update import launch_update
+
+    if not persistent.available():
+        return {}
+    a, b, c = coefficient
+    C = torch.empty_like(A)
+    products = {   # name -> (kind, operand deciding usability, persistent call, pointer call, flops)
+        "gram": ("symmetric", X, lambda t, out: persistent.launch_symmetric(X, out, tile=t),
+                 lambda out: launch_symmetric_matmul(X, out), gram_flops, A),
+        "polynomial": ("symmetric", A, lambda t, out: persistent.launch_symmetric(A, out, alpha=c, beta=b, c=A, tile=t),
+                       lambda out: launch_symmetric_matmul(A, out, alpha=c, beta=b, c=A), poly_flops, C),
+        "commuting": ("symmetric", A, lambda t, out: persistent.launch_symmetric(B, out, alpha=1.0, beta=a, c=A, y=A,
+                                                                                 tile=t),
+                      lambda out: launch_symmetric_matmul(B, out, alpha=1.0, beta=a, c=A, y=A), poly_flops, C),
+        "update": ("update", X, lambda t, out: persistent.launch_update(X, B, a, out, tile=t),
+                   lambda out: launch_update(X, B, a, out), update_flops, torch.empty_like(X)),
+        "q_x": ("update", X, lambda t, out: persistent.launch_update(X, B, 0.0, out, tile=t),
+                lambda out: launch_update(X, B, 0.0, out), update_flops, torch.empty_like(X)),
+    }
+    result = {}
+    for name, (kind, operand, run, pointer, flops, out) in products.items():
+        reference = torch.empty_like(out)
+        pointer(reference)
+        for bm, bn, bk, warps, stages in PERSISTENT_TILES[kind]:
+            tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+            label = f"{name}_persistent[{bm}x{bn}x{bk}-s{stages}-w{warps}]"
+            if not persistent.usable(kind, operand, tile):
+                continue
+            try:
+                out.fill_(float("nan"))
+                run(tile, out)
+                torch.cuda.synchronize()
+                difference = (out.float() - reference.float()).abs().max().item()
+                t = time_ms(lambda: run(tile, out), budget_s=0.2)["median_ms"]
+            except Exception as error:   # noqa: BLE001 - e.g. out of shared memory: report, go on
+                result[label] = {"error": f"{type(error).__name__}: {error}"[:200]}
+                continue
+            result[label] = {"ms": t, "symmetric_tflops": flops / (t * 1e-3) / 1e12, "max_diff": difference}
     return result
 
 
@@ -304,9 +361,12 @@ def main() -> None:
               flush=True)
         for key in ("breakdown", "breakdown_float16"):
             if key in row:
-                print(f"   {key}: " + "  ".join(f"{k} {v['ms']:.3f}ms/{v['symmetric_tflops']:.0f}TF"
-                                              + (f" [{v['tile']}]" if "tile" in v else "")
-                                              for k, v in row[key].items()), flush=True)
+                print(f"   {key}: " + "  ".join(
+                    f"{k} {v['error']}" if "error" in v else
+                    f"{k} {v['ms']:.3f}ms/{v['symmetric_tflops']:.0f}TF"
+                    + (f" [{v['tile']}]" if "tile" in v else "")
+                    + (f" diff {v['max_diff']:.2g}" if "max_diff" in v else "")
+                    for k, v in row[key].items()), flush=True)
         rows.append(row)
         result = {
             "device": device, "torch": torch.__version__, "triton": triton.__version__,

@@ -12,6 +12,9 @@
 #   STAGES=layout (about a minute): moe_small's step, eager and captured, on plain tensors (the benchmark's default)
 #   and on the trainer's single-GPU layout (FSDP2 over one rank: DTensor parameters), one process each: whether the
 #   layout explains the trainer's captured step (5.8 ms) running above the benchmark's (4.7 ms).
+#   STAGES=persistent (about four minutes): the persistent TMA kernels' GPU tests, then Newton-Schulz of the issue's
+#   buckets with the per-product breakdown: every product on the pointer kernel, cuBLAS and the persistent kernel
+#   with each tile of bench_newton_schulz.PERSISTENT_TILES, and the whole loop on the plan the timing picks.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -58,6 +61,16 @@ for name, target in targets.items():
               f"(p10 {graph['p10_ms']:.2f}, p90 {graph['p90_ms']:.2f}); target <= {target} ms: {met}")
 PY
       ;;
+    persistent)
+      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
+        > "$out/gpu_tests_persistent.log" 2>&1
+      echo "tests exit $?: $(tail -1 "$out/gpu_tests_persistent.log")"
+      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_persistent.log" | head -20
+      timeout 300 python recipes/bench_newton_schulz.py --no-compile --schedules keller \
+        --shapes "${SHAPES:-32x2048x2048,48x2048x5632,128x256x1024,64x768x2048}" \
+        --out "$out/bench_persistent" > "$out/bench_persistent.log" 2>&1
+      echo "bench_newton_schulz exit $?"
+      grep -E "floor|breakdown|Error" "$out/bench_persistent.log" | head -30 ;;
     layout)
       for mesh in single fsdp; do
         timeout 60 python recipes/bench_optimizer.py --model moe_small --mesh "$mesh" --optimizers muon,muon_graph \

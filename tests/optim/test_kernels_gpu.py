@@ -477,3 +477,67 @@ def test_normalization_of_a_smaller_batch_after_a_larger_one_stays_in_bounds():
         torch.cuda.synchronize()
         assert torch.equal(out[0], small[0] / 2)
         assert out[1:].isnan().all(), "the one-matrix division wrote past its output"
+
+
+# The persistent kernels' tiles the benchmark times (recipes/bench_newton_schulz.py, PERSISTENT_TILES): each
+# must compute the right thing wherever it fits, not only the tile `persistent.tile_for` picks today.
+PERSISTENT_TILES = ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+                    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+                    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3})
+
+
+@pytest.mark.parametrize("m,n", [(1024, 1536), (512, 1000)], ids=["even", "ragged-columns"])
+def test_persistent_products_match_float64(m, n):
+    """The persistent TMA kernels' symmetric product (with C and a second operand: Z Q + a Q) and update (with
+    and without a X, the latter written in bf16 from float16) against float64, no worse than torch in the same
+    dtype; the symmetric output exactly symmetric; every element written."""
+    from muon_recipes.optim.kernels import persistent
+
+    if not persistent.available():
+        pytest.skip("needs a GPU with TMA (sm90+) and Triton with tensor descriptors")
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    S = torch.randn(4, m, m, device="cuda", dtype=torch.float64, generator=generator) / m
+    S = torch.triu(S) + torch.triu(S, 1).mT
+    Z, Q = (-4.775 * S + 2.0315 * S @ S).half(), (S + 2.0 * S @ S).half()
+    X = _normalized(4, m, n, torch.float16, seed=13)
+    symmetric_exact = Z.double() @ Q.double() + 3.4445 * Q.double()
+    update_exact = 3.4445 * X.double() + Z.double() @ X.double()
+    checked = 0
+    for tile in PERSISTENT_TILES:
+        if persistent.usable("symmetric", Z, tile):
+            out = torch.full_like(Z, float("nan"))
+            persistent.launch_symmetric(Z, out, alpha=1.0, beta=3.4445, c=Q, y=Q, tile=tile)
+            assert torch.equal(out, out.mT), tile
+            assert _relative_error(out, symmetric_exact) <= \
+                1.25 * _relative_error(Z @ Q + 3.4445 * Q, symmetric_exact) + 1e-6, tile
+            checked += 1
+        if persistent.usable("update", X, tile):
+            out = torch.full_like(X, float("nan"))
+            persistent.launch_update(X, Z, 3.4445, out, tile=tile)
+            assert _relative_error(out, update_exact) <= \
+                1.25 * _relative_error(3.4445 * X + Z @ X, update_exact) + 1e-6, tile
+            q_x = torch.full(X.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+            persistent.launch_update(X, Z, 0.0, q_x, tile=tile)
+            exact = Z.double() @ X.double()
+            assert _relative_error(q_x, exact) <= 1.25 * _relative_error((Z @ X).bfloat16(), exact) + 1e-6, tile
+            checked += 1
+    assert checked >= 4
+
+
+def test_persistent_plan_replays_from_a_cuda_graph():
+    """The loop with every product on the persistent kernels, captured and replayed, equals its eager run."""
+    from muon_recipes.optim.kernels import persistent
+    from muon_recipes.optim.kernels.iterations import Plan, _iterate
+
+    if not persistent.available():
+        pytest.skip("needs a GPU with TMA (sm90+) and Triton with tensor descriptors")
+    every = Plan("persistent", "persistent", "persistent")
+    X = _normalized(4, 1024, 2048, torch.bfloat16, seed=14)
+    eager = _iterate(X, (KELLER,) * 3, every)
+    static = X.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _iterate(static, (KELLER,) * 3, every)
+    graph.replay()
+    assert torch.equal(captured, eager)
+    assert _relative_error(eager, _torch_iterations(X.double(), (KELLER,) * 3)) < 3e-2

@@ -6,9 +6,10 @@ One iteration (Keller Jordan's Muon; the polynomial X <- a X + b (X X^T) X + c (
     B  = b A + c A A        symmetric again, b A fused into the epilogue      (symmetric.py)
     X' = a X + B X          a X fused into the epilogue                       (update.py)
 
-With `kernels="auto"` (the default) each of the three products runs on whichever of the Triton kernel and
-the cuBLAS product with the same fused epilogue (`bmm`, `baddbmm`) measured faster for this shape, timed once
-per (device, shape, dtype, precision) on the first call. Halving the FLOPs of the symmetric products wins
+With `kernels="auto"` (the default) each of the three products runs on whichever of the Triton kernel, its
+persistent TMA-fed form (`persistent.py`, where the tiles divide the rows) and the cuBLAS product with the same
+fused epilogue (`bmm`, `baddbmm`) measured fastest for this shape, timed once per (device, shape, dtype,
+precision) on the first call. Halving the FLOPs of the symmetric products wins
 for large matrices; for small batched ones cuBLAS's batched kernels are sometimes faster per FLOP than the
 halved work is cheap (see docs/benchmarks.md). `kernels="triton"` always uses the Triton kernels.
 
@@ -37,7 +38,7 @@ import torch
 
 from muon_recipes.choices import ITERATION_KERNELS
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
-from muon_recipes.optim.kernels import tile_search
+from muon_recipes.optim.kernels import persistent, tile_search
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
@@ -45,7 +46,8 @@ from muon_recipes.optim.kernels.update import launch_update, launch_update_cubla
 
 @dataclass(frozen=True)
 class Plan:
-    """Which implementation runs each product of an iteration: "triton" or "cublas"."""
+    """Which implementation runs each product of an iteration: "triton" (the pointer kernels), "persistent"
+    (`persistent.py`) or "cublas"."""
     gram: str = "triton"
     polynomial: str = "triton"
     update: str = "triton"
@@ -85,10 +87,22 @@ def _polynomial_triton(A, B, b, c):
     launch_symmetric_matmul(A, B, alpha=c, beta=b, c=A)
 
 
-_GRAM = {"triton": _gram_triton, "cublas": _gram_cublas}
-_POLYNOMIAL = {"triton": _polynomial_triton, "cublas": _polynomial_cublas}
-_UPDATE = {"triton": launch_update, "cublas": launch_update_cublas}
-_COMMUTING = {"triton": _commuting_triton, "cublas": _commuting_cublas}
+def _gram_persistent(X, A):
+    persistent.launch_symmetric(X, A)
+
+
+def _polynomial_persistent(A, B, b, c):
+    persistent.launch_symmetric(A, B, alpha=c, beta=b, c=A)
+
+
+def _commuting_persistent(Z, Q, a, out):
+    persistent.launch_symmetric(Z, out, alpha=1.0, beta=a, c=Q, y=Q)
+
+
+_GRAM = {"triton": _gram_triton, "cublas": _gram_cublas, "persistent": _gram_persistent}
+_POLYNOMIAL = {"triton": _polynomial_triton, "cublas": _polynomial_cublas, "persistent": _polynomial_persistent}
+_UPDATE = {"triton": launch_update, "cublas": launch_update_cublas, "persistent": persistent.launch_update}
+_COMMUTING = {"triton": _commuting_triton, "cublas": _commuting_cublas, "persistent": _commuting_persistent}
 
 
 def _check_input(X: torch.Tensor) -> None:
@@ -140,12 +154,25 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
     B, out = torch.empty_like(A), torch.empty_like(X)
     _gram_triton(X, A)   # a realistic A (symmetric, the spectrum of X X^T) for the next products
     choices = {}
-    for product, table, run in (("gram", _GRAM, lambda f: f(X, A)),
-                                ("polynomial", _POLYNOMIAL, lambda f: f(A, B, b, c)),
-                                ("update", _UPDATE, lambda f: f(X, B, a, out))):
-        times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items()}
+    for product, table, run, offered in (("gram", _GRAM, lambda f: f(X, A), persistent_offered("symmetric", X)),
+                                         ("polynomial", _POLYNOMIAL, lambda f: f(A, B, b, c),
+                                          persistent_offered("symmetric", A)),
+                                         ("update", _UPDATE, lambda f: f(X, B, a, out),
+                                          persistent_offered("update", X))):
+        times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items()
+                 if name != "persistent" or offered}
         choices[product] = min(times, key=times.get)
     return Plan(**choices)
+
+
+def persistent_offered(product: str, x: torch.Tensor) -> bool:
+    """Whether the plan times the persistent kernel for `product` on x: where it can run (`persistent.usable`)
+    and the matrices are at least `PERSISTENT_MIN_SIDE` rows (smaller ones were not measured)."""
+    return x.shape[1] >= PERSISTENT_MIN_SIDE and persistent.usable(product, x)
+
+
+# The persistent kernels are timed only for matrices of at least this many rows: see `persistent_offered`.
+PERSISTENT_MIN_SIDE = 512
 
 
 def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False) -> Plan:
@@ -222,7 +249,7 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
                   restarts: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
     """The Gram form on the plan's kernels: the same recurrences as `newton_schulz.gram_iterations_torch`.
 
-    The last product, Q X, is written in `out_dtype` by the Triton kernel (one rounding, no cast pass)."""
+    The last product, Q X, is written in `out_dtype` by the Triton kernels (one rounding, no cast pass)."""
     batch, m, n = X.shape
     gram, polynomial, update = _GRAM[plan.gram], _POLYNOMIAL[plan.polynomial], _UPDATE[plan.update]
     commuting = _COMMUTING[plan.polynomial]
@@ -250,7 +277,7 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
         if step < last and step + 1 not in restarts:
             commuting(Z, R, a, RZ)                 # RZ = Z R + a R
             commuting(Z, RZ, a, R)                 # R = Z RZ + a RZ
-    if plan.update == "triton":
+    if plan.update in ("triton", "persistent"):
         out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
         update(current, Q, 0.0, out)               # X_final = Q X
         return out

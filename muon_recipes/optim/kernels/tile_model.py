@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from muon_recipes.optim.kernels import persistent
+
 # Hopper (H100 / H200 SXM): SMs, per-SM resources, and per-SM shares of peak rates.
 _SMS = 132
 _SHARED_MEMORY_PER_SM = 228 * 1024
@@ -56,11 +58,9 @@ class Product:
 def live_tiles(product: Product, block_m: int, block_n: int) -> int:
     """Tiles of one matrix that do work: all of them, or for a symmetric product those not wholly below the
     diagonal (the kernel's early return: last column < first row)."""
-    rows = -(-product.m // block_m)
-    cols = -(-product.n // block_n)
-    if not product.symmetric:
-        return rows * cols
-    return sum(1 for pid_m in range(rows) for pid_n in range(cols) if (pid_n + 1) * block_n > pid_m * block_m)
+    if product.symmetric:
+        return len(persistent.live_tiles(product.m, block_m, block_n))
+    return -(-product.m // block_m) * -(-product.n // block_n)
 
 
 def resident_ctas(block_m: int, block_n: int, block_k: int, stages: int, warps: int, element_size: int) -> int:
