@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import interpreting
-from muon_recipes.optim.kernels.tile_ops import multiply_accumulate, round_to_output
+from muon_recipes.optim.kernels.tile_ops import multiply_accumulate
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
