@@ -194,7 +194,8 @@ def kernel_breakdown(X: torch.Tensor, coefficients) -> dict:
 # Tiles of the persistent kernels timed by the breakdown, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); a tile
 # that does not fit the shape or the shared memory is reported and skipped.
 PERSISTENT_TILES = {
-    "symmetric": ((128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 128, 8, 2)),
+    "symmetric": ((128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 2),
+                  (128, 128, 128, 8, 2)),
     "update": ((128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
                (128, 128, 128, 8, 3)),
 }

@@ -31,6 +31,7 @@ choice) and replays it, which leaves one graph launch, one copy in and one copy 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -159,10 +160,23 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
                                           persistent_offered("symmetric", A)),
                                          ("update", _UPDATE, lambda f: f(X, B, a, out),
                                           persistent_offered("update", X))):
-        times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items()
-                 if name != "persistent" or offered}
+        times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items() if name != "persistent"}
+        if offered:
+            try:
+                times["persistent"] = _median_ms(lambda: run(table["persistent"]))
+            except Exception as error:   # noqa: BLE001 - e.g. a Triton that cannot build it: the others remain
+                _persistent_failed(product, X, error)
         choices[product] = min(times, key=times.get)
     return Plan(**choices)
+
+
+def _persistent_failed(product: str, X: torch.Tensor, error: Exception) -> None:
+    """Say once per process that the persistent kernel could not run, and leave it out of every later plan."""
+    global PERSISTENT_MIN_SIDE
+    PERSISTENT_MIN_SIDE = float("inf")
+    warnings.warn(f"Newton-Schulz: the persistent kernel failed on the {product} product of {tuple(X.shape)} "
+                  f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the other kernels",
+                  RuntimeWarning, stacklevel=2)
 
 
 def persistent_offered(product: str, x: torch.Tensor) -> bool:

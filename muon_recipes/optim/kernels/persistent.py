@@ -51,28 +51,31 @@ GROUP_M = 8
 
 
 @triton.jit
-def _store_square(desc, piece, base, row0, col0, SIDE: tl.constexpr):
-    """Store a SIDE x SIDE piece of a symmetric output at (row0, col0) of the matrix whose first row is `base`:
-    above the diagonal in place and mirrored; on it, completed from its upper triangle; below it, nothing
-    (another tile stores its mirror)."""
-    if col0 > row0:
-        desc.store([base + row0, col0], piece)
-        desc.store([base + col0, row0], tl.trans(piece))
-    elif col0 == row0:
-        r = tl.arange(0, SIDE)
-        desc.store([base + row0, col0], tl.where(r[None, :] >= r[:, None], piece, tl.trans(piece)))
+def _store_square(desc, piece, base, row0, col0, outside, SIDE: tl.constexpr):
+    """Store a SIDE x SIDE piece of a symmetric output at (row0, col0) of the matrix whose first row is `base`,
+    in place and mirrored. A piece on the diagonal is first completed from its upper triangle (so it is its own
+    mirror, and the two stores write the same values); a piece below it is the mirror of one that another
+    tile stores, so both of its stores go to row `outside`, past the end of the tensor, where TMA writes
+    nothing. No branch: Triton 3.6 cannot pipeline the flattened tile loop across an epilogue that branches."""
+    r = tl.arange(0, SIDE)
+    piece = tl.where((col0 == row0) & (r[None, :] < r[:, None]), tl.trans(piece), piece)
+    below = col0 < row0
+    desc.store([tl.where(below, outside, base + row0), col0], piece)
+    desc.store([tl.where(below, outside, base + col0), row0], tl.trans(piece))
 
 
 @triton.jit
 def _symmetric_persistent_kernel(
-    x_desc, y_desc, c_desc, out_desc, mirror_desc, square_desc, table_ptr,
+    x_desc, y_desc, c_desc, out_desc, table_ptr,
     M, K, TILES, TOTAL, alpha, beta,
     HAS_C: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     """out = alpha x y^T + beta c on the upper-triangle tiles listed in `table_ptr` (TILES per matrix, each
-    `pid_m << 16 | pid_n`), TOTAL = batch * TILES tiles over NUM_PROGRAMS programs."""
+    `pid_m << 16 | pid_n`), TOTAL = batch * TILES tiles over NUM_PROGRAMS programs; `out_desc` stores
+    BLOCK_M x BLOCK_M squares (a wide tile is two of them)."""
     k_tiles = tl.cdiv(K, BLOCK_K)
+    outside = (TOTAL // TILES) * M   # the first row past the batch
     for tile in tl.range(tl.program_id(0), TOTAL, NUM_PROGRAMS, flatten=True):
         batch = tile // TILES
         entry = tl.load(table_ptr + (tile - batch * TILES))
@@ -88,16 +91,13 @@ def _symmetric_persistent_kernel(
         if HAS_C:
             result += beta * c_desc.load([base + row0, col0]).to(tl.float32)
         result = _rounded(result, out_desc.dtype, INTERPRETED)
-        if col0 >= row0 + BLOCK_M:
-            out_desc.store([base + row0, col0], result)
-            mirror_desc.store([base + col0, row0], tl.trans(result))
-        elif BLOCK_M == BLOCK_N:
-            _store_square(square_desc, result, base, row0, col0, BLOCK_M)
+        if BLOCK_M == BLOCK_N:
+            _store_square(out_desc, result, base, row0, col0, outside, BLOCK_M)
         else:
-            # A wide tile crossing the diagonal is two squares side by side (as in symmetric.py).
+            # A wide tile is two squares side by side (as in symmetric.py).
             left_half, right_half = tl.split(tl.permute(tl.reshape(result, (BLOCK_M, 2, BLOCK_M)), (0, 2, 1)))
-            _store_square(square_desc, left_half, base, row0, col0, BLOCK_M)
-            _store_square(square_desc, right_half, base, row0, col0 + BLOCK_M, BLOCK_M)
+            _store_square(out_desc, left_half, base, row0, col0, outside, BLOCK_M)
+            _store_square(out_desc, right_half, base, row0, col0 + BLOCK_M, outside, BLOCK_M)
 
 
 @triton.jit
@@ -229,10 +229,9 @@ def launch_symmetric(x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, bet
     tiles = table.numel()
     total = batch * tiles
     programs = min(_program_count(x.device), total)
-    out_desc = _descriptor(out, [bm, bn])
     _symmetric_persistent_kernel[(programs,)](
         _descriptor(x, [bm, bk]), _descriptor(y, [bn, bk]), _descriptor(c if c is not None else out, [bm, bn]),
-        out_desc, _descriptor(out, [bn, bm]), _descriptor(out, [bm, bm]), table,
+        _descriptor(out, [bm, bm]), table,
         m, k, tiles, total, alpha, beta,
         HAS_C=c is not None, INTERPRETED=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         NUM_PROGRAMS=programs, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
