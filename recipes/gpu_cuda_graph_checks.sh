@@ -12,6 +12,9 @@
 #   STAGES=layout (about a minute): moe_small's step, eager and captured, on plain tensors (the benchmark's default)
 #   and on the trainer's single-GPU layout (FSDP2 over one rank: DTensor parameters), one process each: whether the
 #   layout explains the trainer's captured step (5.8 ms) running above the benchmark's (4.7 ms).
+#   STAGES=trainer_optim (about a minute and a half): moe_small with muon_split in the trainer for 40 steps (single-GPU
+#   FSDP2, the step captured), every step logged, then the same parameter set's captured step in the benchmark on the
+#   same layout (--mesh fsdp); the two medians side by side (issue 15: within 10%).
 #   STAGES=persistent (about four minutes): the persistent TMA kernels' GPU tests, then Newton-Schulz of the issue's
 #   buckets with the per-product breakdown: every product on the pointer kernel, cuBLAS and the persistent kernel
 #   with each tile of bench_newton_schulz.PERSISTENT_TILES, and the whole loop on the plan the timing picks.
@@ -71,6 +74,36 @@ PY
         --out "$out/bench_persistent" > "$out/bench_persistent.log" 2>&1
       echo "bench_newton_schulz exit $?"
       grep -E "floor|breakdown|Error" "$out/bench_persistent.log" | head -30 ;;
+    trainer_optim)
+      rm -rf "$out/trainer_optim"
+      timeout 150 python train.py model=moe_small optim=muon_split train.steps=40 train.log_every=1 \
+        train.eval_every=0 data.scope=stdlib data.tokenizer=byte logging.wandb.mode=disabled \
+        run_dir="$out/trainer_optim" > "$out/trainer_optim.log" 2>&1
+      echo "trainer moe_small exit $?"
+      grep -E "CUDA graph|^error" "$out/trainer_optim.log" | head -3
+      timeout 60 python recipes/bench_optimizer.py --model moe_small --mesh fsdp --optimizers muon_graph \
+        --steps 30 --warmup 5 --no-breakdown --out "$out/bench_trainer_optim.json" > "$out/bench_trainer_optim.log" 2>&1
+      echo "bench_optimizer moe_small --mesh fsdp exit $?"
+      python - "$out" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+try:
+    rows = [json.loads(line) for line in (out / "trainer_optim" / "metrics.jsonl").read_text().splitlines()]
+    trainer = [r["optim_time_s"] * 1e3 for r in rows if "optim_time_s" in r][5:]   # after warm-up and capture
+    bench = next(r for m in json.loads((out / "bench_trainer_optim.json").read_text())["models"]
+                 for r in m["results"] if r["optimizer"] == "muon_graph")["median_ms"]
+except (OSError, ValueError, KeyError, StopIteration) as error:
+    print(f"trainer_optim: incomplete ({type(error).__name__}: {error})")
+else:
+    median = statistics.median(trainer)
+    spread = sorted(trainer)
+    print(f"optimizer step, moe_small captured: trainer median {median:.2f} ms (p10 {spread[len(spread) // 10]:.2f}, "
+          f"p90 {spread[9 * len(spread) // 10]:.2f}, {len(trainer)} steps), benchmark {bench:.2f} ms; "
+          f"ratio {median / bench:.3f} (target <= 1.10)")
+PY
+      ;;
     layout)
       for mesh in single fsdp; do
         timeout 60 python recipes/bench_optimizer.py --model moe_small --mesh "$mesh" --optimizers muon,muon_graph \

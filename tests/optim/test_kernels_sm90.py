@@ -207,3 +207,50 @@ def test_vector_check_sees_scalar_accesses():
     code = machine_code.compile_for_hopper(kernel, {**args, "numel": NUMEL + 3},
                                            {**constexprs, "INTERPRETED": False})
     assert _narrow_accesses(code) > 0
+
+
+def _persistent_cases():
+    """The persistent kernels (kernels/persistent.py) on their `tile_for` tiles, each epilogue variant."""
+    from muon_recipes.optim.kernels import persistent
+    from muon_recipes.optim.kernels.ahead_of_time import DescriptorOf
+
+    def symmetric_case(dtype, has_c):
+        t = persistent.tile_for("symmetric", interpreted=False)
+        bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
+        args = dict(x_desc=DescriptorOf(dtype, (bm, bk)), y_desc=DescriptorOf(dtype, (bn, bk)),
+                    c_desc=DescriptorOf(dtype, (bm, bn)), out_desc=DescriptorOf(dtype, (bm, bm)), table_ptr=torch.int32,
+                    M=M, K=M, TILES=136, TOTAL=136 * BATCH, alpha=1.0, beta=0.5)
+        constexprs = dict(HAS_C=has_c, INTERPRETED=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132)
+        return persistent._symmetric_persistent_kernel, args, constexprs, t
+
+    def update_case(dtype, out_dtype, adds_x):
+        t = persistent.tile_for("update", adds_x=adds_x, interpreted=False)
+        bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
+        args = dict(b_desc=DescriptorOf(dtype, (bm, bk)), x_desc=DescriptorOf(dtype, (bk, bn)),
+                    own_desc=DescriptorOf(dtype, (bm, bn)), out_desc=DescriptorOf(out_dtype, (bm, bn)),
+                    M=M, TILES_M=M // bm, TILES_N=-(-N // bn), TOTAL=BATCH * (M // bm) * -(-N // bn), alpha=1.0)
+        constexprs = dict(ADD_X=adds_x, INTERPRETED=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                          GROUP_M=persistent.GROUP_M, NUM_PROGRAMS=132)
+        return persistent._update_persistent_kernel, args, constexprs, t
+
+    yield pytest.param(*symmetric_case(BF16, False), id="gram-bf16")
+    yield pytest.param(*symmetric_case(BF16, True), id="polynomial-bf16")
+    yield pytest.param(*symmetric_case(FP16, True), id="commuting-fp16")
+    yield pytest.param(*update_case(BF16, BF16, True), id="update-bf16")
+    yield pytest.param(*update_case(FP16, BF16, False), id="q-x-fp16-to-bf16")
+
+
+@pytest.mark.parametrize("kernel,args,constexprs,tile", list(_persistent_cases()))
+def test_persistent_tile_fits_hopper_without_spills(kernel, args, constexprs, tile):
+    """The tile each persistent product runs with fits Hopper's shared memory (its TMA store buffers included:
+    the update's 128 x 256 tile with the a X term needs 278 KB and failed to launch on the GPU), keeps its
+    accumulators in registers, and multiplies with HGMMA on operands that TMA loads and stores."""
+    if TRITON_VERSION < SPILL_FREE_FROM:
+        pytest.skip(f"register allocation of Triton {triton.__version__} is not held to the spill check")
+    code = machine_code.compile_for_hopper(kernel, args, constexprs, num_warps=tile["num_warps"],
+                                           num_stages=tile["num_stages"])
+    assert code.shared_bytes <= machine_code.HOPPER_SHARED_MEMORY, code
+    assert code.stack_bytes == 0 and code.local_bytes == 0, code
+    assert code.count("HGMMA") > 0
+    # Global loads: only the symmetric kernel's tile table (one 4-byte LDG.E per tile); stores: none but TMA's.
+    assert set(code.opcodes("LDG")) <= {"LDG.E"} and code.count("STG") == 0, code.opcodes("LDG")

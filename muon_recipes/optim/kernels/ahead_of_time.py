@@ -11,13 +11,25 @@ is marked divisible, unless the kernel says `do_not_specialize` for it), a float
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 from triton.runtime.jit import JITFunction
 
 from muon_recipes.optim.kernels.fast_launch import unwrap
 
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+
+
+@dataclass(frozen=True)
+class DescriptorOf:
+    """A `TensorDescriptor` argument as the launcher specializes it: its element type and block shape."""
+    dtype: torch.dtype
+    block: tuple[int, ...]
+
+    def signature(self) -> str:
+        return f"tensordesc<{POINTER_TYPES[self.dtype][1:]}[{', '.join(map(str, self.block))}]>"
 
 
 def _integer_type(value: int) -> str:
@@ -26,7 +38,8 @@ def _integer_type(value: int) -> str:
 
 def specialized_source(kernel, args: dict, constexprs: dict):
     """`triton.compiler.ASTSource` of `kernel` (possibly under `triton.autotune` / `triton.heuristics`) for the
-    runtime `args` (name -> torch.dtype for a tensor, int, float) and the `constexprs` (the caller's and the tile
+    runtime `args` (name -> torch.dtype for a tensor, `DescriptorOf` for a tensor descriptor, int, float) and
+    the `constexprs` (the caller's and the tile
     configuration's)."""
     fn, rules = unwrap(kernel)
     if not isinstance(fn, JITFunction):
@@ -43,6 +56,8 @@ def specialized_source(kernel, args: dict, constexprs: dict):
         elif name in constexprs or name in rules or (type(value) is int and value == 1):
             signature[name] = "constexpr"   # the launcher also turns an integer argument equal to 1 into one
             constants[(index,)] = value
+        elif isinstance(value, DescriptorOf):
+            signature[name] = value.signature()
         elif isinstance(value, torch.dtype):
             signature[name] = POINTER_TYPES[value]
             attrs[(index,)] = [["tt.divisibility", 16]]

@@ -44,9 +44,14 @@ except ImportError:   # Triton < 3.4: no host-side descriptors; `usable` says no
 _INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
 _INTERPRETER_PROGRAMS = 3
 
-# Per product, the tile used on a GPU (measured on one H200: docs/benchmarks.md, "Persistent kernels").
+# Per product, the tile used on a GPU: the fastest of five on every bucket of dense_1b and moe_small with at least
+# 512 rows, in bf16 and float16 (one H200, `STAGES=persistent bash recipes/gpu_cuda_graph_checks.sh`,
+# docs/benchmarks.md, "Persistent kernels"). The update with its a X term holds the tile of X read in its
+# epilogue in shared memory too, so its 128 x 256 tile does not fit with three stages (278 KB of 227 KB); with
+# a = 0 (the Gram form's Q X) it does, and is the fastest there.
 SYMMETRIC_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
-UPDATE_TILE = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+UPDATE_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+Q_X_TILE = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 GROUP_M = 8
 
 
@@ -152,11 +157,14 @@ def available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def tile_for(product: str, interpreted: bool | None = None) -> dict:
-    """The tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of "symmetric" or "update"."""
+def tile_for(product: str, adds_x: bool = True, interpreted: bool | None = None) -> dict:
+    """The tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of "symmetric" or "update" (with its a X
+    term, or without: `adds_x`)."""
     if interpreting() if interpreted is None else interpreted:
         return dict(_INTERPRETER_TILE)
-    return dict(SYMMETRIC_TILE if product == "symmetric" else UPDATE_TILE)
+    if product == "symmetric":
+        return dict(SYMMETRIC_TILE)
+    return dict(UPDATE_TILE if adds_x else Q_X_TILE)
 
 
 def usable(product: str, x: torch.Tensor, tile: dict | None = None) -> bool:
@@ -167,7 +175,7 @@ def usable(product: str, x: torch.Tensor, tile: dict | None = None) -> bool:
         return False
     if not (x.is_cuda or interpreting()):
         return False
-    tile = tile or tile_for(product)
+    tile = tile or tile_for(product)   # the two update tiles have the same BLOCK_M and BLOCK_K
     m, width = x.shape[1], x.shape[2]
     sides = (tile["BLOCK_M"], tile["BLOCK_N"]) if product == "symmetric" else (tile["BLOCK_M"], tile["BLOCK_K"])
     return all(m % side == 0 for side in sides) and (width * x.element_size()) % 16 == 0 and \
@@ -243,7 +251,7 @@ def launch_update(x: torch.Tensor, b: torch.Tensor, a: float, out: torch.Tensor,
     """out = a x + b x on the persistent kernel: the contract of `update.launch_update` (contiguous x [B, M, N],
     b [B, M, M], out not aliasing x; out may be another 16-bit dtype); the caller checks
     `usable("update", x, tile)`."""
-    tile = tile or tile_for("update")
+    tile = tile or tile_for("update", adds_x=a != 0.0)
     bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
     batch, m, n = x.shape
     tiles_m, tiles_n = m // bm, triton.cdiv(n, bn)
