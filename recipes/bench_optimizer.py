@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace", action="store_true",
                    help="also profile 3 steps of ours with torch.profiler: kernel table (printed, and beside "
                         "--out as .txt) and a Chrome trace (.json) per model, rank 0")
+    p.add_argument("--before-step", default="none", choices=("none", "flush", "matmul"),
+                   help="GPU work before each timed step, untimed (see before_step_load)")
     p.add_argument("--out", required=True, help="path of the JSON file to write")
     args = p.parse_args(argv)
     unknown = set(args.optimizers.split(",")) - set(OPTIMIZERS)
@@ -175,13 +177,35 @@ def make_optimizer(kind: str, model, optim_cfg):
 # --------------------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------------------
-def time_steps(step, device, warmup: int, steps: int) -> list[float]:
-    """Seconds per step: CUDA events on GPUs (device synchronized before each step), wall clock on CPU."""
+def before_step_load(kind: str, device):
+    """What runs on the GPU before each timed step, to reproduce the state a training step leaves it in:
+    "none"; "flush" (one write of 512 MB, which evicts the 50 MB L2 as the forward and backward do);
+    "matmul" (bf16 products of 8192 x 8192 for about 60 ms: the tensor cores at full power just before the
+    step, as after a backward). The trainer's optimizer step ran 21% above this benchmark's (issue 15);
+    comparing the three says whether the GPU's state explains it."""
+    if kind == "none" or device.type != "cuda":
+        return lambda: None
+    if kind == "flush":
+        buffer = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+        return lambda: buffer.fill_(1)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+
+    def products():
+        for _ in range(40):   # about 1.5 ms each on an H200
+            torch.mm(a, a, out=out)
+    return products
+
+
+def time_steps(step, device, warmup: int, steps: int, before=lambda: None) -> list[float]:
+    """Seconds per step: CUDA events on GPUs (device synchronized before each step), wall clock on CPU; `before`
+    runs before each timed step, outside the timing (`before_step_load`)."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
+        before()
         if cuda:
             torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -245,7 +269,7 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
 
         warmup = max(warmup, WARMUP_STEPS + 2)   # eager warm-up steps, the capture, one replay: none of it timed
     try:
-        times = time_steps(step, ctx.device, warmup, args.steps)
+        times = time_steps(step, ctx.device, warmup, args.steps, before_step_load(args.before_step, ctx.device))
     except Exception as e:
         return {"optimizer": kind, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
     stats = worst_over_ranks({"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * percentile(times, 0.1),

@@ -14,7 +14,9 @@
 #   layout explains the trainer's captured step (5.8 ms) running above the benchmark's (4.7 ms).
 #   STAGES=trainer_optim (about a minute and a half): moe_small with muon_split in the trainer for 40 steps (single-GPU
 #   FSDP2, the step captured), every step logged, then the same parameter set's captured step in the benchmark on the
-#   same layout (--mesh fsdp); the two medians side by side (issue 15: within 10%).
+#   same layout (--mesh fsdp), with nothing, an L2 flush or 60 ms of bf16 products before each
+#   timed step (--before-step none|flush|matmul: the GPU state a training step leaves); the medians side by side
+#   (issue 15: within 10%).
 #   STAGES=persistent (about four minutes): the persistent TMA kernels' GPU tests, then Newton-Schulz of the issue's
 #   buckets with the per-product breakdown: every product on the pointer kernel, cuBLAS and the persistent kernel
 #   with each tile of bench_newton_schulz.PERSISTENT_TILES, and the whole loop on the plan the timing picks.
@@ -81,9 +83,12 @@ PY
         run_dir="$out/trainer_optim" > "$out/trainer_optim.log" 2>&1
       echo "trainer moe_small exit $?"
       grep -E "CUDA graph|^error" "$out/trainer_optim.log" | head -3
-      timeout 60 python recipes/bench_optimizer.py --model moe_small --mesh fsdp --optimizers muon_graph \
-        --steps 30 --warmup 5 --no-breakdown --out "$out/bench_trainer_optim.json" > "$out/bench_trainer_optim.log" 2>&1
-      echo "bench_optimizer moe_small --mesh fsdp exit $?"
+      for before in none flush matmul; do
+        timeout 60 python recipes/bench_optimizer.py --model moe_small --mesh fsdp --optimizers muon_graph \
+          --steps 30 --warmup 5 --no-breakdown --before-step $before --out "$out/bench_trainer_optim_$before.json" \
+          > "$out/bench_trainer_optim_$before.log" 2>&1
+        echo "bench_optimizer moe_small --mesh fsdp --before-step $before exit $?"
+      done
       python - "$out" <<'PY'
 import json, statistics, sys
 from pathlib import Path
@@ -92,16 +97,20 @@ out = Path(sys.argv[1])
 try:
     rows = [json.loads(line) for line in (out / "trainer_optim" / "metrics.jsonl").read_text().splitlines()]
     trainer = [r["optim_time_s"] * 1e3 for r in rows if "optim_time_s" in r][5:]   # after warm-up and capture
-    bench = next(r for m in json.loads((out / "bench_trainer_optim.json").read_text())["models"]
-                 for r in m["results"] if r["optimizer"] == "muon_graph")["median_ms"]
-except (OSError, ValueError, KeyError, StopIteration) as error:
-    print(f"trainer_optim: incomplete ({type(error).__name__}: {error})")
-else:
-    median = statistics.median(trainer)
-    spread = sorted(trainer)
-    print(f"optimizer step, moe_small captured: trainer median {median:.2f} ms (p10 {spread[len(spread) // 10]:.2f}, "
-          f"p90 {spread[9 * len(spread) // 10]:.2f}, {len(trainer)} steps), benchmark {bench:.2f} ms; "
-          f"ratio {median / bench:.3f} (target <= 1.10)")
+except (OSError, ValueError, KeyError) as error:
+    sys.exit(f"trainer_optim: no trainer times ({type(error).__name__}: {error})")
+median = statistics.median(trainer)
+spread = sorted(trainer)
+print(f"optimizer step, moe_small captured: trainer median {median:.2f} ms (p10 {spread[len(spread) // 10]:.2f}, "
+      f"p90 {spread[9 * len(spread) // 10]:.2f}, {len(trainer)} steps)")
+for before in ("none", "flush", "matmul"):
+    try:
+        bench = next(r for m in json.loads((out / f"bench_trainer_optim_{before}.json").read_text())["models"]
+                     for r in m["results"] if r["optimizer"] == "muon_graph")
+        print(f"  benchmark, --before-step {before}: {bench['median_ms']:.2f} ms (p10 {bench['p10_ms']:.2f}, "
+              f"p90 {bench['p90_ms']:.2f}); trainer / benchmark {median / bench['median_ms']:.3f} (target <= 1.10)")
+    except (OSError, ValueError, KeyError, StopIteration) as error:
+        print(f"  benchmark, --before-step {before}: none ({type(error).__name__}: {error})")
 PY
       ;;
     layout)
