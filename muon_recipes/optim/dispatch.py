@@ -35,6 +35,9 @@ GRAM_MIN_SIDE_CUDA = 512
 # The one-pass weight update (`kernels/elementwise.py`): 2-D weights of at least this many elements. Smaller
 # matrices and 3-D expert weights stay on torch's add (docs/benchmarks.md, "The weight update").
 SCALED_ADD_MIN_NUMEL = 1 << 22
+# The persistent TMA-fed Newton-Schulz kernels (`kernels/persistent.py`) are timed against the pointer kernels and
+# cuBLAS for a shape's plan only from this many rows of its matrices (docs/benchmarks.md, thresholds table).
+PERSISTENT_MIN_SIDE = 512
 
 
 @functools.lru_cache(maxsize=None)

@@ -141,3 +141,18 @@ def test_live_tiles_are_the_tiles_touching_the_upper_triangle():
 
 if __name__ == "__main__":
     _child()
+
+
+def test_a_persistent_kernel_that_fails_is_left_out_of_later_plans(monkeypatch):
+    """A Triton that cannot build the persistent kernel (Triton 3.6 once rejected its first epilogue) must not
+    stop the optimizer: the plan drops it with one warning and keeps timing the pointer kernels and cuBLAS."""
+    from muon_recipes.optim.kernels import iterations, persistent
+
+    monkeypatch.setattr(persistent, "usable", lambda product, x, tile=None: True)
+    monkeypatch.setattr(iterations, "_persistent_error", None)
+    large, small = torch.zeros(1, 512, 1024, dtype=torch.bfloat16), torch.zeros(1, 256, 1024, dtype=torch.bfloat16)
+    assert iterations.persistent_offered("symmetric", large)
+    assert not iterations.persistent_offered("symmetric", small)   # under dispatch.PERSISTENT_MIN_SIDE
+    with pytest.warns(RuntimeWarning, match="persistent kernel failed on the gram product of \\(1, 512, 1024\\)"):
+        iterations._persistent_failed("gram", large, RuntimeError("PassManager::run failed"))
+    assert not iterations.persistent_offered("update", large)

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 
 from muon_recipes.choices import ITERATION_KERNELS
-from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, PERSISTENT_MIN_SIDE, interpreting
 from muon_recipes.optim.kernels import persistent, tile_search
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision
@@ -172,21 +172,22 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
 
 def _persistent_failed(product: str, X: torch.Tensor, error: Exception) -> None:
     """Say once per process that the persistent kernel could not run, and leave it out of every later plan."""
-    global PERSISTENT_MIN_SIDE
-    PERSISTENT_MIN_SIDE = float("inf")
+    global _persistent_error
+    _persistent_error = f"{type(error).__name__}: {error}"
     warnings.warn(f"Newton-Schulz: the persistent kernel failed on the {product} product of {tuple(X.shape)} "
                   f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); using the other kernels",
                   RuntimeWarning, stacklevel=2)
 
 
 def persistent_offered(product: str, x: torch.Tensor) -> bool:
-    """Whether the plan times the persistent kernel for `product` on x: where it can run (`persistent.usable`)
-    and the matrices are at least `PERSISTENT_MIN_SIDE` rows (smaller ones were not measured)."""
-    return x.shape[1] >= PERSISTENT_MIN_SIDE and persistent.usable(product, x)
+    """Whether the plan times the persistent kernel for `product` on x: where it can run (`persistent.usable`),
+    on matrices of at least `dispatch.PERSISTENT_MIN_SIDE` rows, unless it failed earlier in this process."""
+    return (_persistent_error is None and x.shape[1] >= PERSISTENT_MIN_SIDE
+            and persistent.usable(product, x))
 
 
-# The persistent kernels are timed only for matrices of at least this many rows: see `persistent_offered`.
-PERSISTENT_MIN_SIDE = 512
+# Why the persistent kernel is no longer offered in this process (`_persistent_failed`); None while it is.
+_persistent_error: str | None = None
 
 
 def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False) -> Plan:
