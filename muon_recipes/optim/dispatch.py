@@ -36,8 +36,10 @@ GRAM_MIN_SIDE_CUDA = 512
 # matrices and 3-D expert weights stay on torch's add (docs/benchmarks.md, "The weight update").
 SCALED_ADD_MIN_NUMEL = 1 << 22
 # The persistent TMA-fed Newton-Schulz kernels (`kernels/persistent.py`) are timed against the pointer kernels and
-# cuBLAS for a shape's plan only from this many rows of its matrices (docs/benchmarks.md, thresholds table).
-PERSISTENT_MIN_SIDE = 512
+# cuBLAS for a shape's plan only from this many rows of its matrices. They were faster from 512 rows up, but each
+# shape that offers them compiles them (not ahead, in parallel, as the pointer kernels' tiles are): with 512,
+# moe_small's cold first optimizer step took 10.9 s against 6.5 s (docs/benchmarks.md, thresholds table).
+PERSISTENT_MIN_SIDE = 1024
 
 
 @functools.lru_cache(maxsize=None)

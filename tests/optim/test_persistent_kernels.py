@@ -150,9 +150,9 @@ def test_a_persistent_kernel_that_fails_is_left_out_of_later_plans(monkeypatch):
 
     monkeypatch.setattr(persistent, "usable", lambda product, x, tile=None: True)
     monkeypatch.setattr(iterations, "_persistent_error", None)
-    large, small = torch.zeros(1, 512, 1024, dtype=torch.bfloat16), torch.zeros(1, 256, 1024, dtype=torch.bfloat16)
+    large, small = torch.zeros(1, 1024, 2048, dtype=torch.bfloat16), torch.zeros(1, 512, 2048, dtype=torch.bfloat16)
     assert iterations.persistent_offered("symmetric", large)
     assert not iterations.persistent_offered("symmetric", small)   # under dispatch.PERSISTENT_MIN_SIDE
-    with pytest.warns(RuntimeWarning, match="persistent kernel failed on the gram product of \\(1, 512, 1024\\)"):
+    with pytest.warns(RuntimeWarning, match="persistent kernel failed on the gram product of \\(1, 1024, 2048\\)"):
         iterations._persistent_failed("gram", large, RuntimeError("PassManager::run failed"))
     assert not iterations.persistent_offered("update", large)
