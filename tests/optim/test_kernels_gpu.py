@@ -436,8 +436,10 @@ def test_the_first_step_compiles_every_buckets_candidates_ahead(tmp_path):
                           timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Buckets: 2 x 512 x 512 and 2 x 256 x 512 (standard form: 2 + 3 problem keys), 9 x 512 x 768 (Gram form: 4).
-    assert result["choices"] == 9 and result["searches"] == 9, result
+    # Buckets: 2 x 512 x 512 and 2 x 256 x 512 (standard form: 2 + 3 problem keys), 9 x 512 x 768 (Gram form: 3,
+    # and a fourth, the last Q X written in bf16, only where the timed plan put the Gram form's update on Triton
+    # rather than cuBLAS: on one H200 it went either way from run to run).
+    assert result["choices"] == result["searches"] and result["choices"] in (8, 9), result
     assert result["ahead"] >= 10 and result["in_step"] == 0 and result["finite"], result
 
 
