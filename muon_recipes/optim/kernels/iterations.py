@@ -146,8 +146,9 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5) -> float:
 
 
 def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False) -> Plan:
-    """Time each product with the Triton kernel and with cuBLAS on this shape; keep the faster of each. The
-    Gram form's products of X are Q X, without the a X term (a = 0): that is the update it times."""
+    """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
+    kernel on this shape; keep the fastest of each. The Gram form's products of X are Q X, without the a X term
+    (a = 0): that is the update it times."""
     a, b, c = coefficient
     if gram:
         a = 0.0
