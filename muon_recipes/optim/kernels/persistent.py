@@ -6,9 +6,9 @@ the symmetric products at 410-430 TFLOP/s and the update at 560-575, against cuB
 epilogue, and with one 128 x 256 tile per SM (its pipeline takes most of the shared memory) nothing runs
 during that epilogue, which for a symmetric tile is two full stores. Here:
 
-* **persistent**: `NUM_SMS` programs each loop over output tiles, and the loop over tiles and the loop over
-  the reduction are one software pipeline (`tl.range(flatten=True)`), so the next tile's operand loads are in
-  flight while this tile's epilogue runs;
+* **persistent**: one program per SM (`NUM_PROGRAMS`) loops over output tiles, and the loop over tiles and the
+  loop over the reduction are one software pipeline (`tl.range(flatten=True)`), so the next tile's operand
+  loads are in flight while this tile's epilogue runs;
 * **TMA**: operand tiles are loaded, and results stored, by the Hopper Tensor Memory Accelerator from a
   `TensorDescriptor` (one instruction per tile, no per-element address arithmetic in registers).
 
@@ -20,9 +20,10 @@ straddle two matrices: the rows M must be a multiple of the tile (`usable`). Col
 loads past the last column with zeros and clips stores there. Only 16-bit dtypes; fp32 stays on the pointer
 kernels.
 
-The tile is not autotuned: each product takes the rule `tile_for` states, measured on one H200
-(`recipes/bench_newton_schulz.py --persistent-tiles`). Whether a product runs here at all is decided per shape
-by timing, with the pointer kernel and cuBLAS (`iterations.Plan`, implementation "persistent").
+The tile is not autotuned: each product takes the tile `tile_for` gives, the fastest of the candidates that the
+per-product breakdown of `recipes/bench_newton_schulz.py` times (`PERSISTENT_TILES`) on one H200. Whether a
+product runs here at all is decided per shape by timing, against the pointer kernel and cuBLAS (`iterations.Plan`,
+implementation "persistent", from `dispatch.PERSISTENT_MIN_SIDE` rows).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ _INTERPRETER_PROGRAMS = 3
 
 # Per product, the tile used on a GPU: the fastest of five on every bucket of dense_1b and moe_small with at least
 # 512 rows, in bf16 and float16 (one H200, `STAGES=persistent bash recipes/gpu_cuda_graph_checks.sh`,
-# docs/benchmarks.md, "Persistent kernels"). The update with its a X term holds the tile of X read in its
+# docs/benchmarks.md, "Persistent TMA-fed kernels"). The update with its a X term holds the tile of X read in its
 # epilogue in shared memory too, so its 128 x 256 tile does not fit with three stages (278 KB of 227 KB); with
 # a = 0 (the Gram form's Q X) it does, and is the fastest there.
 SYMMETRIC_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
