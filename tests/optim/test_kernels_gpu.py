@@ -481,8 +481,9 @@ def test_normalization_of_a_smaller_batch_after_a_larger_one_stays_in_bounds():
         assert out[1:].isnan().all(), "the one-matrix division wrote past its output"
 
 
-# The persistent kernels' tiles the benchmark times (recipes/bench_newton_schulz.py, PERSISTENT_TILES): each
-# must compute the right thing wherever it fits, not only the tile `persistent.tile_for` picks today.
+# Three of the persistent kernels' tiles that the benchmark times (recipes/bench_newton_schulz.py, PERSISTENT_TILES),
+# square, wide and one warpgroup: each must compute the right thing wherever it fits, not only the tiles
+# `persistent.tile_for` picks today.
 PERSISTENT_TILES = ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
                     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
                     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3})

@@ -127,10 +127,10 @@ def test_usable_refuses_what_tma_cannot_address(child_results):
 
 
 def test_live_tiles_are_the_tiles_touching_the_upper_triangle():
-    from muon_recipes.optim.kernels.persistent import live_tiles
+    from muon_recipes.optim.kernels.tile_model import upper_triangle_tiles
 
     for m, bm, bn in ((64, 16, 16), (64, 16, 32), (2048, 128, 128), (2048, 128, 256)):
-        tiles = live_tiles(m, bm, bn)
+        tiles = upper_triangle_tiles(m, bm, bn)
         covered = torch.zeros(m, m, dtype=torch.bool)
         for i, j in tiles:
             covered[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = True

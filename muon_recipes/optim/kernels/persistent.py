@@ -33,7 +33,9 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import interpreting
-from muon_recipes.optim.kernels.tile_ops import multiply_accumulate
+from muon_recipes.optim.kernels.fast_launch import ceil_div
+from muon_recipes.optim.kernels.tile_model import upper_triangle_tiles
+from muon_recipes.optim.kernels.tile_ops import multiply_accumulate, round_to
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -96,7 +98,7 @@ def _symmetric_persistent_kernel(
         result = acc * alpha
         if HAS_C:
             result += beta * c_desc.load([base + row0, col0]).to(tl.float32)
-        result = _rounded(result, out_desc.dtype, INTERPRETED)
+        result = round_to(result, out_desc.dtype, INTERPRETED)
         if BLOCK_M == BLOCK_N:
             _store_square(out_desc, result, base, row0, col0, outside, BLOCK_M)
         else:
@@ -104,17 +106,6 @@ def _symmetric_persistent_kernel(
             left_half, right_half = tl.split(tl.permute(tl.reshape(result, (BLOCK_M, 2, BLOCK_M)), (0, 2, 1)))
             _store_square(out_desc, left_half, base, row0, col0, outside, BLOCK_M)
             _store_square(out_desc, right_half, base, row0, col0 + BLOCK_M, outside, BLOCK_M)
-
-
-@triton.jit
-def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """fp32 -> `dtype`, to nearest even (`tile_ops.round_to_output` for a descriptor's element type)."""
-    if INTERPRETED and dtype == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return value.to(dtype)
 
 
 @triton.jit
@@ -145,7 +136,7 @@ def _update_persistent_kernel(
             acc = multiply_accumulate(acc, b_tile, x_tile, "tf32", INTERPRETED)
         if ADD_X:   # (a = 0, the Gram form's Q X, reads no tile of x here)
             acc += alpha * own_desc.load([base + row0, col0]).to(tl.float32)
-        out_desc.store([base + row0, col0], _rounded(acc, out_desc.dtype, INTERPRETED))
+        out_desc.store([base + row0, col0], round_to(acc, out_desc.dtype, INTERPRETED))
 
 
 def available() -> bool:
@@ -196,16 +187,8 @@ def _program_count(device: torch.device) -> int:
     return _programs[index]
 
 
-def live_tiles(m: int, block_m: int, block_n: int) -> list[tuple[int, int]]:
-    """The (pid_m, pid_n) of the tiles of an m x m symmetric output that touch its upper triangle, row by row:
-    those not wholly below the diagonal (last column >= first row). The pointer kernel returns at once from
-    the others (symmetric.py); the persistent kernel visits only these."""
-    rows, cols = -(-m // block_m), -(-m // block_n)
-    return [(i, j) for i in range(rows) for j in range(cols) if (j + 1) * block_n > i * block_m]
-
-
 def _tile_table(m: int, block_m: int, block_n: int, device: torch.device) -> torch.Tensor:
-    """`live_tiles` packed as int32 `pid_m << 16 | pid_n` on `device`, made once per (device, shape): a CUDA
+    """`tile_model.upper_triangle_tiles` packed as int32 `pid_m << 16 | pid_n` on `device`, made once per (device, shape): a CUDA
     graph records the launch with this buffer, so it must outlive the capture (and is never freed)."""
     key = (device.type, device.index, m, block_m, block_n)
     table = _tables.get(key)
@@ -213,7 +196,7 @@ def _tile_table(m: int, block_m: int, block_n: int, device: torch.device) -> tor
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"persistent symmetric product of m={m}: its tile table must be made before a "
                                "CUDA graph capture (run the product once eagerly first)")
-        packed = [(i << 16) | j for i, j in live_tiles(m, block_m, block_n)]
+        packed = [(i << 16) | j for i, j in upper_triangle_tiles(m, block_m, block_n)]
         table = _tables[key] = torch.tensor(packed, dtype=torch.int32).to(device)
     return table
 
@@ -255,7 +238,7 @@ def launch_update(x: torch.Tensor, b: torch.Tensor, a: float, out: torch.Tensor,
     tile = tile or tile_for("update", adds_x=a != 0.0)
     bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
     batch, m, n = x.shape
-    tiles_m, tiles_n = m // bm, triton.cdiv(n, bn)
+    tiles_m, tiles_n = m // bm, ceil_div(n, bn)
     total = batch * tiles_m * tiles_n
     programs = min(_program_count(x.device), total)
     _update_persistent_kernel[(programs,)](

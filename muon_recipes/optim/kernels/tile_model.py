@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from muon_recipes.optim.kernels import persistent
-
 # Hopper (H100 / H200 SXM): SMs, per-SM resources, and per-SM shares of peak rates.
 _SMS = 132
 _SHARED_MEMORY_PER_SM = 228 * 1024
@@ -55,11 +53,18 @@ class Product:
     reads_c: bool = False
 
 
+def upper_triangle_tiles(m: int, block_m: int, block_n: int) -> list[tuple[int, int]]:
+    """The (pid_m, pid_n) of the tiles of an m x m symmetric output that touch its upper triangle, row by row:
+    those not wholly below the diagonal (last column >= first row). The pointer kernel returns at once from
+    the others (symmetric.py); the persistent kernel visits only these (persistent.py)."""
+    rows, cols = -(-m // block_m), -(-m // block_n)
+    return [(i, j) for i in range(rows) for j in range(cols) if (j + 1) * block_n > i * block_m]
+
+
 def live_tiles(product: Product, block_m: int, block_n: int) -> int:
-    """Tiles of one matrix that do work: all of them, or for a symmetric product those not wholly below the
-    diagonal (the kernel's early return: last column < first row)."""
+    """Tiles of one matrix that do work: all of them, or for a symmetric product `upper_triangle_tiles`."""
     if product.symmetric:
-        return len(persistent.live_tiles(product.m, block_m, block_n))
+        return len(upper_triangle_tiles(product.m, block_m, block_n))
     return -(-product.m // block_m) * -(-product.n // block_n)
 
 

@@ -35,15 +35,18 @@ def multiply_accumulate(acc, left, right, INPUT_PRECISION: tl.constexpr, INTERPR
 @triton.jit
 def round_to_output(value, out_ptr, INTERPRETED: tl.constexpr):
     """Round an fp32 tile to the element type of `out_ptr`, to nearest even as the GPU's cast does."""
-    if INTERPRETED:
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return value.to(out_ptr.dtype.element_ty)
+    return round_to(value, out_ptr.dtype.element_ty, INTERPRETED)
+
+
+@triton.jit
+def round_to(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Round an fp32 tile to `dtype` (a pointer's or a tensor descriptor's element type), to nearest even."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return value.to(out_ptr.dtype.element_ty)
+        return value.to(dtype)
 
 
 @triton.jit
