@@ -159,13 +159,18 @@ class BlockPlan:
             return [(1, e * s, cols) for s in self.row_blocks]
         return [(e, s, cols) for s in self.row_blocks]
 
+    def row_views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the row blocks of a tensor of the full shape, one `[experts, rows, cols]` view per block
+        (`[1, rows, cols]` for a 2-D weight): the same elements as `matrices`, never a copy."""
+        t3 = tensor if tensor.ndim == 3 else tensor.unsqueeze(0)
+        return list(torch.split(t3, list(self.row_blocks), dim=-2))
+
     def matrices(self, update: torch.Tensor) -> list[torch.Tensor]:
         """The blocks of a full update, one `[count, rows, cols]` tensor per row block."""
-        u3 = update if update.ndim == 3 else update.unsqueeze(0)
-        pieces = torch.split(u3, list(self.row_blocks), dim=-2)
+        pieces = self.row_views(update)
         if self.fuse_experts:
             return [p.reshape(1, -1, p.shape[-1]) for p in pieces]
-        return list(pieces)
+        return pieces
 
     def assemble(self, pieces: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """Write orthogonalized blocks (as returned by `matrices`, same order) back into `out` (full shape)."""

@@ -144,6 +144,31 @@ def scaled_add_on_triton(w: torch.Tensor, o: torch.Tensor) -> bool:
             and kernels() is not None and scaled_add_applies(w, o))
 
 
+def strided_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the strided forms of the momentum and the weight update (`kernels/elementwise.py`) take these
+    views: 2-D or 3-D, one shape, one device, kernel dtypes, on a GPU (or in the interpreter). Any strides."""
+    first = tensors[0]
+    return (first.ndim in (2, 3) and (first.is_cuda or interpreting())
+            and all(t.shape == first.shape and t.device == first.device and t.dtype in KERNEL_DTYPES
+                    for t in tensors))
+
+
+def bucket_io_enabled() -> bool:
+    """`MUON_BUCKET_IO=0` turns `bucket_io_on_triton` off everywhere: the before-and-after switch of the
+    benchmarks (read at each step, so one process can time both)."""
+    return os.environ.get("MUON_BUCKET_IO", "1") != "0"
+
+
+def bucket_io_on_triton(weight: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether a Muon weight of a single-process step moves through its Newton-Schulz buckets without copies: the
+    momentum writes each row block's U straight into its bucket, and the update is applied from there
+    (`orthogonalize.BucketLayout`, `kernels/elementwise.py`'s strided forms). Its copies into and out of the
+    buckets were about 3.3 ms of dense_1b's 43.9 ms step (docs/benchmarks.md, "Momentum straight into the
+    buckets"). Any weight, gradient and buffer of one shape the strided kernels take, on a GPU or in the
+    interpreter."""
+    return bucket_io_enabled() and kernels() is not None and strided_applies(weight, grad, buf)
+
+
 def is_transposed_view(t: torch.Tensor) -> bool:
     """True for a 2-D or 3-D tensor laid out column-major in its last two dims (e.g. `x.mT` of a row-major x)."""
     return t.ndim in (2, 3) and t.stride(-2) == 1 and t.stride(-1) != 1 and t.shape[-2] > 1

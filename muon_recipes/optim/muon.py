@@ -40,7 +40,7 @@ from muon_recipes.optim.cuda_graph import CapturedStep, CudaGraphUnavailable, St
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
                                               resolve_dtype)
-from muon_recipes.optim.orthogonalize import NSSettings, compile_ahead, orthogonalize
+from muon_recipes.optim.orthogonalize import BucketLayout, NSSettings, compile_ahead
 
 ADAMW_LR = 3e-3  # an AdamW group's lr when it sets none (the `optim.adamw.lr` default of conf/)
 BUCKET_MB = 256.0  # sharded parameters: target size of one communication bucket (full matrices, MB)
@@ -80,10 +80,14 @@ class MatrixUpdate:
 
     param: Tensor
     group: dict
-    update: Tensor  # local shard (or whole tensor) of the momentum update, param dtype or (fused) ns dtype
+    grad: Tensor  # local gradient (or its static copy in a captured step)
+    buf: Tensor  # local momentum buffer
     plan: BlockPlan  # of the full (global) shape
     ns: NSSettings
     group_index: int = 0  # the group's position in param_groups (its slots in `StepScalars`)
+    # The local momentum update, param dtype or ns dtype; None where the momentum wrote it straight into the
+    # Newton-Schulz buckets (`Muon._local_step`).
+    update: Optional[Tensor] = None
 
 
 class _StepTimer:
@@ -232,15 +236,53 @@ class Muon(torch.optim.Optimizer):
         """The three phases. With `scalars` every lr-derived number is read from device tensors and every gradient
         from `grads` (param -> local gradient): the form a CUDA graph can record (`cuda_graph.py`)."""
         items = [item for index, group in enumerate(self.param_groups) if group["algorithm"] == "muon"
-                 for item in self._momentum(group, index, grads)]
+                 for item in self._matrix_items(group, index, grads)]
         if items and not self._compiled_ahead:
             self._compile_ahead(items)
         adamw = lambda: self._adamw_groups(scalars, grads)  # noqa: E731
-        if items:
-            for item, ortho in zip(items, self._orthogonalize(items, timer, overlap=adamw)):
+        if not items:
+            adamw()
+        elif any(is_dtensor(item.param) and item.param.device_mesh.size() > 1 for item in items):
+            # Sharded parameters: the momentum on local shards, then `sharded.py` assembles full matrices.
+            # (A DTensor on a mesh of one rank, a single-GPU FSDP2 run, holds the whole tensor: the local path.)
+            from muon_recipes.optim.sharded import orthogonalize_sharded
+            self._momentum(items)
+            orthos = orthogonalize_sharded(items, timer, self._dist_cache, bucket_mb=self.bucket_mb,
+                                           replica_spread=self.replica_spread, overlap=adamw)
+            for item, ortho in zip(items, orthos):
                 self._apply(item, ortho, scalars)
         else:
-            adamw()
+            self._local_step(items, timer, scalars, adamw)
+
+    def _local_step(self, items: list[MatrixUpdate], timer: _StepTimer, scalars: Optional[StepScalars],
+                    adamw) -> None:
+        """Phases (1)-(3) for whole matrices on this process, through one `BucketLayout`.
+
+        Where `dispatch.bucket_io_on_triton` says so, a weight never has a momentum update of its own: the
+        momentum writes each row block's U into its slot of the bucket (transposed for a tall block), and the
+        update is applied block by block from the result's slot, each with its block's lr ratio. The other
+        weights' updates are made whole and copied in (`orthogonalize`'s path)."""
+        layout = BucketLayout([(item.plan, item.ns, local(item.param).device) for item in items])
+        direct = [self._plan(item.param, item.group)[2] is not None
+                  and dispatch.bucket_io_on_triton(local(item.param), item.grad, item.buf) for item in items]
+        for j, item in enumerate(items):
+            if direct[j]:
+                into = dispatch.kernels().momentum_into
+                mu, nesterov = item.group["momentum"], item.group["nesterov"]
+                for b, (grad, buf) in enumerate(zip(item.plan.row_views(item.grad), item.plan.row_views(item.buf))):
+                    out = layout.block_view(j, b)
+                    if out is not None:
+                        into(grad, buf, out, mu, nesterov)
+        self._momentum([item for item, d in zip(items, direct) if not d])
+        adamw()
+        start = timer.now()
+        layout.run(fill={j: item.update for j, item in enumerate(items) if not direct[j]})
+        timer.add("ns", start)
+        for j, item in enumerate(items):
+            if direct[j]:
+                self._apply_blocks(item, layout, j, scalars)
+            else:
+                self._apply(item, layout.output(j, item.update, item.ns.dtype), scalars)
 
     # CUDA graph -----------------------------------------------------------------------------------------------
     def _graph_applies(self) -> bool:
@@ -302,31 +344,46 @@ class Muon(torch.optim.Optimizer):
             pass
 
     # (1) momentum ---------------------------------------------------------------------------------------------
-    def _momentum(self, group: dict, index: int, static_grads: Optional[dict]) -> list[MatrixUpdate]:
+    def _matrix_items(self, group: dict, index: int, static_grads: Optional[dict]) -> list[MatrixUpdate]:
+        """The group's weights that have a gradient, with their local gradient and momentum buffer (created at
+        the first step), block plan and Newton-Schulz settings; no momentum computed yet."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return []
-        grads = [static_grads[p] for p in params] if static_grads is not None else [local(p.grad) for p in params]
-        bufs = []
+        # check_schedule: coefficients that came back from a state dict as lists become hashable tuples again.
+        ns = NSSettings(group["ns_steps"], check_schedule(group["ns_schedule"]), resolve_dtype(group["ns_dtype"]),
+                        group["backend"], NS_EPS, group["ns_method"])
+        items = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(local(state["momentum_buffer"]))
-        mu, nesterov = group["momentum"], group["nesterov"]
-        ns_dtype = resolve_dtype(group["ns_dtype"])
-        if dispatch.momentum_on_triton(grads, bufs):
-            # One pass per tensor, the update already in the Newton-Schulz dtype (kernels/elementwise.py).
-            fused = dispatch.kernels().momentum_update
-            updates = [fused(g, b, mu, nesterov, ns_dtype) for g, b in zip(grads, bufs)]
-        else:
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)
-            updates = torch._foreach_add(grads, bufs, alpha=mu) if nesterov else bufs
-        # check_schedule: coefficients that came back from a state dict as lists become hashable tuples again.
-        ns = NSSettings(group["ns_steps"], check_schedule(group["ns_schedule"]), ns_dtype, group["backend"], NS_EPS,
-                        group["ns_method"])
-        return [MatrixUpdate(p, group, u, self._plan(p, group)[0], ns, index) for p, u in zip(params, updates)]
+            grad = static_grads[p] if static_grads is not None else local(p.grad)
+            items.append(MatrixUpdate(p, group, grad, local(state["momentum_buffer"]), self._plan(p, group)[0], ns,
+                                      index))
+        return items
+
+    @staticmethod
+    def _momentum(items: list[MatrixUpdate]) -> None:
+        """B <- momentum B + G and the update U (Nesterov: G + momentum B) of every item, into `item.update`;
+        one multi-tensor pass per group, or the one-pass kernel per tensor where it applies."""
+        by_group: dict[int, list[MatrixUpdate]] = {}
+        for item in items:
+            by_group.setdefault(item.group_index, []).append(item)
+        for members in by_group.values():
+            group, ns_dtype = members[0].group, members[0].ns.dtype
+            grads, bufs = [item.grad for item in members], [item.buf for item in members]
+            mu, nesterov = group["momentum"], group["nesterov"]
+            if dispatch.momentum_on_triton(grads, bufs):
+                # One pass per tensor, the update already in the Newton-Schulz dtype (kernels/elementwise.py).
+                fused = dispatch.kernels().momentum_update
+                updates = [fused(g, b, mu, nesterov, ns_dtype) for g, b in zip(grads, bufs)]
+            else:
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                updates = torch._foreach_add(grads, bufs, alpha=mu) if nesterov else bufs
+            for item, update in zip(members, updates):
+                item.update = update
 
     def _plan(self, p: Tensor, group: dict) -> tuple[BlockPlan, Tensor, Optional[list]]:
         """The block plan of `p`, the lr ratio of each of its local rows, and those ratios as row segments.
@@ -346,22 +403,6 @@ class Muon(torch.optim.Optimizer):
             cached = (key, plan, scale.to(local(p).device), _row_segments(scale))
             self._plans[p] = cached
         return cached[1], cached[2], cached[3]
-
-    # (2) orthogonalize ----------------------------------------------------------------------------------------
-    def _orthogonalize(self, items: list[MatrixUpdate], timer: _StepTimer, overlap) -> list[Tensor]:
-        """Orthogonalized local update of every item; sharded parameters go through `sharded.py`.
-
-        `overlap` (the AdamW groups) runs while the sharded path's first messages are in flight."""
-        # A DTensor on a mesh of one rank (a single-GPU FSDP2 run) holds the whole tensor: no communication.
-        if any(is_dtensor(item.param) and item.param.device_mesh.size() > 1 for item in items):
-            from muon_recipes.optim.sharded import orthogonalize_sharded
-            return orthogonalize_sharded(items, timer, self._dist_cache, bucket_mb=self.bucket_mb,
-                                         replica_spread=self.replica_spread, overlap=overlap)
-        overlap()
-        start = timer.now()
-        results = orthogonalize([(item.update, item.plan, item.ns) for item in items])
-        timer.add("ns", start)
-        return results
 
     # (3) scale and apply --------------------------------------------------------------------------------------
     def _apply(self, item: MatrixUpdate, ortho: Tensor, scalars: Optional[StepScalars] = None) -> None:
@@ -408,6 +449,27 @@ class Muon(torch.optim.Optimizer):
                 p.addcmul_(ortho, alpha)   # p + ortho * (-lr ratio) in float32, as add_ with alpha
             else:
                 p[..., start:stop, :].addcmul_(ortho[..., start:stop, :], alpha)
+
+    def _apply_blocks(self, item: MatrixUpdate, layout: BucketLayout, j: int,
+                      scalars: Optional[StepScalars] = None) -> None:
+        """`_apply` of an item whose result stayed in its buckets: W_b <- (1 - lr wd) W_b - lr ratio_b O_b per row
+        block b, read from the block's result slot (transposed for a tall block) by the strided one-pass kernel.
+        The numbers are `_apply`'s: `decay` and `alpha` are the same float expressions or device scalars."""
+        group = item.group
+        _, _, segments = self._plan(item.param, group)
+        scaled_add_ = dispatch.kernels().scaled_add_
+        row = 0
+        for b, weight in enumerate(item.plan.row_views(local(item.param))):
+            ratio = next(r for start, stop, r in segments if start <= row < stop)
+            row += item.plan.row_blocks[b]
+            result = layout.result_view(j, b)
+            if result is None:
+                continue
+            if scalars is None:
+                scaled_add_(weight, result, alpha=-group["lr"] * ratio, decay=1 - group["lr"] * group["weight_decay"])
+            else:
+                scaled_add_(weight, result, alpha=scalars.slot(item.group_index, ("alpha", ratio)),
+                            decay=scalars.slot(item.group_index, "decay"))
 
     # AdamW ----------------------------------------------------------------------------------------------------
     def _adamw_groups(self, scalars: Optional[StepScalars] = None, static_grads: Optional[dict] = None) -> None:

@@ -12,13 +12,14 @@ go through `orthogonalize`, so they compute the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from muon_recipes.optim import dispatch
 from muon_recipes.optim.blocks import BlockPlan, copy_block
 from muon_recipes.optim.newton_schulz import newton_schulz, triton_launches
+
 
 @dataclass(frozen=True)
 class NSSettings:
@@ -32,48 +33,119 @@ class NSSettings:
     method: str = "standard"   # standard | gram (newton_schulz.METHODS)
 
 
-def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) -> list[torch.Tensor]:
-    """Orthogonalize the blocks of many full updates; returns one tensor per job (its shape, `settings.dtype`).
+@dataclass(frozen=True)
+class Slot:
+    """Where one row block of a job sits: `count` matrices from index `start` of the batch `key`, stored
+    transposed when the block is tall (Newton-Schulz runs on wide matrices, m <= n)."""
 
-    Blocks of equal shape up to transposition (NS(G^T) = NS(G)^T), device and settings are concatenated into
-    one batch: e.g. the k and v blocks of every layer's fused QKV, or every gate, up (transposed) and down
-    matrix of a dense MLP, go through a single batched call.
+    key: tuple
+    start: int
+    count: int
+    tall: bool
 
-    Memory traffic matters as much as the products here (on a 0.85B-parameter model every pass over the
-    updates costs about as much as a Newton-Schulz product of a small bucket): each block is copied once,
-    cast and transposed in the same pass, into its bucket's batch (transposes in tiles on a GPU, `copy_block`),
-    and a job made of one row-major block gets a view of the result instead of a copy.
+
+class BucketLayout:
+    """The batches of one step's Newton-Schulz calls, and where every row block of every job sits in them.
+
+    Blocks of equal shape up to transposition (NS(G^T) = NS(G)^T), device and settings share one batch: e.g. the
+    k and v blocks of every layer's fused QKV, or every gate, up (transposed) and down matrix of a dense MLP. The
+    layout follows from the jobs' shapes alone, before any update exists, so a block's update can be written
+    straight into its slot (`block_view`) and its result applied from there (`result_view`): no copy into a
+    bucket and none out of it. Jobs whose updates already exist are copied in (`run(fill=...)`), each block once,
+    cast and transposed in the same pass (tiles on a GPU, `copy_block`).
     """
-    buckets: dict[tuple, list[tuple[int, int, bool, torch.Tensor]]] = {}
-    plans_pieces = []
-    for j, (update, plan, ns) in enumerate(jobs):
-        pieces = plan.matrices(update)
-        plans_pieces.append([None] * len(pieces))
-        for b, piece in enumerate(pieces):
-            if piece.numel() == 0:
-                plans_pieces[j][b] = piece.to(ns.dtype)
+
+    def __init__(self, jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]):
+        self.sizes: dict[tuple, int] = {}
+        self.members: dict[tuple, list[tuple[int, int]]] = {}
+        self.slots: list[list[Optional[Slot]]] = []
+        for j, (plan, ns, device) in enumerate(jobs):
+            slots = []
+            for b, (count, rows, cols) in enumerate(plan.block_shapes()):
+                if count * rows * cols == 0:
+                    slots.append(None)   # an empty block: nothing to orthogonalize
+                    continue
+                tall = rows > cols
+                key = ((cols, rows) if tall else (rows, cols), torch.device(device), ns)
+                start = self.sizes.get(key, 0)
+                self.sizes[key] = start + count
+                self.members.setdefault(key, []).append((j, b))
+                slots.append(Slot(key, start, count, tall))
+            self.slots.append(slots)
+        self.plans = [plan for plan, _, _ in jobs]
+        self.batches: dict[tuple, torch.Tensor] = {}
+        self.results: dict[tuple, torch.Tensor] = {}
+
+    def batch(self, key: tuple) -> torch.Tensor:
+        """The input batch of bucket `key`, allocated at first use ([matrices, m, n] in the settings' dtype)."""
+        if key not in self.batches:
+            (m, n), device, ns = key
+            self.batches[key] = torch.empty((self.sizes[key], m, n), dtype=ns.dtype, device=device)
+        return self.batches[key]
+
+    def _view(self, batch: torch.Tensor, j: int, b: int) -> torch.Tensor:
+        slot = self.slots[j][b]
+        matrices = batch[slot.start:slot.start + slot.count]
+        piece = matrices.mT if slot.tall else matrices
+        plan = self.plans[j]
+        return piece.view(plan.experts, plan.row_blocks[b], plan.shape[-1])
+
+    def block_view(self, j: int, b: int) -> Optional[torch.Tensor]:
+        """Block b of job j's slot in its input batch, shaped and strided as the job's row block (`BlockPlan.
+        row_views`: [experts, rows, cols]), to write the update into; None for an empty block."""
+        return None if self.slots[j][b] is None else self._view(self.batch(self.slots[j][b].key), j, b)
+
+    def result_view(self, j: int, b: int) -> Optional[torch.Tensor]:
+        """`block_view` of the orthogonalized result (after `run`)."""
+        return None if self.slots[j][b] is None else self._view(self.results[self.slots[j][b].key], j, b)
+
+    def run(self, fill: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """One `newton_schulz` call per bucket. `fill` maps a job to its finished update, copied into the bucket
+        first; every other job's blocks must have been written through `block_view`. Each input batch is released
+        once its call returns (a large step then holds one input batch beside the results, not all of them)."""
+        fill = fill or {}
+        for key, members in self.members.items():
+            batch = self.batch(key)
+            for j, b in members:
+                if j in fill:
+                    slot = self.slots[j][b]
+                    piece = self.plans[j].matrices(fill[j])[b]
+                    copy_block(batch[slot.start:slot.start + slot.count], piece.mT if slot.tall else piece)
+            ns = key[2]
+            self.results[key] = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
+                                              backend=ns.backend, eps=ns.eps, method=ns.method)
+            del self.batches[key], batch
+
+    def output(self, j: int, update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Job j's orthogonalized update in its full shape and `dtype` (after `run`): a view of the result where
+        the job is one row-major block, else a fresh tensor the blocks are copied back into."""
+        plan = self.plans[j]
+        pieces = []
+        for b, (slot, piece) in enumerate(zip(self.slots[j], plan.matrices(update))):
+            if slot is None:
+                pieces.append(piece.to(dtype))
                 continue
-            tall = piece.shape[-2] > piece.shape[-1]
-            wide = piece.mT if tall else piece
-            buckets.setdefault((tuple(wide.shape[-2:]), piece.device, ns), []).append((j, b, tall, wide))
-    for ((m, n), device, ns), members in buckets.items():
-        counts = [wide.shape[0] for *_, wide in members]
-        batch = torch.empty((sum(counts), m, n), dtype=ns.dtype, device=device)
-        for dst, (*_, wide) in zip(torch.split(batch, counts), members):
-            copy_block(dst, wide)
-        result = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
-                               backend=ns.backend, eps=ns.eps, method=ns.method)
-        for (j, b, tall, _), out in zip(members, torch.split(result, counts)):
-            plans_pieces[j][b] = out.mT if tall else out
-    outputs = []
-    for (update, plan, ns), pieces in zip(jobs, plans_pieces):
+            matrices = self.results[slot.key][slot.start:slot.start + slot.count]
+            pieces.append(matrices.mT if slot.tall else matrices)
         if len(pieces) == 1 and not plan.fuse_experts and pieces[0].stride(-1) == 1:
             # A row-major view is as good as a copy for the update that follows; a transposed one (a tall block)
             # is copied back row-major, which keeps the final update's reads coalesced.
-            outputs.append(pieces[0].reshape(update.shape) if update.ndim == 3 else pieces[0][0])
-        else:
-            outputs.append(plan.assemble(pieces, torch.empty(update.shape, dtype=ns.dtype, device=update.device)))
-    return outputs
+            return pieces[0].reshape(update.shape) if update.ndim == 3 else pieces[0][0]
+        return plan.assemble(pieces, torch.empty(update.shape, dtype=dtype, device=update.device))
+
+
+def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) -> list[torch.Tensor]:
+    """Orthogonalize the blocks of many full updates; returns one tensor per job (its shape, `settings.dtype`).
+
+    Every block of equal shape goes through one batched call (`BucketLayout`). Memory traffic matters as much as
+    the products here (on a 0.85B-parameter model every pass over the updates costs about as much as a
+    Newton-Schulz product of a small bucket): each block is copied once into its bucket, and a job made of one
+    row-major block gets a view of the result instead of a copy. A single-process step skips even those copies
+    where it can (`Muon`, `dispatch.bucket_io_on_triton`).
+    """
+    layout = BucketLayout([(plan, ns, update.device) for update, plan, ns in jobs])
+    layout.run(fill={j: update for j, (update, _, _) in enumerate(jobs)})
+    return [layout.output(j, update, ns.dtype) for j, (update, _, ns) in enumerate(jobs)]
 
 
 def bucket_shapes(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]) -> dict[tuple, int]:

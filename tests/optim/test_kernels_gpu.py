@@ -331,6 +331,29 @@ def test_scaled_add_matches_float64():
         assert _relative_error(ours, exact) <= 1.01 * _relative_error(reference, exact) + 1e-9
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_and_update_through_a_transposed_slot_equal_the_one_pass_kernels(nesterov):
+    """The strided forms at the size of a gate block (5632 x 2048, tall): the momentum written transposed into a
+    bf16 bucket slot equals the one-pass momentum followed by the tiled transposed copy, and the weight update
+    read back transposed equals the one-pass update from a row-major copy, bit for bit; twice, so the second
+    call takes FastLaunch's direct path."""
+    from muon_recipes.optim.kernels import copy_transposed, momentum_into, momentum_update, scaled_add_
+
+    generator = torch.Generator(device="cuda").manual_seed(15)
+    for _ in range(2):
+        grad = torch.randn(5632, 2048, device="cuda", generator=generator)
+        buf = torch.randn(5632, 2048, device="cuda", generator=generator)
+        weight = torch.randn(5632, 2048, device="cuda", generator=generator)
+        slot = torch.full((2048, 5632), float("nan"), dtype=torch.bfloat16, device="cuda")
+        expected_buf = buf.clone()
+        expected = momentum_update(grad, expected_buf, 0.95, nesterov, torch.bfloat16)
+        momentum_into(grad, buf, slot.mT, 0.95, nesterov)
+        assert torch.equal(buf, expected_buf) and torch.equal(slot.mT, expected)
+        row_major = copy_transposed(torch.empty(5632, 2048, dtype=torch.bfloat16, device="cuda"), slot.mT)
+        expected_weight = scaled_add_(weight.clone(), row_major, alpha=-0.02, decay=0.999)
+        assert torch.equal(scaled_add_(weight, slot.mT, alpha=-0.02, decay=0.999), expected_weight)
+
+
 _TILE_SEARCH_SCRIPT = r"""
 import json, torch
 from muon_recipes.optim.kernels import tile_search

@@ -182,6 +182,19 @@ ELEMENTWISE = {
                         dict(src_ptr=FP32, dst_ptr=BF16, R=N, C=M, src_stride_b=NUMEL, src_stride_r=1,
                              src_stride_c=N, dst_stride_b=NUMEL, dst_stride_r=M, dst_stride_c=1),
                         dict(TILE=transpose._TILE), 0),
+    # the momentum of a tall block (a gate half, row-major fp32) written transposed into its bf16 bucket slot
+    "momentum-into-transposed-slot": (elementwise._momentum_strided_kernel,
+                                      dict(grad_ptr=FP32, buf_ptr=FP32, out_ptr=BF16, R=N, C=M,
+                                           grad_stride_b=NUMEL, grad_stride_r=M, grad_stride_c=1,
+                                           buf_stride_b=NUMEL, buf_stride_r=M, buf_stride_c=1,
+                                           out_stride_b=NUMEL, out_stride_r=1, out_stride_c=N, momentum=0.95),
+                                      dict(NESTEROV=True, TILE=elementwise._TILE), 0),
+    # its weight update, read back transposed from the result's slot; decay and alpha from memory
+    "scaled_add-from-transposed-slot": (elementwise._scaled_add_strided_kernel,
+                                        dict(w_ptr=FP32, o_ptr=BF16, R=N, C=M, w_stride_b=NUMEL, w_stride_r=M,
+                                             w_stride_c=1, o_stride_b=NUMEL, o_stride_r=1, o_stride_c=N,
+                                             decay=FP32, alpha=FP32),
+                                        dict(TILE=elementwise._TILE, SCALARS_IN_MEMORY=True), 2),
 }
 
 

@@ -23,6 +23,14 @@ unrolled, unvectorized elementwise kernel (docs/benchmarks.md, "The Gram form of
 one-pass momentum"), plus a separate `mul_` pass when wd > 0. `scaled_add_` reads W and O once and writes W
 once, vectorized. `decay` and `alpha` may also be 0-d float32 tensors on the weight's device, read by the kernel
 from memory: the form a captured CUDA graph replays with a new lr each step (`muon_recipes.optim.cuda_graph`).
+
+Both passes also exist for strided views (`momentum_into`, and `scaled_add_` on non-contiguous operands): the
+momentum of one row block writes U straight into its Newton-Schulz bucket (transposed, for a tall block), and the
+update of one block is applied from its bucket, so no copy moves U into a bucket or a result out of one
+(`muon_recipes.optim.orthogonalize.BucketLayout`). Those launch one program per TILE x TILE tile with 64-bit
+offsets; Triton coalesces each load and store along the axis its pointer has unit stride on and exchanges the
+layout through shared memory where the two differ (as `kernels/transpose.py`). The arithmetic is the same
+expression as the one-pass kernels', so both forms give the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -31,11 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting, momentum_applies, scaled_add_applies
+from muon_recipes.optim.dispatch import (KERNEL_DTYPES, interpreting, momentum_applies, scaled_add_applies,
+                                         strided_applies)
 from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
 from muon_recipes.optim.kernels.tile_ops import round_to_output
 
 _BLOCK = 4096
+# Tile side of the strided forms (as the transposed copy's).
+_TILE = 64
 
 
 @triton.jit
@@ -76,6 +87,66 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
 
 
 @triton.jit
+def _momentum_strided_kernel(grad_ptr, buf_ptr, out_ptr, R, C,
+                             grad_stride_b, grad_stride_r, grad_stride_c,
+                             buf_stride_b, buf_stride_r, buf_stride_c,
+                             out_stride_b, out_stride_r, out_stride_c, momentum,
+                             NESTEROV: tl.constexpr, TILE: tl.constexpr, INTERPRETED: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    cols = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
+    batch = tl.program_id(2).to(tl.int64)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    grad_at = grad_ptr + batch * grad_stride_b + rows[:, None] * grad_stride_r + cols[None, :] * grad_stride_c
+    buf_at = buf_ptr + batch * buf_stride_b + rows[:, None] * buf_stride_r + cols[None, :] * buf_stride_c
+    grad = tl.load(grad_at, mask=inside, other=0.0).to(tl.float32)
+    buf = tl.load(buf_at, mask=inside, other=0.0).to(tl.float32)
+    buf = buf * momentum + grad
+    tl.store(buf_at, round_to_output(buf, buf_ptr, INTERPRETED), mask=inside)
+    if NESTEROV:
+        update = grad + momentum * buf
+    else:
+        update = buf
+    out_at = out_ptr + batch * out_stride_b + rows[:, None] * out_stride_r + cols[None, :] * out_stride_c
+    tl.store(out_at, round_to_output(update, out_ptr, INTERPRETED), mask=inside)
+
+
+_launch_momentum_strided = FastLaunch(_momentum_strided_kernel)
+
+
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    return t if t.ndim == 3 else t.unsqueeze(0)
+
+
+def _tile_grid(batch: torch.Tensor):
+    """Launch grid of the strided forms over a [B, R, C] view: tiles of rows, tiles of columns, matrices."""
+    count, rows, cols = batch.shape
+    if count > 65535:
+        raise ValueError(f"{count} matrices: at most 65535 per call (the launch grid's batch axis)")
+    return lambda meta: (ceil_div(rows, meta["TILE"]), ceil_div(cols, meta["TILE"]), count)
+
+
+def momentum_into(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, momentum: float,
+                  nesterov: bool) -> torch.Tensor:
+    """`momentum_update` into `out`, for 2-D or 3-D views of any strides: B <- momentum B + G in `buf` (in place),
+    and U (Nesterov: G + momentum B, else B) rounded once into `out` (a bucket's slot, possibly transposed).
+
+    Contiguous operands take the one-pass kernel; others the tiled strided one. `out` must not overlap the others.
+    """
+    if not strided_applies(grad, buf, out):
+        raise ValueError(f"momentum_into: grad {grad.dtype} {tuple(grad.shape)}, buf {buf.dtype} {tuple(buf.shape)} "
+                         f"and out {out.dtype} {tuple(out.shape)} must be 2-D or 3-D float tensors of one shape on "
+                         "one CUDA device")
+    if grad.is_contiguous() and buf.is_contiguous() and out.is_contiguous():
+        return momentum_update(grad, buf, momentum, nesterov, out.dtype, out=out)
+    g3, b3, o3 = _as_batch(grad), _as_batch(buf), _as_batch(out)
+    if g3.numel():
+        _launch_momentum_strided(_tile_grid(g3), (g3, b3, o3, g3.shape[1], g3.shape[2], *g3.stride(), *b3.stride(),
+                                                  *o3.stride(), float(momentum)),
+                                 {"NESTEROV": bool(nesterov), "TILE": _TILE, "INTERPRETED": interpreting()})
+    return out
+
+
+@triton.jit
 def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
                        SCALARS_IN_MEMORY: tl.constexpr):
     if SCALARS_IN_MEMORY:   # decay and alpha are pointers to float32 scalars
@@ -94,23 +165,57 @@ def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, I
 _launch_scaled_add = FastLaunch(_scaled_add_kernel)
 
 
+@triton.jit
+def _scaled_add_strided_kernel(w_ptr, o_ptr, R, C, w_stride_b, w_stride_r, w_stride_c,
+                               o_stride_b, o_stride_r, o_stride_c, decay, alpha,
+                               TILE: tl.constexpr, INTERPRETED: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
+    if SCALARS_IN_MEMORY:
+        decay_value = tl.load(decay)
+        alpha_value = tl.load(alpha)
+    else:
+        decay_value = decay
+        alpha_value = alpha
+    rows = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    cols = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
+    batch = tl.program_id(2).to(tl.int64)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    w_at = w_ptr + batch * w_stride_b + rows[:, None] * w_stride_r + cols[None, :] * w_stride_c
+    o_at = o_ptr + batch * o_stride_b + rows[:, None] * o_stride_r + cols[None, :] * o_stride_c
+    w = tl.load(w_at, mask=inside, other=0.0).to(tl.float32)
+    o = tl.load(o_at, mask=inside, other=0.0).to(tl.float32)
+    tl.store(w_at, round_to_output(w * decay_value + alpha_value * o, w_ptr, INTERPRETED), mask=inside)
+
+
+_launch_scaled_add_strided = FastLaunch(_scaled_add_strided_kernel)
+
+
 def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float | torch.Tensor,
                 decay: float | torch.Tensor = 1.0) -> torch.Tensor:
     """w <- decay * w + alpha * o in place, in float32 arithmetic, one rounding to w's dtype. `alpha` and `decay`
-    are both numbers or both 0-d float32 tensors on w's device (read when the kernel runs)."""
+    are both numbers or both 0-d float32 tensors on w's device (read when the kernel runs).
+
+    Contiguous operands of one shape take the one-pass kernel; 2-D or 3-D views of other strides (a block of a
+    fused weight, its result read transposed from a bucket) the tiled strided one, with the same arithmetic."""
     in_memory = isinstance(alpha, torch.Tensor)
     if in_memory != isinstance(decay, torch.Tensor):
         raise ValueError("scaled_add_: alpha and decay must both be numbers or both be tensors")
     if in_memory and not all(t.numel() == 1 and t.dtype == torch.float32 and t.device == w.device
                              for t in (alpha, decay)):
         raise ValueError(f"scaled_add_: tensor alpha and decay must be single float32 values on {w.device}")
-    if not scaled_add_applies(w, o):
+    scalars = (decay, alpha) if in_memory else (float(decay), float(alpha))
+    constants = {"INTERPRETED": interpreting(), "SCALARS_IN_MEMORY": in_memory}
+    if scaled_add_applies(w, o):
+        numel = w.numel()
+        if numel:
+            _launch_scaled_add(lambda meta: (ceil_div(numel, meta["BLOCK"]),), (w, o, numel, *scalars),
+                               {"BLOCK": _BLOCK, **constants})
+        return w
+    if not strided_applies(w, o):
         raise ValueError(f"scaled_add_: w {w.dtype} {tuple(w.shape)} on {w.device} and o {o.dtype} "
-                         f"{tuple(o.shape)} on {o.device} must be contiguous float tensors of one shape on one "
-                         "CUDA device")
-    numel = w.numel()
-    if numel:
-        _launch_scaled_add(lambda meta: (ceil_div(numel, meta["BLOCK"]),),
-                           (w, o, numel, decay if in_memory else float(decay), alpha if in_memory else float(alpha)),
-                           {"BLOCK": _BLOCK, "INTERPRETED": interpreting(), "SCALARS_IN_MEMORY": in_memory})
+                         f"{tuple(o.shape)} on {o.device} must be float tensors of one shape on one CUDA device "
+                         "(contiguous, or 2-D or 3-D views)")
+    w3, o3 = _as_batch(w), _as_batch(o)
+    if w3.numel():
+        _launch_scaled_add_strided(_tile_grid(w3), (w3, o3, w3.shape[1], w3.shape[2], *w3.stride(), *o3.stride(),
+                                                    *scalars), {"TILE": _TILE, **constants})
     return w

@@ -1,0 +1,163 @@
+"""The momentum written straight into the Newton-Schulz buckets, and the update applied from them, on CPU.
+
+`Muon`'s single-process step moves a weight through its buckets without copies where
+`dispatch.bucket_io_on_triton` says so: the strided momentum kernel writes each row block's update into its slot
+(transposed for a tall block) and the strided weight update reads each block's result from its slot
+(`kernels/elementwise.py`, `orthogonalize.BucketLayout`). Triton's interpreter runs those kernels on CPU
+tensors, so here, as in test_kernels.py, one child process with `TRITON_INTERPRET=1` (this file as a script)
+runs them and prints JSON:
+
+* each strided kernel against the one-pass contiguous kernel on contiguous copies of the same data, bit for
+  bit, on a transposed destination, a row block of a 3-D tensor and a fused-experts view, and against float64;
+* the toy model's three reference settings (`step_reference.SETTINGS`: split and fused QKV and gate/up, per-expert
+  and fused experts, Nesterov on and off, weight decay, bf16 and fp32 buckets) stepped through the bucket path,
+  against the same steps with the path off (`MUON_BUCKET_IO=0`: momentum by torch, copies into and out of the
+  buckets) and against the stored reference run, within `test_step_reference`'s bound. The two paths differ
+  only in where the weight decay is rounded (one fused pass against `mul_` then `add_`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+# The update's bound of test_step_reference: a few ulps of the update in its Newton-Schulz dtype over the steps.
+UPDATE_ULPS = {"bfloat16": 2e-3, "float32": 1e-4}
+
+
+def _kernel_cases() -> list[dict]:
+    from muon_recipes.optim.kernels import momentum_into, momentum_update, scaled_add_
+
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    # (label, full shape of the weight, a function taking the weight-shaped tensor to the strided view, the
+    # destination as a function of that view's shape)
+    cases = {
+        "transposed_out": ((3, 45, 17), lambda t: t, lambda shape: torch.empty(shape[0], shape[2], shape[1]).mT),
+        "row_block_of_3d": ((3, 30, 17), lambda t: t[:, 12:30], lambda shape: torch.empty(shape)),
+        "row_block_transposed": ((3, 30, 9), lambda t: t[:, 12:30],
+                                 lambda shape: torch.empty(shape[0], shape[2], shape[1]).mT),
+        "fused_experts_transposed": ((3, 20, 9), lambda t: t,
+                                     lambda shape: torch.empty(1, shape[2], shape[0] * shape[1]).mT.view(shape)),
+        "two_d_contiguous": ((70, 33), lambda t: t, lambda shape: torch.empty(shape)),
+    }
+    for label, (shape, view, destination) in cases.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            for nesterov in (True, False):
+                grad_full, buf_full = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+                grad, buf = view(grad_full), view(buf_full.clone())
+                out = destination(tuple(grad.shape)).to(dtype) if dtype != torch.float32 else destination(tuple(grad.shape))
+                if out.dtype != dtype:
+                    out = out.to(dtype)
+                out.fill_(float("nan"))
+                expected_buf = buf.contiguous().clone()
+                expected = momentum_update(grad.contiguous(), expected_buf, 0.9, nesterov, dtype)
+                exact_buf = 0.9 * buf.double() + grad.double()
+                exact = grad.double() + 0.9 * exact_buf if nesterov else exact_buf
+                momentum_into(grad, buf, out, 0.9, nesterov)
+                # The weight update from the same (strided) result, decayed; scalars as numbers and in memory.
+                weight_full = torch.randn(shape, generator=generator)
+                weight = view(weight_full)
+                expected_weight = scaled_add_(weight.contiguous().clone(), out.contiguous(), alpha=-0.02, decay=0.99)
+                from_memory = view(weight_full.clone())
+                scaled_add_(from_memory, out, alpha=torch.tensor(-0.02), decay=torch.tensor(0.99))
+                exact_weight = 0.99 * weight.double() - 0.02 * out.double()
+                scaled_add_(weight, out, alpha=-0.02, decay=0.99)
+                results.append({
+                    "case": f"{label}/{dtype}/nesterov={nesterov}",
+                    "strided": not (grad.is_contiguous() and out.is_contiguous()),
+                    "update_equal": bool(torch.equal(out, expected)),
+                    "buffer_equal": bool(torch.equal(buf, expected_buf)),
+                    "weight_equal": bool(torch.equal(weight, expected_weight)),
+                    "from_memory_equal": bool(torch.equal(from_memory, weight)),
+                    "update_error": ((out.double() - exact).norm() / exact.norm()).item(),
+                    "weight_error": ((weight.double() - exact_weight).norm() / exact_weight.norm()).item(),
+                    "dtype": str(dtype).removeprefix("torch."),
+                })
+    return results
+
+
+def _step_runs() -> dict:
+    sys.path.insert(0, str(HERE))
+    from step_reference import REFERENCE, SETTINGS, reference_run
+
+    from muon_recipes.optim import kernels
+
+    calls = {"contiguous": 0, "strided": 0}
+    plain = kernels.momentum_into
+
+    def counted(grad, buf, out, momentum, nesterov):
+        contiguous = grad.is_contiguous() and out.is_contiguous()
+        calls["contiguous" if contiguous else "strided"] += 1
+        return plain(grad, buf, out, momentum, nesterov)
+
+    kernels.momentum_into = counted
+    os.environ["MUON_BUCKET_IO"] = "1"
+    through_buckets = reference_run()
+    os.environ["MUON_BUCKET_IO"] = "0"
+    calls_with_path_off = dict(calls)
+    copies = reference_run()
+    kernels.momentum_into = plain
+    stored = torch.load(REFERENCE)["params"]
+    dtypes = {name: SETTINGS[name.split("/")[0]]["muon"]["ns_dtype"] for name in through_buckets}
+    return {
+        "calls": calls_with_path_off,
+        "calls_after_off": {k: calls[k] - calls_with_path_off[k] for k in calls},
+        "params": sorted(through_buckets),
+        "stored_params": sorted(stored),
+        "against_copies": {n: (through_buckets[n] - copies[n]).abs().max().item() for n in through_buckets},
+        "against_stored": {n: (through_buckets[n] - stored[n]).abs().max().item() for n in through_buckets},
+        "moved": {n: (through_buckets[n] - stored[n]).abs().max().item() < 1.0 for n in through_buckets},
+        "dtypes": dtypes,
+    }
+
+
+def _child() -> None:
+    print(json.dumps({"kernels": _kernel_cases(), "steps": _step_runs()}))
+
+
+@pytest.fixture(scope="module")
+def child_results():
+    pytest.importorskip("triton")
+    root = HERE.parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0:
+        pytest.fail(f"interpreter child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_strided_kernels_equal_the_one_pass_kernels_and_float64(child_results):
+    results = child_results["kernels"]
+    assert len(results) == 5 * 2 * 2 and sum(r["strided"] for r in results) == 4 * 2 * 2
+    tolerance = {"bfloat16": 1e-2, "float32": 1e-6}
+    for r in results:
+        for flag in ("update_equal", "buffer_equal", "weight_equal", "from_memory_equal"):
+            assert r[flag], f"{r['case']}: {flag} is False"
+        assert r["update_error"] < tolerance[r["dtype"]], r
+        assert r["weight_error"] < 1e-6, r
+
+
+def test_step_through_the_buckets_equals_the_step_with_copies(child_results):
+    steps = child_results["steps"]
+    # Every Muon weight of the toy model went through the buckets, tall blocks (gate/up halves) transposed;
+    # with the path off, none did.
+    assert steps["calls"]["contiguous"] > 0 and steps["calls"]["strided"] > 0, steps["calls"]
+    assert steps["calls_after_off"] == {"contiguous": 0, "strided": 0}
+    assert steps["params"] == steps["stored_params"]
+    for name, difference in steps["against_copies"].items():
+        bound = UPDATE_ULPS[steps["dtypes"][name]]
+        assert difference <= bound, f"{name}: {difference:.3g} from the step with copies (bound {bound})"
+        assert steps["against_stored"][name] <= bound, f"{name}: {steps['against_stored'][name]:.3g} from the reference"
+
+
+if __name__ == "__main__":
+    _child()
