@@ -13,7 +13,8 @@ runs them and prints JSON:
   and fused experts, Nesterov on and off, weight decay, bf16 and fp32 buckets) stepped through the bucket path,
   against the same steps with the path off (`MUON_BUCKET_IO=0`: momentum by torch, copies into and out of the
   buckets) and against the stored reference run, within `test_step_reference`'s bound. The two paths differ
-  only in where the weight decay is rounded (one fused pass against `mul_` then `add_`).
+  only in where the weight decay is rounded (one fused pass against `mul_` then `add_`);
+* the captured step's path without the capture (device scalars) through the buckets, equal to the float step.
 """
 
 from __future__ import annotations
@@ -119,8 +120,40 @@ def _step_runs() -> dict:
     }
 
 
+def _device_scalar_runs() -> dict:
+    """The captured step's path without the capture (`CapturedStep(capture=False)`: lr and weight decay read from
+    device scalars) through the buckets, against the float step through the buckets, under an lr schedule that
+    moves lr every step: the Muon weights must be equal bit for bit (the scalars are the same float32 values)."""
+    sys.path.insert(0, str(HERE))
+    from optim_toy_models import ToyModel, fill_grads
+    from step_reference import SETTINGS, param_groups
+
+    from muon_recipes.optim import Muon
+    from muon_recipes.optim.cuda_graph import CapturedStep
+
+    os.environ["MUON_BUCKET_IO"] = "1"
+    setting = SETTINGS["split_keller_gram_bf16"]
+    models, optimizers, schedules = [], [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(ToyModel())
+        optimizers.append(Muon(param_groups(models[-1], **setting)))
+        schedules.append(torch.optim.lr_scheduler.LambdaLR(optimizers[-1], lambda step: 1.0 / (1 + step)))
+    runner = CapturedStep(optimizers[0], capture=False)
+    for step in range(3):
+        for model in models:
+            fill_grads(model, step)
+        assert runner.step()
+        optimizers[1].step()
+        for schedule in schedules:
+            schedule.step()
+    muon = [id(p) for g in optimizers[0].param_groups if g["algorithm"] == "muon" for p in g["params"]]
+    pairs = [(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()) if id(p) in muon]
+    return {"muon_weights": len(pairs), "equal": all(torch.equal(p, q) for p, q in pairs)}
+
+
 def _child() -> None:
-    print(json.dumps({"kernels": _kernel_cases(), "steps": _step_runs()}))
+    print(json.dumps({"kernels": _kernel_cases(), "steps": _step_runs(), "device_scalars": _device_scalar_runs()}))
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +190,11 @@ def test_step_through_the_buckets_equals_the_step_with_copies(child_results):
         bound = UPDATE_ULPS[steps["dtypes"][name]]
         assert difference <= bound, f"{name}: {difference:.3g} from the step with copies (bound {bound})"
         assert steps["against_stored"][name] <= bound, f"{name}: {steps['against_stored'][name]:.3g} from the reference"
+
+
+def test_device_scalar_step_through_the_buckets_equals_the_float_step(child_results):
+    runs = child_results["device_scalars"]
+    assert runs["muon_weights"] > 0 and runs["equal"], runs
 
 
 if __name__ == "__main__":
