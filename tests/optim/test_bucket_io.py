@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter_child import interpreter_results
 
 HERE = Path(__file__).resolve().parent
 # The update's bound of test_step_reference: a few ulps of the update in its Newton-Schulz dtype over the steps.
@@ -158,14 +158,7 @@ def _child() -> None:
 
 @pytest.fixture(scope="module")
 def child_results():
-    pytest.importorskip("triton")
-    root = HERE.parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
-    if done.returncode != 0:
-        pytest.fail(f"interpreter child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreter_results(__file__)
 
 
 def test_strided_kernels_equal_the_one_pass_kernels_and_float64(child_results):

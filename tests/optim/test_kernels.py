@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interpreter_child import interpreter_results as run_in_interpreter
 
 KELLER = (3.4445, -4.7750, 2.0315)
 # Two different triples, so a swapped or repeated coefficient would show (the second is the first step of
@@ -266,14 +267,7 @@ def _case_id(shape, dtype_name) -> str:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-checks"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__, "--interpreter-checks", timeout=300)
 
 
 @pytest.mark.parametrize("dtype_name, kernel", CASES)

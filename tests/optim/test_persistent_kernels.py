@@ -12,12 +12,10 @@ of 40 columns ends in a partial tile (TMA clips its store). The GPU checks are i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter_child import interpreter_results
 
 WIDE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
 POINTER_WIDE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
@@ -103,11 +101,7 @@ def _child() -> None:
 
 @pytest.fixture(scope="module")
 def child_results():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
-    if done.returncode != 0:
-        pytest.fail(f"interpreter child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreter_results(__file__)
 
 
 def test_persistent_products_equal_the_pointer_kernels_and_float64(child_results):
