@@ -20,10 +20,11 @@
 #   STAGES=persistent (about four minutes): the persistent TMA kernels' GPU tests, then Newton-Schulz of the issue's
 #   buckets with the per-product breakdown: every product on the pointer kernel, cuBLAS and the persistent kernel
 #   with each tile of bench_newton_schulz.PERSISTENT_TILES, and the whole loop on the plan the timing picks.
-#   STAGES=bucket_io (about six minutes): the whole optimizer step of moe_small and dense_1b, eager and captured, with
-#   the momentum written straight into the Newton-Schulz buckets and the update applied from them (MUON_BUCKET_IO=1,
-#   the default) beside the copies into and out of the buckets (MUON_BUCKET_IO=0), alternating, in one process per
-#   run; then the GPU tests of the strided kernels and of the captured step against the eager one.
+#   STAGES=bucket_io (about eight minutes): the whole optimizer step of moe_small and dense_1b, eager and captured,
+#   with the momentum written straight into the Newton-Schulz buckets and the update applied from them
+#   (MUON_BUCKET_IO=1, the default) beside the copies into and out of the buckets (MUON_BUCKET_IO=0), in one process
+#   per run; then the GPU tests of the strided kernels and of the captured step against the eager one; then dense_1b
+#   again in the other order.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -71,20 +72,27 @@ for name, target in targets.items():
 PY
       ;;
     bucket_io)
-      for run in moe_small:0:90 moe_small:1:60 dense_1b:0:90 dense_1b:1:60 dense_1b:0:60 dense_1b:1:60; do
-        IFS=: read -r name io limit <<< "$run"
-        part=$(date +%s)
-        MUON_BUCKET_IO=$io timeout "$limit" python recipes/bench_optimizer.py --model "$name" \
-          --optimizers muon,muon_graph --steps 20 --warmup 5 --no-breakdown \
-          --out "$out/bench_bucket_io_${name}_$io.json" > "$out/bench_bucket_io_${name}_$io.log" 2>&1
-        echo "bench_optimizer $name MUON_BUCKET_IO=$io exit $? ($(( $(date +%s) - part )) s)"
-        grep -E "^\| $name|Error" "$out/bench_bucket_io_${name}_$io.log" | head -4
-      done
+      bench_pair() {   # name, limit of the first (cold) run, then io values
+        local name=$1 limit=$2 io part
+        shift 2
+        for io in "$@"; do
+          part=$(date +%s)
+          MUON_BUCKET_IO=$io timeout "$limit" python recipes/bench_optimizer.py --model "$name" \
+            --optimizers muon,muon_graph --steps 20 --warmup 5 --no-breakdown \
+            --out "$out/bench_bucket_io_${name}_$io.$part.json" > "$out/bench_bucket_io_${name}_$io.$part.log" 2>&1
+          echo "bench_optimizer $name MUON_BUCKET_IO=$io exit $? ($(( $(date +%s) - part )) s)"
+          grep -E "^\| $name|Error" "$out/bench_bucket_io_${name}_$io.$part.log" | head -4
+          limit=60
+        done
+      }
+      bench_pair moe_small 90 0 1
+      bench_pair dense_1b 90 0 1
       timeout 200 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
         tests/optim/test_kernels_gpu.py -k "cuda_graph or captured or momentum or scaled_add or transposed_slot" \
         > "$out/gpu_tests_bucket_io.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_bucket_io.log")"
-      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_bucket_io.log" | head -20 ;;
+      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_bucket_io.log" | head -20
+      bench_pair dense_1b 60 1 0 ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1
