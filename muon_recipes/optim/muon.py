@@ -271,10 +271,9 @@ class Muon(torch.optim.Optimizer):
             if direct[j]:
                 into = dispatch.kernels().momentum_into
                 mu, nesterov = item.group["momentum"], item.group["nesterov"]
-                for b, (grad, buf) in enumerate(zip(item.plan.row_views(item.grad), item.plan.row_views(item.buf))):
-                    out = layout.block_view(j, b)
-                    if out is not None:
-                        into(grad, buf, out, mu, nesterov)
+                for grad, buf, out in zip(layout.source_views(j, item.grad), layout.source_views(j, item.buf),
+                                          layout.slot_views(j)):
+                    into(grad, buf, out, mu, nesterov)
         self._momentum([item for item, d in zip(items, direct) if not d])
         adamw()
         start = timer.now()
@@ -454,19 +453,17 @@ class Muon(torch.optim.Optimizer):
 
     def _apply_blocks(self, item: MatrixUpdate, layout: BucketLayout, j: int,
                       scalars: Optional[StepScalars] = None) -> None:
-        """`_apply` of an item whose result stayed in its buckets: W_b <- (1 - lr wd) W_b - lr ratio_b O_b per row
-        block b, read from the block's result slot (transposed for a tall block) by the strided one-pass kernel.
-        The numbers are `_apply`'s: `decay` and `alpha` are the same float expressions or device scalars."""
-        group = item.group
+        """`_apply` of an item whose result stayed in its buckets: W_b <- (1 - lr wd) W_b - lr ratio_b O_b per run of
+        row blocks (`BucketLayout.runs`: blocks of one shape, so one ratio), read from the result's slots
+        (transposed for tall blocks) by the strided one-pass kernel. The numbers are `_apply`'s: `decay` and
+        `alpha` are the same float expressions or device scalars."""
+        group, plan = item.group, item.plan
         _, _, segments = self._plan(item.param, group)
         scaled_add_ = dispatch.kernels().scaled_add_
-        row = 0
-        for b, weight in enumerate(item.plan.row_views(local(item.param))):
+        weights, results = layout.source_views(j, local(item.param)), layout.slot_views(j, results=True)
+        for (first, _), weight, result in zip(layout.runs(j), weights, results):
+            row = sum(plan.row_blocks[:first])
             ratio = next(r for start, stop, r in segments if start <= row < stop)
-            row += item.plan.row_blocks[b]
-            result = layout.result_view(j, b)
-            if result is None:
-                continue
             if scalars is None:
                 scaled_add_(weight, result, alpha=-group["lr"] * ratio, decay=1 - group["lr"] * group["weight_decay"])
             else:

@@ -50,8 +50,8 @@ class BucketLayout:
     Blocks of equal shape up to transposition (NS(G^T) = NS(G)^T), device and settings share one batch: e.g. the
     k and v blocks of every layer's fused QKV, or every gate, up (transposed) and down matrix of a dense MLP. The
     layout follows from the jobs' shapes alone, before any update exists, so a block's update can be written
-    straight into its slot (`block_view`) and its result applied from there (`result_view`): no copy into a
-    bucket and none out of it. Jobs whose updates already exist are copied in (`run(fill=...)`), each block once,
+    straight into its slot (`slot_views`) and its result applied from there (`slot_views(results=True)`): no copy
+    into a bucket and none out of it. Jobs whose updates already exist are copied in (`run(fill=...)`), each block once,
     cast and transposed in the same pass (tiles on a GPU, `copy_block`).
     """
 
@@ -90,18 +90,55 @@ class BucketLayout:
         plan = self.plans[j]
         return piece.view(plan.experts, plan.row_blocks[b], plan.shape[-1])
 
-    def block_view(self, j: int, b: int) -> Optional[torch.Tensor]:
-        """Block b of job j's slot in its input batch, shaped and strided as the job's row block (`BlockPlan.
-        row_views`: [experts, rows, cols]), to write the update into; None for an empty block."""
-        return None if self.slots[j][b] is None else self._view(self.batch(self.slots[j][b].key), j, b)
+    def runs(self, j: int) -> list[tuple[int, int]]:
+        """Job j's non-empty blocks as runs [first, stop) that one strided launch can cover: consecutive row blocks
+        of a 2-D weight with one row count and consecutive slots of one bucket (the k and v blocks of a fused QKV,
+        the gate and up halves of a fused gate/up). Every other block is a run of its own."""
+        plan, runs = self.plans[j], []
+        for b, slot in enumerate(self.slots[j]):
+            if slot is None:
+                continue
+            if runs and plan.experts == 1 and runs[-1][1] == b:
+                first = self.slots[j][runs[-1][0]]
+                last = self.slots[j][b - 1]
+                if (slot.key == first.key and slot.start == last.start + last.count
+                        and plan.row_blocks[b] == plan.row_blocks[runs[-1][0]]):
+                    runs[-1] = (runs[-1][0], b + 1)
+                    continue
+            runs.append((b, b + 1))
+        return runs
 
-    def result_view(self, j: int, b: int) -> Optional[torch.Tensor]:
-        """`block_view` of the orthogonalized result (after `run`)."""
-        return None if self.slots[j][b] is None else self._view(self.results[self.slots[j][b].key], j, b)
+    def source_views(self, j: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Per run of `runs(j)`, the view of a tensor of job j's full shape that it covers: [experts, rows, cols]
+        for one block (`BlockPlan.row_views`), [blocks, rows, cols] for a run of several."""
+        plan, views = self.plans[j], []
+        blocks = plan.row_views(tensor)
+        for first, stop in self.runs(j):
+            if stop - first == 1:
+                views.append(blocks[first])
+            else:
+                rows, start = plan.row_blocks[first], sum(plan.row_blocks[:first])
+                views.append(tensor[start:start + (stop - first) * rows].unflatten(0, (stop - first, rows)))
+        return views
+
+    def slot_views(self, j: int, results: bool = False) -> list[torch.Tensor]:
+        """Per run of `runs(j)`, its slots in the input batches (to write the updates into) or, with `results`,
+        in the orthogonalized results (after `run`), shaped and strided as `source_views` (transposed views for
+        tall blocks)."""
+        views = []
+        for first, stop in self.runs(j):
+            slot = self.slots[j][first]
+            batch = self.results[slot.key] if results else self.batch(slot.key)
+            if stop - first == 1:
+                views.append(self._view(batch, j, first))
+            else:
+                matrices = batch[slot.start:slot.start + (stop - first)]
+                views.append(matrices.mT if slot.tall else matrices)
+        return views
 
     def run(self, fill: Optional[dict[int, torch.Tensor]] = None) -> None:
         """One `newton_schulz` call per bucket. `fill` maps a job to its finished update, copied into the bucket
-        first; every other job's blocks must have been written through `block_view`. Each input batch is released
+        first; every other job's blocks must have been written through `slot_views`. Each input batch is released
         once its call returns (a large step then holds one input batch beside the results, not all of them)."""
         fill = fill or {}
         for key, members in self.members.items():

@@ -48,6 +48,9 @@ def _kernel_cases() -> list[dict]:
         "fused_experts_transposed": ((3, 20, 9), lambda t: t,
                                      lambda shape: torch.empty(1, shape[2], shape[0] * shape[1]).mT.view(shape)),
         "two_d_contiguous": ((70, 33), lambda t: t, lambda shape: torch.empty(shape)),
+        # a run of two tall row blocks of one 2-D weight (a fused gate/up's halves) in consecutive slots
+        "tall_run_of_two_blocks": ((60, 9), lambda t: t.unflatten(0, (2, 30)),
+                                   lambda shape: torch.empty(shape[0], shape[2], shape[1]).mT),
     }
     for label, (shape, view, destination) in cases.items():
         for dtype in (torch.bfloat16, torch.float32):
@@ -120,6 +123,32 @@ def _step_runs() -> dict:
     }
 
 
+def _tall_fused_runs() -> dict:
+    """A fused gate/up whose halves are tall (48 x 16 each: one run of two transposed slots) and a GQA fused QKV
+    (q 16 x 16 square, k and v 8 x 16: one run of two), with weight decay, through the buckets and with copies."""
+    from muon_recipes.optim import Muon, kernels
+
+    launches = []
+    plain = kernels.momentum_into
+    kernels.momentum_into = lambda grad, *rest: launches.append(tuple(grad.shape)) or plain(grad, *rest)
+    weights = {}
+    for io in ("1", "0"):
+        os.environ["MUON_BUCKET_IO"] = io
+        torch.manual_seed(0)
+        gate_up, qkv = torch.nn.Parameter(torch.randn(96, 16)), torch.nn.Parameter(torch.randn(32, 16))
+        opt = Muon([dict(params=[gate_up], split_sizes=(48, 48)), dict(params=[qkv], split_sizes=(16, 8, 8))],
+                   lr=0.02, weight_decay=0.1, ns_dtype="bfloat16", backend="torch")
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            gate_up.grad = torch.randn(96, 16, generator=generator)
+            qkv.grad = torch.randn(32, 16, generator=generator)
+            opt.step()
+        weights[io] = (gate_up.detach().clone(), qkv.detach().clone())
+    kernels.momentum_into = plain
+    return {"difference": max((a - b).abs().max().item() for a, b in zip(weights["1"], weights["0"])),
+            "launches": sorted(set(launches)), "launch_count": len(launches)}
+
+
 def _device_scalar_runs() -> dict:
     """The captured step's path without the capture (`CapturedStep(capture=False)`: lr and weight decay read from
     device scalars) through the buckets, against the float step through the buckets, under an lr schedule that
@@ -153,7 +182,8 @@ def _device_scalar_runs() -> dict:
 
 
 def _child() -> None:
-    print(json.dumps({"kernels": _kernel_cases(), "steps": _step_runs(), "device_scalars": _device_scalar_runs()}))
+    print(json.dumps({"kernels": _kernel_cases(), "steps": _step_runs(), "tall_fused": _tall_fused_runs(),
+                      "device_scalars": _device_scalar_runs()}))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +193,7 @@ def child_results():
 
 def test_strided_kernels_equal_the_one_pass_kernels_and_float64(child_results):
     results = child_results["kernels"]
-    assert len(results) == 5 * 2 * 2 and sum(r["strided"] for r in results) == 4 * 2 * 2
+    assert len(results) == 6 * 2 * 2 and sum(r["strided"] for r in results) == 5 * 2 * 2
     tolerance = {"bfloat16": 1e-2, "float32": 1e-6}
     for r in results:
         for flag in ("update_equal", "buffer_equal", "weight_equal", "from_memory_equal"):
@@ -183,6 +213,13 @@ def test_step_through_the_buckets_equals_the_step_with_copies(child_results):
         bound = UPDATE_ULPS[steps["dtypes"][name]]
         assert difference <= bound, f"{name}: {difference:.3g} from the step with copies (bound {bound})"
         assert steps["against_stored"][name] <= bound, f"{name}: {steps['against_stored'][name]:.3g} from the reference"
+
+
+def test_tall_halves_and_kv_blocks_run_as_one_launch_each_and_equal_the_step_with_copies(child_results):
+    runs = child_results["tall_fused"]
+    assert runs["difference"] <= UPDATE_ULPS["bfloat16"], runs
+    # per step: the gate/up halves as one [2, 48, 16] launch, q alone, k and v as one [2, 8, 16] launch
+    assert runs["launches"] == [[1, 16, 16], [2, 8, 16], [2, 48, 16]] and runs["launch_count"] == 9, runs
 
 
 def test_device_scalar_step_through_the_buckets_equals_the_float_step(child_results):

@@ -48,15 +48,17 @@ from muon_recipes.optim.kernels.update import launch_update, launch_update_cubla
 @dataclass(frozen=True)
 class Plan:
     """Which implementation runs each product of an iteration: "triton" (the pointer kernels), "persistent"
-    (`persistent.py`) or "cublas"."""
+    (`persistent.py`) or "cublas". `final` is the Gram form's last product, Q X written in the result's dtype:
+    the Triton kernels round straight into it, cuBLAS writes X's dtype (float16) and a cast pass follows."""
     gram: str = "triton"
     polynomial: str = "triton"
     update: str = "triton"
+    final: str = "triton"
 
 
 ALL_TRITON = Plan()
 
-# (device, batch, m, n, dtype, precision) -> Plan, measured once per process.
+# (device, batch, m, n, dtype, precision, Gram form?, result dtype) -> Plan, measured once per process.
 _plans: dict[tuple, Plan] = {}
 # (device, shape, dtype, coefficients, kernels, precision) -> captured loop
 _graphs: dict[tuple, "_CapturedNewtonSchulz"] = {}
@@ -106,6 +108,20 @@ _UPDATE = {"triton": launch_update, "cublas": launch_update_cublas, "persistent"
 _COMMUTING = {"triton": _commuting_triton, "cublas": _commuting_cublas, "persistent": _commuting_persistent}
 
 
+def _final_cublas(X, Q, out):
+    """Q X into `out`: cuBLAS writes X's dtype, so a result in another dtype takes a second pass (the cast)."""
+    if out.dtype == X.dtype:
+        launch_update_cublas(X, Q, 0.0, out)
+    else:
+        product = torch.empty_like(X)
+        launch_update_cublas(X, Q, 0.0, product)
+        out.copy_(product)
+
+
+_FINAL = {"triton": lambda X, Q, out: launch_update(X, Q, 0.0, out), "cublas": _final_cublas,
+          "persistent": lambda X, Q, out: persistent.launch_update(X, Q, 0.0, out)}
+
+
 def _check_input(X: torch.Tensor) -> None:
     if not isinstance(X, torch.Tensor) or X.ndim != 3:
         shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
@@ -145,22 +161,28 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5) -> float:
     return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2]
 
 
-def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False) -> Plan:
+def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
+                  out_dtype: torch.dtype | None = None) -> Plan:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
     kernel on this shape; keep the fastest of each. The Gram form's products of X are Q X, without the a X term
-    (a = 0): that is the update it times."""
+    (a = 0): that is the update it times. Its last Q X (`Plan.final`) is timed as it runs: into `out_dtype`, and
+    for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the product by 5%
+    and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into the buckets".)"""
     a, b, c = coefficient
     if gram:
         a = 0.0
+    out_dtype = out_dtype or X.dtype
     A = torch.empty((X.shape[0], X.shape[1], X.shape[1]), dtype=X.dtype, device=X.device)
     B, out = torch.empty_like(A), torch.empty_like(X)
+    final_out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
     _gram_triton(X, A)   # a realistic A (symmetric, the spectrum of X X^T) for the next products
+    products = [("gram", _GRAM, lambda f: f(X, A), persistent_offered("symmetric", X)),
+                ("polynomial", _POLYNOMIAL, lambda f: f(A, B, b, c), persistent_offered("symmetric", A)),
+                ("update", _UPDATE, lambda f: f(X, B, a, out), persistent_offered("update", X))]
+    if gram:
+        products.append(("final", _FINAL, lambda f: f(X, B, final_out), persistent_offered("update", X)))
     choices = {}
-    for product, table, run, offered in (("gram", _GRAM, lambda f: f(X, A), persistent_offered("symmetric", X)),
-                                         ("polynomial", _POLYNOMIAL, lambda f: f(A, B, b, c),
-                                          persistent_offered("symmetric", A)),
-                                         ("update", _UPDATE, lambda f: f(X, B, a, out),
-                                          persistent_offered("update", X))):
+    for product, table, run, offered in products:
         times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items() if name != "persistent"}
         if offered:
             try:
@@ -168,6 +190,7 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
             except Exception as error:   # noqa: BLE001 - e.g. a Triton that cannot build it: the others remain
                 _persistent_failed(product, X, error)
         choices[product] = min(times, key=times.get)
+    choices.setdefault("final", choices["update"])
     return Plan(**choices)
 
 
@@ -191,15 +214,16 @@ def persistent_offered(product: str, x: torch.Tensor) -> bool:
 _persistent_error: str | None = None
 
 
-def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False) -> Plan:
+def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
+              out_dtype: torch.dtype | None = None) -> Plan:
     if kernels == "triton" or not X.is_cuda:
         return ALL_TRITON
-    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram)
+    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram, out_dtype)
     plan = _plans.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             return ALL_TRITON   # cannot time inside a capture; the graph runner plans before capturing
-        plan = _plans[key] = _measure_plan(X, coeffs[0], gram)
+        plan = _plans[key] = _measure_plan(X, coeffs[0], gram, out_dtype)
     return plan
 
 
@@ -293,13 +317,9 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
         if step < last and step + 1 not in restarts:
             commuting(Z, R, a, RZ)                 # RZ = Z R + a R
             commuting(Z, RZ, a, R)                 # R = Z RZ + a RZ
-    if plan.update in ("triton", "persistent"):
-        out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
-        update(current, Q, 0.0, out)               # X_final = Q X
-        return out
-    out = torch.empty_like(X)
-    update(current, Q, 0.0, out)                   # cuBLAS writes X's dtype
-    return out.to(out_dtype)
+    out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
+    _FINAL[plan.final](current, Q, out)            # X_final = Q X
+    return out
 
 
 class _CapturedNewtonSchulz:
@@ -378,7 +398,7 @@ def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torc
         return X.to(out_dtype or X.dtype, copy=True)
     loop_on = _loop_on(coeffs, restarts, out_dtype)
     _precompile(X, loop_on, (coeffs, restarts, out_dtype))
-    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None)
+    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None, out_dtype=out_dtype)
     loop = loop_on(plan)
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
