@@ -88,7 +88,7 @@ PY
       bench_pair moe_small 90 0 1
       bench_pair dense_1b 90 0 1
       timeout 200 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
-        tests/optim/test_kernels_gpu.py -k "cuda_graph or captured or momentum or scaled_add or transposed_slot" \
+        tests/optim/test_kernels_gpu.py -k "cuda_graph or captured or momentum or scaled_add or transposed_slot or first_step_compiles or gram" \
         > "$out/gpu_tests_bucket_io.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_bucket_io.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_bucket_io.log" | head -20
