@@ -75,6 +75,7 @@ class BucketLayout:
         self.plans = [plan for plan, _, _ in jobs]
         self.batches: dict[tuple, torch.Tensor] = {}
         self.results: dict[tuple, torch.Tensor] = {}
+        self._runs: dict[int, list[tuple[int, int]]] = {}
 
     def batch(self, key: tuple) -> torch.Tensor:
         """The input batch of bucket `key`, allocated at first use ([matrices, m, n] in the settings' dtype)."""
@@ -94,7 +95,10 @@ class BucketLayout:
         """Job j's non-empty blocks as runs [first, stop) that one strided launch can cover: consecutive row blocks
         of a 2-D weight with one row count and consecutive slots of one bucket (the k and v blocks of a fused QKV,
         the gate and up halves of a fused gate/up). Every other block is a run of its own."""
+        if j in self._runs:
+            return self._runs[j]
         plan, runs = self.plans[j], []
+        self._runs[j] = runs
         for b, slot in enumerate(self.slots[j]):
             if slot is None:
                 continue
