@@ -32,8 +32,10 @@ TRITON_NS_MIN_SIDE = 256
 # The Gram form on a GPU: blocks whose small side is at least this. Below it its extra small launches cost more
 # than the FLOPs it saves (docs/benchmarks.md, "Gram Newton-Schulz"); on a CPU it always applies.
 GRAM_MIN_SIDE_CUDA = 512
-# The one-pass weight update (`kernels/elementwise.py`): 2-D weights of at least this many elements. Smaller
-# matrices and 3-D expert weights stay on torch's add (docs/benchmarks.md, "The weight update").
+# The one-pass weight update (`kernels/elementwise.py`) on the path with copies (a sharded step, or MUON_BUCKET_IO=0):
+# 2-D weights of at least this many elements. Smaller matrices and 3-D expert weights stay on torch's add there
+# (docs/benchmarks.md, "The weight update"). A single-process step applies every weight's update from its buckets
+# with the strided form of the same kernel (`bucket_io_on_triton`).
 SCALED_ADD_MIN_NUMEL = 1 << 22
 # The persistent TMA-fed Newton-Schulz kernels (`kernels/persistent.py`) are timed against the pointer kernels and
 # cuBLAS for a shape's plan only from this many rows of its matrices. They were faster from 512 rows up, but each
