@@ -20,9 +20,9 @@
 #   STAGES=persistent (about four minutes): the persistent TMA kernels' GPU tests, then Newton-Schulz of the issue's
 #   buckets with the per-product breakdown: every product on the pointer kernel, cuBLAS and the persistent kernel
 #   with each tile of bench_newton_schulz.PERSISTENT_TILES, and the whole loop on the plan the timing picks.
-#   STAGES=bucket_io (about eight minutes): the whole optimizer step of moe_small and dense_1b, eager and captured,
-#   with the momentum written straight into the Newton-Schulz buckets and the update applied from them
-#   (MUON_BUCKET_IO=1, the default) beside the copies into and out of the buckets (MUON_BUCKET_IO=0), in one process
+#   STAGES=bucket_io (about two minutes): the whole optimizer step of moe_small and dense_1b, eager and captured, with
+#   the momentum written straight into the Newton-Schulz buckets and the update applied from them (MUON_BUCKET_IO=1;
+#   by default only the captured step) beside the copies into and out of the buckets (MUON_BUCKET_IO=0), one process
 #   per run; then the GPU tests of the strided kernels and of the captured step against the eager one; then dense_1b
 #   again in the other order.
 set -u

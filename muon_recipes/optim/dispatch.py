@@ -155,20 +155,27 @@ def strided_applies(*tensors: torch.Tensor) -> bool:
                     for t in tensors))
 
 
-def bucket_io_enabled() -> bool:
-    """`MUON_BUCKET_IO=0` turns `bucket_io_on_triton` off everywhere: the before-and-after switch of the
-    benchmarks (read at each step, so one process can time both)."""
-    return os.environ.get("MUON_BUCKET_IO", "1") != "0"
+def bucket_io_mode() -> str:
+    """`MUON_BUCKET_IO`: "auto" (unset: the captured step only), "1" (every single-process step) or "0" (none);
+    read at each step, so one process can time each."""
+    value = os.environ.get("MUON_BUCKET_IO", "auto")
+    return value if value in ("0", "1") else "auto"
 
 
-def bucket_io_on_triton(weight: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor) -> bool:
+def bucket_io_on_triton(weight: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, captured: bool) -> bool:
     """Whether a Muon weight of a single-process step moves through its Newton-Schulz buckets without copies: the
     momentum writes each row block's U straight into its bucket, and the update is applied from there
-    (`orthogonalize.BucketLayout`, `kernels/elementwise.py`'s strided forms). Its copies into and out of the
-    buckets were about 3.3 ms of dense_1b's 43.9 ms step (docs/benchmarks.md, "Momentum straight into the
-    buckets"). Any weight, gradient and buffer of one shape the strided kernels take, on a GPU or in the
-    interpreter."""
-    return bucket_io_enabled() and kernels() is not None and strided_applies(weight, grad, buf)
+    (`orthogonalize.BucketLayout`, `kernels/elementwise.py`'s strided forms). Any weight, gradient and buffer of one
+    shape the strided kernels take, on a GPU or in the interpreter.
+
+    By default only in the step a CUDA graph records (`captured`: lr read from device scalars). There it took
+    1.4 ms of GPU time off dense_1b's step and moe_small's captured step from 4.64 to 4.29 ms. An eager step
+    pays host time for every block's views and launch instead, and dense_1b's eager step ran 1-3 ms slower with
+    it (one H200, docs/benchmarks.md, "Momentum straight into the buckets")."""
+    mode = bucket_io_mode()
+    if mode == "0" or (mode == "auto" and not captured):
+        return False
+    return kernels() is not None and strided_applies(weight, grad, buf)
 
 
 def is_transposed_view(t: torch.Tensor) -> bool:

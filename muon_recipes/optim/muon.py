@@ -15,9 +15,9 @@ optimizer, so LR schedulers, `state_dict()` and DCP checkpoints see one object. 
 
 A step has three phases, each over all groups at once so blocks of equal shape share one batched call:
 (1) momentum on the local gradients, (2) orthogonalize -- parameters sharded by FSDP2 are assembled across
-their shard group first (`sharded.py`), every other one is done in place -- and (3) scale and apply. On one
-process, with the Triton kernels, (1) writes each block's momentum update straight into its Newton-Schulz
-bucket and (3) reads each block's result from there (`Muon._local_step`): no update tensor of its own, no copy.
+their shard group first (`sharded.py`), every other one is done in place -- and (3) scale and apply. In a
+captured step on one process, (1) writes each block's momentum update straight into its Newton-Schulz bucket
+and (3) reads each block's result from there (`Muon._local_step`): no update tensor of its own, no copy.
 The AdamW groups run during (2), while the sharded path's messages are in flight. `last_step_timings`
 reports the seconds spent in Newton-Schulz, in communication and in the rest.
 
@@ -266,7 +266,8 @@ class Muon(torch.optim.Optimizer):
         weights' updates are made whole and copied in (`orthogonalize`'s path)."""
         layout = BucketLayout([(item.plan, item.ns, local(item.param).device) for item in items])
         direct = [self._plan(item.param, item.group)[2] is not None
-                  and dispatch.bucket_io_on_triton(local(item.param), item.grad, item.buf) for item in items]
+                  and dispatch.bucket_io_on_triton(local(item.param), item.grad, item.buf, scalars is not None)
+                  for item in items]
         for j, item in enumerate(items):
             if direct[j]:
                 into = dispatch.kernels().momentum_into

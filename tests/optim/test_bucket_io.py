@@ -1,7 +1,7 @@
 """The momentum written straight into the Newton-Schulz buckets, and the update applied from them, on CPU.
 
 `Muon`'s single-process step moves a weight through its buckets without copies where
-`dispatch.bucket_io_on_triton` says so: the strided momentum kernel writes each row block's update into its slot
+`dispatch.bucket_io_on_triton` says so (by default the captured step; `MUON_BUCKET_IO=1` every step): the strided momentum kernel writes each row block's update into its slot
 (transposed for a tall block) and the strided weight update reads each block's result from its slot
 (`kernels/elementwise.py`, `orthogonalize.BucketLayout`). Triton's interpreter runs those kernels on CPU
 tensors, so here, as in test_kernels.py, one child process with `TRITON_INTERPRET=1` (this file as a script)
@@ -181,9 +181,21 @@ def _device_scalar_runs() -> dict:
     return {"muon_weights": len(pairs), "equal": all(torch.equal(p, q) for p, q in pairs)}
 
 
+def _modes() -> dict:
+    """`dispatch.bucket_io_on_triton` under each MUON_BUCKET_IO value, for an eager and a captured step."""
+    from muon_recipes.optim import dispatch
+
+    t = torch.zeros(4, 8)
+    answers = {}
+    for value in ("auto", "1", "0"):
+        os.environ["MUON_BUCKET_IO"] = value
+        answers[value] = [dispatch.bucket_io_on_triton(t, t, t, captured) for captured in (False, True)]
+    return answers
+
+
 def _child() -> None:
     print(json.dumps({"kernels": _kernel_cases(), "steps": _step_runs(), "tall_fused": _tall_fused_runs(),
-                      "device_scalars": _device_scalar_runs()}))
+                      "device_scalars": _device_scalar_runs(), "modes": _modes()}))
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +237,11 @@ def test_tall_halves_and_kv_blocks_run_as_one_launch_each_and_equal_the_step_wit
 def test_device_scalar_step_through_the_buckets_equals_the_float_step(child_results):
     runs = child_results["device_scalars"]
     assert runs["muon_weights"] > 0 and runs["equal"], runs
+
+
+def test_by_default_only_the_captured_step_goes_through_the_buckets(child_results):
+    # [eager, captured] per MUON_BUCKET_IO value ("auto" is the default: an eager step pays host time per block)
+    assert child_results["modes"] == {"auto": [False, True], "1": [True, True], "0": [False, False]}
 
 
 if __name__ == "__main__":
