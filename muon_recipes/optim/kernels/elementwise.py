@@ -28,7 +28,7 @@ Both passes also exist for strided views (`momentum_into`, and `scaled_add_` on 
 momentum of one row block writes U straight into its Newton-Schulz bucket (transposed, for a tall block), and the
 update of one block is applied from its bucket, so no copy moves U into a bucket or a result out of one
 (`muon_recipes.optim.orthogonalize.BucketLayout`). Those launch one program per TILE x TILE tile with 64-bit
-offsets; Triton coalesces each load and store along the axis its pointer has unit stride on and exchanges the
+offsets (`tile_ops.strided_tile`, shared with the transposed copy); Triton coalesces each load and store along the axis its pointer has unit stride on and exchanges the
 layout through shared memory where the two differ (as `kernels/transpose.py`). The arithmetic is the same
 expression as the one-pass kernels', so both forms give the same numbers bit for bit.
 """
@@ -42,7 +42,7 @@ import triton.language as tl
 from muon_recipes.optim.dispatch import (KERNEL_DTYPES, interpreting, momentum_applies, scaled_add_applies,
                                          strided_applies)
 from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
-from muon_recipes.optim.kernels.tile_ops import round_to_output
+from muon_recipes.optim.kernels.tile_ops import round_to_output, strided_address, strided_tile
 
 _BLOCK = 4096
 # Tile side of the strided forms (as the transposed copy's).
@@ -92,12 +92,9 @@ def _momentum_strided_kernel(grad_ptr, buf_ptr, out_ptr, R, C,
                              buf_stride_b, buf_stride_r, buf_stride_c,
                              out_stride_b, out_stride_r, out_stride_c, momentum,
                              NESTEROV: tl.constexpr, TILE: tl.constexpr, INTERPRETED: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    cols = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
-    batch = tl.program_id(2).to(tl.int64)
-    inside = (rows[:, None] < R) & (cols[None, :] < C)
-    grad_at = grad_ptr + batch * grad_stride_b + rows[:, None] * grad_stride_r + cols[None, :] * grad_stride_c
-    buf_at = buf_ptr + batch * buf_stride_b + rows[:, None] * buf_stride_r + cols[None, :] * buf_stride_c
+    rows, cols, batch, inside = strided_tile(R, C, TILE)
+    grad_at = strided_address(grad_ptr, batch, rows, cols, grad_stride_b, grad_stride_r, grad_stride_c)
+    buf_at = strided_address(buf_ptr, batch, rows, cols, buf_stride_b, buf_stride_r, buf_stride_c)
     grad = tl.load(grad_at, mask=inside, other=0.0).to(tl.float32)
     buf = tl.load(buf_at, mask=inside, other=0.0).to(tl.float32)
     buf = buf * momentum + grad
@@ -106,7 +103,7 @@ def _momentum_strided_kernel(grad_ptr, buf_ptr, out_ptr, R, C,
         update = grad + momentum * buf
     else:
         update = buf
-    out_at = out_ptr + batch * out_stride_b + rows[:, None] * out_stride_r + cols[None, :] * out_stride_c
+    out_at = strided_address(out_ptr, batch, rows, cols, out_stride_b, out_stride_r, out_stride_c)
     tl.store(out_at, round_to_output(update, out_ptr, INTERPRETED), mask=inside)
 
 
@@ -175,12 +172,9 @@ def _scaled_add_strided_kernel(w_ptr, o_ptr, R, C, w_stride_b, w_stride_r, w_str
     else:
         decay_value = decay
         alpha_value = alpha
-    rows = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    cols = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
-    batch = tl.program_id(2).to(tl.int64)
-    inside = (rows[:, None] < R) & (cols[None, :] < C)
-    w_at = w_ptr + batch * w_stride_b + rows[:, None] * w_stride_r + cols[None, :] * w_stride_c
-    o_at = o_ptr + batch * o_stride_b + rows[:, None] * o_stride_r + cols[None, :] * o_stride_c
+    rows, cols, batch, inside = strided_tile(R, C, TILE)
+    w_at = strided_address(w_ptr, batch, rows, cols, w_stride_b, w_stride_r, w_stride_c)
+    o_at = strided_address(o_ptr, batch, rows, cols, o_stride_b, o_stride_r, o_stride_c)
     w = tl.load(w_at, mask=inside, other=0.0).to(tl.float32)
     o = tl.load(o_at, mask=inside, other=0.0).to(tl.float32)
     tl.store(w_at, round_to_output(w * decay_value + alpha_value * o, w_ptr, INTERPRETED), mask=inside)

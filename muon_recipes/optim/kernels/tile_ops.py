@@ -50,6 +50,23 @@ def round_to(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def strided_tile(R, C, TILE: tl.constexpr):
+    """This program's TILE x TILE tile of a batch of [R, C] views (grid: row tiles, column tiles, matrices): its
+    row and column indices and matrix index in 64-bit (a view of 2^31 elements or more stays addressable) and the
+    mask of the elements inside the matrix."""
+    rows = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    cols = tl.program_id(1).to(tl.int64) * TILE + tl.arange(0, TILE)
+    batch = tl.program_id(2).to(tl.int64)
+    return rows, cols, batch, (rows[:, None] < R) & (cols[None, :] < C)
+
+
+@triton.jit
+def strided_address(ptr, batch, rows, cols, stride_b, stride_r, stride_c):
+    """Pointers to the elements (batch, rows, cols) of a view with these strides, as a [rows, cols] tile."""
+    return ptr + batch * stride_b + rows[:, None] * stride_r + cols[None, :] * stride_c
+
+
+@triton.jit
 def reduction_tiles(K, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, INTERPRETED: tl.constexpr):
     """Trip count of the loop over the reduction dimension."""
     if INTERPRETED:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from muon_recipes.optim.dispatch import TRANSPOSE_DTYPES, interpreting
 from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
-from muon_recipes.optim.kernels.tile_ops import round_to_output
+from muon_recipes.optim.kernels.tile_ops import round_to_output, strided_address, strided_tile
 
 _TILE = 64
 
@@ -27,21 +27,14 @@ def _transposed_copy_kernel(src_ptr, dst_ptr, R, C,
                             src_stride_b, src_stride_r, src_stride_c,
                             dst_stride_b, dst_stride_r, dst_stride_c,
                             TILE: tl.constexpr, INTERPRETED: tl.constexpr):
-    tile_r = tl.program_id(0)
-    tile_c = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    rows = tile_r * TILE + tl.arange(0, TILE)
-    cols = tile_c * TILE + tl.arange(0, TILE)
-    inside = (rows[:, None] < R) & (cols[None, :] < C)
-    tile = tl.load(src_ptr + batch * src_stride_b + rows[:, None] * src_stride_r + cols[None, :] * src_stride_c,
+    rows, cols, batch, inside = strided_tile(R, C, TILE)
+    tile = tl.load(strided_address(src_ptr, batch, rows, cols, src_stride_b, src_stride_r, src_stride_c),
                    mask=inside, other=0.0)
-    tl.store(dst_ptr + batch * dst_stride_b + rows[:, None] * dst_stride_r + cols[None, :] * dst_stride_c,
+    tl.store(strided_address(dst_ptr, batch, rows, cols, dst_stride_b, dst_stride_r, dst_stride_c),
              round_to_output(tile.to(tl.float32), dst_ptr, INTERPRETED), mask=inside)
 
 
 _launch_transposed_copy = FastLaunch(_transposed_copy_kernel)
-
-
 
 
 def copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
