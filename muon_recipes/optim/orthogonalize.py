@@ -95,10 +95,12 @@ class BucketLayout:
         """Job j's non-empty blocks as runs [first, stop) that one strided launch can cover: consecutive row blocks
         of a 2-D weight with one row count and consecutive slots of one bucket (the k and v blocks of a fused QKV,
         the gate and up halves of a fused gate/up). Every other block is a run of its own."""
-        if j in self._runs:
-            return self._runs[j]
+        if j not in self._runs:
+            self._runs[j] = self._find_runs(j)
+        return self._runs[j]
+
+    def _find_runs(self, j: int) -> list[tuple[int, int]]:
         plan, runs = self.plans[j], []
-        self._runs[j] = runs
         for b, slot in enumerate(self.slots[j]):
             if slot is None:
                 continue
