@@ -16,11 +16,15 @@ What a replay must still get right, and how:
   AdamW's weight decay which torch's fused kernel takes as a constant, the set of parameters with gradients)
   are part of a signature: when one changes, the step is warmed up and captured again (at most
   `MAX_CAPTURES` times; then it stays eager, said in one line).
-* **Gradients.** The graph reads fixed addresses; each step's gradients (new tensors after
-  `zero_grad(set_to_none=True)`, or FSDP2's reduce-scatter outputs) are copied into static buffers with one
-  multi-tensor copy before the replay (skipped for gradients that already live there). Memory: the buffers are
-  one more copy of the gradients, and the step's temporaries (Newton-Schulz buckets) stay reserved in the
-  graph's private pool between steps instead of returning to the caching allocator.
+* **Gradients.** The graph reads fixed addresses. The static buffers are the gradient tensors present when the
+  step is (re)built: a gradient that is still the same tensor at a later step (`zero_grad(set_to_none=False)`
+  and accumulation in place, or gradients that are simply kept) is read where it is, with no copy. A new tensor
+  (after `zero_grad(set_to_none=True)`, or FSDP2's reduce-scatter output of each step) is copied into the
+  buffer with one multi-tensor copy before the replay. So an old gradient tensor the caller dropped is kept and
+  overwritten by later steps' gradients. Memory: the buffers are one more copy of the gradients where
+  gradients are new tensors each step (none where they stay), and the step's temporaries (Newton-Schulz
+  buckets) stay reserved in the graph's private pool between steps instead of returning to the caching
+  allocator.
 * **AdamW's step counter and bias correction** live on the device (torch's fused AdamW reads the step there; the
   multi-tensor form computes `1 - beta ** step` with tensor ops), so no `.item()` syncs the host.
 * **Warm-up.** `WARMUP_STEPS` real steps run eagerly (on the device-scalar path) before the capture, so the
@@ -155,6 +159,14 @@ class StepScalars:
             self.values.copy_(torch.tensor(host, dtype=torch.float32))
 
 
+def _static_buffer(grad: Tensor) -> Tensor:
+    """The buffer a captured step reads a parameter's gradient from: the gradient tensor itself where it is dense
+    and contiguous (no copy while the caller keeps it), else a contiguous tensor of its shape."""
+    if grad.layout == torch.strided and grad.is_contiguous():
+        return grad
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
 class CapturedStep:
     """Runs an optimizer's step on device scalars and static gradient buffers; with `capture`, as a CUDA graph.
 
@@ -200,7 +212,7 @@ class CapturedStep:
         self.warmups_left = self.warmup_steps
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         device = local(params[0]).device if params else torch.device("cpu")
-        self.grads = {p: torch.empty_like(local(p.grad)) for p in params}
+        self.grads = {p: _static_buffer(local(p.grad)) for p in params}
         self.scalars = StepScalars(device)
         self.optimizer._declare_scalars(self.scalars)
 

@@ -69,8 +69,30 @@ def test_device_scalar_step_equals_float_step_under_a_schedule():
             torch.testing.assert_close(p.detach(), q.detach(), rtol=RTOL, atol=ATOL)
     assert len(set(lrs)) == 6   # the schedule moved lr at every step
     _states_close(opt, ref_opt)
-    # The static buffers hold the last step's gradients; the parameters' own gradients are untouched.
-    assert all(torch.equal(runner.grads[p], p.grad) for p in runner.grads)
+    # The static buffers (the first step's gradient tensors) hold the last step's gradients, copied: every step
+    # gave new gradient tensors.
+    assert all(torch.equal(runner.grads[p], p.grad) and runner.grads[p] is not p.grad for p in runner.grads)
+
+
+def test_gradients_that_stay_the_same_tensors_are_read_in_place():
+    """Gradients refilled in place (`zero_grad(set_to_none=False)` and accumulation) are the static buffers
+    themselves: the step reads them where they are, and still follows their new values every step."""
+    model, opt, schedule = _model_and_optimizer(cuda_graph="off")
+    ref_model, ref_opt, ref_schedule = _model_and_optimizer(cuda_graph="off")
+    runner = CapturedStep(opt, capture=False)
+    fill_grads(model, 0)
+    kept = {p: p.grad for p in model.parameters()}
+    for step in range(4):
+        fill_grads(ref_model, step)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            p.grad.copy_(q.grad)   # new values, same tensors
+        assert runner.step()
+        ref_opt.step()
+        schedule.step()
+        ref_schedule.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=RTOL, atol=ATOL)
+    assert all(runner.grads[p] is kept[p] is p.grad for p in runner.grads)
 
 
 def test_device_scalar_step_follows_the_lr_it_is_given():
