@@ -566,3 +566,42 @@ def test_persistent_plan_replays_from_a_cuda_graph():
     graph.replay()
     assert torch.equal(captured, eager)
     assert _relative_error(eager, _torch_iterations(X.double(), (KELLER,) * 3)) < 3e-2
+
+
+@pytest.mark.parametrize("tile", ["default", "candidates"])
+@pytest.mark.parametrize("shape", [(128, 256, 1024), (9, 512, 768), (4, 320, 1000)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_gram_loop_matches_the_products_and_float64(shape, tile):
+    """The fused Gram loop (one program per matrix) at real sizes, tiles that divide the matrix and tiles that do
+    not (320 x 1000), every benchmarked tile: as close to the float64 iteration as the same loop one launch per
+    product, every element written (NaN-poisoned output), and its singular values as the products'."""
+    from muon_recipes.optim.kernels import fused_gram, iterations
+    from muon_recipes.optim.newton_schulz import coefficients, gram_iterations_torch, gram_restarts
+
+    X = _decaying(*shape, 1.0, seed=13)
+    coeffs, restarts = tuple(coefficients("keller", 5)), gram_restarts(5)
+    exact = gram_iterations_torch(X, coeffs, restarts)
+    X = X.half()
+    products = iterations._iterate_gram(X, coeffs, iterations.ALL_TRITON, restarts, torch.bfloat16)
+    reference = _relative_error(products, exact)
+    for candidate in ([None] if tile == "default" else fused_gram.TILE_CANDIDATES):
+        out = torch.full(X.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+        fused = fused_gram.launch_fused_gram(X, coeffs, restarts, out, tile=candidate)
+        assert _relative_error(fused, exact) <= 1.1 * reference + 1e-4, (candidate, _relative_error(fused, exact),
+                                                                          reference)
+        for edge, product_edge in zip(_singular_band(fused[:2]), _singular_band(products[:2])):
+            assert abs(edge - product_edge) <= 0.01, (candidate, edge, product_edge)
+
+
+def test_fused_gram_plan_replays_from_a_cuda_graph():
+    """A plan on the fused loop, captured once and replayed on new inputs, equals its eager run bit for bit."""
+    from muon_recipes.optim.kernels import clear_cuda_graphs
+    from muon_recipes.optim.kernels.iterations import FUSED, _CapturedNewtonSchulz, _loop_on
+
+    coeffs, restarts = (KELLER,) * 5, (3,)
+    loop = _loop_on(coeffs, restarts, torch.bfloat16)(FUSED)
+    first, second = (_normalized(64, 256, 1024, torch.float16, seed=s) for s in (21, 22))
+    eager = [loop(x) for x in (first, second)]
+    captured = _CapturedNewtonSchulz(first, loop)
+    assert torch.equal(captured(first), eager[0]) and torch.equal(captured(second), eager[1])
+    clear_cuda_graphs()

@@ -42,8 +42,11 @@ from muon_recipes.optim.kernels.tuning import input_precision
 # Largest m (the shorter side) the fused loop is offered for: its m x m work is one SM's; larger matrices have
 # enough tiles per product to fill the GPU from separate launches.
 FUSED_MAX_SIDE = 512
-# Tiles on the GPU: T x T for the m x m products, T x BLOCK_N for Q X, reductions in steps of BLOCK_K.
-_TILE, _BLOCK_N, _BLOCK_K, _WARPS, _STAGES = 128, 128, 64, 8, 3
+# The GPU's tile (T, BLOCK_N, BLOCK_K, warps, stages): T x T for the m x m products, T x BLOCK_N for Q X,
+# reductions in steps of BLOCK_K.
+TILE = (128, 128, 64, 8, 3)
+# What recipes/bench_fused_gram.py times.
+TILE_CANDIDATES = (TILE, (128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3))
 
 
 @triton.jit
@@ -224,10 +227,11 @@ def restart_mask(restarts: Sequence[int]) -> int:
 
 
 def launch_fused_gram(X: torch.Tensor, coefficients: Sequence[tuple[float, float, float]],
-                      restarts: Sequence[int], out: torch.Tensor) -> torch.Tensor:
+                      restarts: Sequence[int], out: torch.Tensor, tile: tuple | None = None) -> torch.Tensor:
     """The Gram-form iterations of every matrix of X [B, m, n] (m <= n, normalized), one program each, into
     `out` [B, m, n] (any kernel dtype). `coefficients` (a, b, c) per step; `restarts` as in
-    `iterations.gram_iterations_triton`."""
+    `iterations.gram_iterations_triton`. `tile` (T, BLOCK_N, BLOCK_K, warps, stages) replaces the GPU's
+    fixed tile (`TILE`; recipes/bench_fused_gram.py times candidates)."""
     if not fused_offered(X) or out.shape != X.shape or not out.is_contiguous():
         raise ValueError(f"launch_fused_gram: X {X.dtype} {tuple(X.shape)} (contiguous, m <= n, m <= "
                          f"{FUSED_MAX_SIDE}) and out {tuple(out.shape)} (contiguous, same shape)")
@@ -242,8 +246,9 @@ def launch_fused_gram(X: torch.Tensor, coefficients: Sequence[tuple[float, float
         tiles = {"T": 16, "BLOCK_N": 16, "BLOCK_K": 16}
     else:
         side = max(16, triton.next_power_of_2(m))
-        tiles = {"T": min(_TILE, side), "BLOCK_N": _BLOCK_N, "BLOCK_K": min(_BLOCK_K, side),
-                 "num_warps": _WARPS, "num_stages": _STAGES}
+        t, block_n, block_k, warps, stages = tile or TILE
+        tiles = {"T": min(t, side), "BLOCK_N": block_n, "BLOCK_K": min(block_k, side), "num_warps": warps,
+                 "num_stages": stages}
     _launch(lambda meta: (batch,), (X, out, scratch, table),
             {"M": m, "N": n, "STEPS": steps, "RESTARTS": restart_mask(restarts), **tiles,
              "INPUT_PRECISION": input_precision(X.dtype), "INTERPRETED": interpreting()})
