@@ -151,9 +151,11 @@ def print_failures(failures: list[Failure]) -> None:
             print(f"rank {f.rank}: {f.details.rstrip()}", file=sys.stderr, flush=True)
 
 
-# How long a rank other than 0 waits before it exits with an error found before the process group exists. torchrun
-# stops every worker as soon as one exits non-zero; rank 0, the one that prints, may start later (Hydra writes its
-# output directory first), and without this wait a quicker rank 1 could have it stopped before its line is out.
+# How long a rank waits before it exits with an error found before the process group exists. torchrun stops every
+# worker as soon as one exits non-zero. Rank 0, the one that prints, may start later (Hydra writes its output
+# directory first): without the wait a quicker rank 1 could have it stopped before its line is out. And a rank
+# still starting up (importing torch on a loaded machine) when a quicker one exits would die by the SIGTERM
+# instead of exiting with the code: so rank 0 waits too, after its line, in a world of several ranks.
 PEER_EXIT_GRACE_S = 5.0
 
 
@@ -164,7 +166,7 @@ def exit_before_start(message: str, code: int = EXIT_BAD_INPUT) -> None:
     write_error_file(f"error: {message}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         time.sleep(PEER_EXIT_GRACE_S)
     sys.exit(code)
 
