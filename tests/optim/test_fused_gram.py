@@ -135,5 +135,24 @@ def test_bad_shapes_are_refused_before_any_launch():
         launch_fused_gram(wide, [(1.0, 0.0, 0.0)], (), torch.empty(1, 32, 32, dtype=torch.float16))
 
 
+def test_where_the_plan_offers_the_fused_loop(monkeypatch):
+    """Offered for the Gram form of matrices whose short side is at most FUSED_MAX_SIDE; never with
+    MUON_NS_FUSED=0; and after a failure to build it, in no later plan of the process (one warning)."""
+    from muon_recipes.optim.kernels import iterations
+    from muon_recipes.optim.kernels.fused_gram import FUSED_MAX_SIDE
+
+    monkeypatch.setattr(iterations, "_fused_error", None)
+    monkeypatch.delenv("MUON_NS_FUSED", raising=False)
+    small, large = (torch.zeros(2, side, 2 * side, dtype=torch.float16) for side in (FUSED_MAX_SIDE, 2 * FUSED_MAX_SIDE))
+    assert iterations.fused_gram_offered(small) and not iterations.fused_gram_offered(large)
+    assert not iterations.fused_gram_offered(small.mT)   # m > n: the caller transposes first
+    monkeypatch.setenv("MUON_NS_FUSED", "0")
+    assert not iterations.fused_gram_offered(small)
+    monkeypatch.delenv("MUON_NS_FUSED")
+    with pytest.warns(RuntimeWarning, match="fused Gram loop failed on \\(2, 512, 1024\\)"):
+        iterations._fused_failed(small, RuntimeError("out of resources"))
+    assert not iterations.fused_gram_offered(small)
+
+
 if __name__ == "__main__":
     _child()
