@@ -17,7 +17,7 @@
 #   same layout (--mesh fsdp), with nothing, an L2 flush or 60 ms of bf16 products before each
 #   timed step (--before-step none|flush|matmul: the GPU state a training step leaves); the medians side by side
 #   (issue 15: within 10%).
-#   STAGES=fused (about four minutes): the fused Gram loop's GPU tests (with the other Gram-form tests), then
+#   STAGES=fused (about four minutes): the fused Gram loop's GPU tests, then
 #   recipes/bench_fused_gram.py (the fused loop with each candidate tile against the same loop one launch per
 #   product, eager and captured, on the small-matrix buckets), then moe_small's whole step with the fused loop off
 #   and on (MUON_NS_FUSED=0/1).
@@ -98,7 +98,7 @@ PY
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_bucket_io.log" | head -20
       bench_pair dense_1b 60 1 0 ;;
     fused)
-      timeout 200 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k "fused or gram" \
+      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k fused \
         > "$out/gpu_tests_fused.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_fused.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_fused.log" | head -20
