@@ -17,10 +17,6 @@
 #   same layout (--mesh fsdp), with nothing, an L2 flush or 60 ms of bf16 products before each
 #   timed step (--before-step none|flush|matmul: the GPU state a training step leaves); the medians side by side
 #   (issue 15: within 10%).
-#   STAGES=fused (about four minutes): the fused Gram loop's GPU tests, then
-#   recipes/bench_fused_gram.py (the fused loop with each candidate tile against the same loop one launch per
-#   product, eager and captured, on the small-matrix buckets), then moe_small's whole step with the fused loop off
-#   and on (MUON_NS_FUSED=0/1).
 #   STAGES=persistent (about four minutes): the persistent TMA kernels' GPU tests, then Newton-Schulz of the issue's
 #   buckets with the per-product breakdown: every product on the pointer kernel, cuBLAS and the persistent kernel
 #   with each tile of bench_newton_schulz.PERSISTENT_TILES, and the whole loop on the plan the timing picks.
@@ -97,22 +93,6 @@ PY
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_bucket_io.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_bucket_io.log" | head -20
       bench_pair dense_1b 60 1 0 ;;
-    fused)
-      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k fused \
-        > "$out/gpu_tests_fused.log" 2>&1
-      echo "tests exit $?: $(tail -1 "$out/gpu_tests_fused.log")"
-      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_fused.log" | head -20
-      timeout 200 python recipes/bench_fused_gram.py --shapes "${SHAPES:-128x256x1024,189x512x768,16x384x1024}" \
-        --out "$out/bench_fused_gram.json" > "$out/bench_fused_gram.log" 2>&1
-      echo "bench_fused_gram exit $?"
-      grep -vE "^    " "$out/bench_fused_gram.log" | tail -8
-      for fused in 0 1; do
-        MUON_NS_FUSED=$fused timeout 90 python recipes/bench_optimizer.py --model moe_small \
-          --optimizers muon,muon_graph --steps 20 --warmup 5 --no-breakdown \
-          --out "$out/bench_fused_moe_small_$fused.json" > "$out/bench_fused_moe_small_$fused.log" 2>&1
-        echo "bench_optimizer moe_small MUON_NS_FUSED=$fused exit $?"
-        grep -E "^\| moe_small|Error" "$out/bench_fused_moe_small_$fused.log" | head -4
-      done ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1

@@ -267,23 +267,3 @@ def test_persistent_tile_fits_hopper_without_spills(kernel, args, constexprs, ti
     assert code.count("HGMMA") > 0
     # Global loads: only the symmetric kernel's tile table (one 4-byte LDG.E per tile); stores: none but TMA's.
     assert set(code.opcodes("LDG")) <= {"LDG.E"} and code.count("STG") == 0, code.opcodes("LDG")
-
-
-def test_fused_gram_loop_builds_for_hopper_on_the_tensor_cores():
-    """The fused Gram loop (`kernels/fused_gram.py`) with its GPU tile, on a bucket of 256 x 1024 experts: it builds
-    for sm_90, fits shared memory, multiplies with HGMMA, and moves every matrix element in 16-byte vectors (the
-    only narrower global accesses are the three 4-byte coefficient loads of a step). Its 8 warps hold a 128 x 128
-    fp32 accumulator each and use the whole register file; a few bytes of spill (24 with Triton 3.6) are not
-    held against it here: the tile is chosen by its measured time (recipes/bench_fused_gram.py)."""
-    from muon_recipes.optim.kernels import fused_gram
-
-    t, block_n, block_k, warps, stages = fused_gram.TILE
-    code = machine_code.compile_for_hopper(
-        fused_gram._fused_gram_kernel,
-        dict(x_ptr=FP16, out_ptr=BF16, scratch_ptr=FP16, coefficients=FP32),
-        dict(M=256, N=1024, STEPS=5, RESTARTS=fused_gram.restart_mask([3]), T=t, BLOCK_N=block_n, BLOCK_K=block_k,
-             INPUT_PRECISION="tf32", INTERPRETED=False), num_warps=warps, num_stages=stages)
-    assert code.shared_bytes <= machine_code.HOPPER_SHARED_MEMORY, code
-    assert code.count("HGMMA") > 0 and code.count("HMMA") == 0, code.opcodes("HMMA")
-    assert set(code.opcodes("STG")) == {"STG.E.128"}, code.opcodes("STG")
-    assert code.opcodes("LDG").get("LDG.E", 0) <= 3, code.opcodes("LDG")

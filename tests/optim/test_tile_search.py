@@ -150,21 +150,19 @@ def test_resident_ctas_follow_shared_memory_registers_and_warps():
 
 def _launch_summary(launches):
     rows = []
-    for kernel, grid, args, constexprs in launches:
-        named = {**dict(zip(kernel.arg_names, args)), **constexprs}
+    for kernel, _, args, constexprs in launches:
+        named = dict(zip(kernel.arg_names, args))
         dtypes = tuple(str(a).replace("torch.", "") for a in args if isinstance(a, torch.dtype))
-        batch = named["BATCH"] if "BATCH" in named else grid(named)[0]   # the fused loop: one program a matrix
-        sizes = (named["M"], named.get("N", named.get("K")), batch)
+        sizes = (named["M"], named.get("N", named["K"]), named["BATCH"])
         flag = constexprs.get("HAS_C", constexprs.get("ADD_X"))
-        rows.append((getattr(kernel, "base_fn", kernel).__name__, sizes, dtypes, flag))
+        rows.append((kernel.base_fn.__name__, sizes, dtypes, flag))
     return sorted(rows)
 
 
 def test_recorded_launches_are_the_products_of_each_form():
     """A dry pass records one launch per kernel specialization and runs none: the standard form's X X^T, b A + c A A
     and a X + B X; the Gram form's R = X X^T, the m x m polynomials (b R + c R R and Z Q + a Q share one
-    specialization), Q X at a restart and the last Q X written in bf16, and the fused loop of the whole form
-    (input, bf16 result, float16 scratch, fp32 coefficients) that the plan times against them."""
+    specialization), Q X at a restart and the last Q X written in bf16."""
     from muon_recipes.optim.newton_schulz import coefficients, gram_restarts
 
     coeffs = coefficients("keller", 5)
@@ -179,8 +177,7 @@ def test_recorded_launches_are_the_products_of_each_form():
         ("_symmetric_matmul_kernel", (512, 2048, 3), ("float16",) * 4, False),
         ("_symmetric_matmul_kernel", (512, 512, 3), ("float16",) * 4, True),
         ("_update_kernel", (512, 2048, 3), ("float16",) * 3, False),
-        ("_update_kernel", (512, 2048, 3), ("float16", "float16", "bfloat16"), False),
-        ("_fused_gram_kernel", (512, 2048, 3), ("float16", "bfloat16", "float16", "float32"), None)])
+        ("_update_kernel", (512, 2048, 3), ("float16", "float16", "bfloat16"), False)])
 
 
 def test_a_search_is_counted_once_when_it_times_and_never_when_its_choice_is_read(mode):

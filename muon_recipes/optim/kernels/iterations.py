@@ -40,7 +40,6 @@ import torch
 from muon_recipes.choices import ITERATION_KERNELS
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, PERSISTENT_MIN_SIDE, interpreting
 from muon_recipes.optim.kernels import persistent, tile_search
-from muon_recipes.optim.kernels.fused_gram import fused_offered, launch_fused_gram
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
@@ -50,21 +49,16 @@ from muon_recipes.optim.kernels.update import launch_update, launch_update_cubla
 class Plan:
     """Which implementation runs each product of an iteration: "triton" (the pointer kernels), "persistent"
     (`persistent.py`) or "cublas". `final` is the Gram form's last product, Q X written in the result's dtype:
-    the Triton kernels round straight into it, cuBLAS writes X's dtype (float16) and a cast pass follows.
-    `loop` is "products" (one launch per product, on the kernels above) or, for the Gram form of small
-    matrices, "fused" (the whole loop of each matrix in one program: `fused_gram.py`)."""
+    the Triton kernels round straight into it, cuBLAS writes X's dtype (float16) and a cast pass follows."""
     gram: str = "triton"
     polynomial: str = "triton"
     update: str = "triton"
     final: str = "triton"
-    loop: str = "products"
 
 
 ALL_TRITON = Plan()
-FUSED = Plan(loop="fused")
 
-# (device, batch, m, n, dtype, precision, Gram restarts or None, steps, result dtype) -> Plan, measured once per
-# process.
+# (device, batch, m, n, dtype, precision, Gram form?, result dtype) -> Plan, measured once per process.
 _plans: dict[tuple, Plan] = {}
 # (device, shape, dtype, coefficients, kernels, precision) -> captured loop
 _graphs: dict[tuple, "_CapturedNewtonSchulz"] = {}
@@ -167,17 +161,14 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5) -> float:
     return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2]
 
 
-def _measure_plan(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...],
-                  restarts: tuple[int, ...] | None = None, out_dtype: torch.dtype | None = None) -> Plan:
+def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
+                  out_dtype: torch.dtype | None = None) -> Plan:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
-    kernel on this shape; keep the fastest of each. The Gram form (`restarts` given)'s products of X are Q X,
-    without the a X term (a = 0): that is the update it times. Its last Q X (`Plan.final`) is timed as it runs:
-    into `out_dtype`, and for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS
-    won the product by 5% and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum
-    straight into the buckets".) Where `fused_gram.fused_offered`, the Gram form's whole fused loop is timed
-    against the sum of the products its loop on the chosen kernels launches, and the faster kept."""
-    gram = restarts is not None
-    a, b, c = coeffs[0]
+    kernel on this shape; keep the fastest of each. The Gram form's products of X are Q X, without the a X term
+    (a = 0): that is the update it times. Its last Q X (`Plan.final`) is timed as it runs: into `out_dtype`, and
+    for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the product by 5%
+    and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into the buckets".)"""
+    a, b, c = coefficient
     if gram:
         a = 0.0
     out_dtype = out_dtype or X.dtype
@@ -190,7 +181,7 @@ def _measure_plan(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
                 ("update", _UPDATE, lambda f: f(X, B, a, out), persistent_offered("update", X))]
     if gram:
         products.append(("final", _FINAL, lambda f: f(X, B, final_out), persistent_offered("update", X)))
-    choices, best = {}, {}
+    choices = {}
     for product, table, run, offered in products:
         times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items() if name != "persistent"}
         if offered:
@@ -199,46 +190,8 @@ def _measure_plan(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
             except Exception as error:   # noqa: BLE001 - e.g. a Triton that cannot build it: the others remain
                 _persistent_failed(product, X, error)
         choices[product] = min(times, key=times.get)
-        best[product] = times[choices[product]]
     choices.setdefault("final", choices["update"])
-    if gram and fused_gram_offered(X):
-        counts = gram_product_counts(len(coeffs), restarts)
-        products_ms = sum(count * best[product] for product, count in counts.items())
-        try:
-            fused_ms = _median_ms(lambda: launch_fused_gram(X, coeffs, restarts, final_out))
-        except Exception as error:   # noqa: BLE001 - a Triton that cannot build it: the products remain
-            _fused_failed(X, error)
-        else:
-            if fused_ms < products_ms:
-                choices["loop"] = "fused"
     return Plan(**choices)
-
-
-def gram_product_counts(steps: int, restarts: tuple[int, ...]) -> dict[str, int]:
-    """How many of each product the Gram form's loop launches (`_iterate_gram`), by the plan's product names
-    (the commuting products Z Q + a Q run on the polynomial's kernel and count as it)."""
-    restarts = set(restarts)
-    commuting = sum((step not in restarts and step > 0) + 2 * (step < steps - 1 and step + 1 not in restarts)
-                    for step in range(steps))
-    return {"gram": 1 + len(restarts), "polynomial": steps + commuting, "update": len(restarts), "final": 1}
-
-
-def fused_gram_offered(X: torch.Tensor) -> bool:
-    """Whether the plan times the fused Gram loop on X: where it can run, unless `MUON_NS_FUSED=0` or it failed
-    earlier in this process."""
-    return _fused_error is None and os.environ.get("MUON_NS_FUSED", "1") != "0" and fused_offered(X)
-
-
-def _fused_failed(X: torch.Tensor, error: Exception) -> None:
-    """Say once per process that the fused loop could not run, and leave it out of every later plan."""
-    global _fused_error
-    _fused_error = f"{type(error).__name__}: {error}"
-    warnings.warn(f"Newton-Schulz: the fused Gram loop failed on {tuple(X.shape)} ({type(error).__name__}: "
-                  f"{str(error).splitlines()[0][:200]}); using one launch per product", RuntimeWarning, stacklevel=2)
-
-
-# Why the fused Gram loop is no longer offered in this process (`_fused_failed`); None while it is.
-_fused_error: str | None = None
 
 
 def _persistent_failed(product: str, X: torch.Tensor, error: Exception) -> None:
@@ -261,16 +214,16 @@ def persistent_offered(product: str, x: torch.Tensor) -> bool:
 _persistent_error: str | None = None
 
 
-def _plan_for(X: torch.Tensor, coeffs, kernels: str, restarts: tuple[int, ...] | None = None,
+def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
               out_dtype: torch.dtype | None = None) -> Plan:
     if kernels == "triton" or not X.is_cuda:
         return ALL_TRITON
-    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), restarts, len(coeffs), out_dtype)
+    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram, out_dtype)
     plan = _plans.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             return ALL_TRITON   # cannot time inside a capture; the graph runner plans before capturing
-        plan = _plans[key] = _measure_plan(X, coeffs, restarts, out_dtype)
+        plan = _plans[key] = _measure_plan(X, coeffs[0], gram, out_dtype)
     return plan
 
 
@@ -289,20 +242,17 @@ def _precompile(X: torch.Tensor, loop_on: Callable[[Plan], Callable[[torch.Tenso
     if not tile_search.precompile_enabled():
         return
     try:
-        launches = _recorded(X, loop_on, fused=form[1] is not None and fused_gram_offered(X))
+        launches = _recorded(X, loop_on)
     except Exception:   # noqa: BLE001 - an optimization only: the real loop runs next and reports any error itself
         return
     tile_search.compile_candidates(launches)
 
 
-def _recorded(X: torch.Tensor, loop_on, fused: bool = False) -> list[tuple]:
+def _recorded(X: torch.Tensor, loop_on) -> list[tuple]:
     """The dry pass's launches, each tensor argument replaced by its dtype (what Triton's `warmup` takes for a
-    16-byte aligned tensor), so the pass's buffers are freed at once however many launches are kept. With
-    `fused`, the fused Gram loop's launch too (the plan times it against the products)."""
+    16-byte aligned tensor), so the pass's buffers are freed at once however many launches are kept."""
     with tile_search.recorded_launches() as launches:
         loop_on(ALL_TRITON)(X)
-        if fused:
-            loop_on(FUSED)(X)
     return [(kernel, grid, tuple(a.dtype if isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0 else a
                                  for a in args), constexprs)
             for kernel, grid, args, constexprs in launches.values()]
@@ -312,12 +262,11 @@ def triton_launches(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[
                     out_dtype: torch.dtype | None = None) -> list[tuple]:
     """The Triton launches (kernel, grid, args, constexprs; tensors as their dtypes) one call of the iterations on X
     would make with every product on the Triton kernels, one per kernel specialization, without running any: the
-    standard form, or the Gram form when `restarts` is given (with the fused loop's launch, where it is offered:
-    the plan times it). X may be a CPU tensor (nothing runs on it), so a CPU
+    standard form, or the Gram form when `restarts` is given. X may be a CPU tensor (nothing runs on it), so a CPU
     machine can list and compile a GPU workload's kernels (recipes/bench_tile_search.py)."""
     restarts = None if restarts is None else tuple(restarts)
     loop_on = _loop_on(_check_coefficients(coefficients), restarts, out_dtype or X.dtype)
-    return _recorded(X, loop_on, fused=restarts is not None and fused_gram_offered(X))
+    return _recorded(X, loop_on)
 
 
 def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan) -> torch.Tensor:
@@ -341,8 +290,6 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
     """The Gram form on the plan's kernels: the same recurrences as `newton_schulz.gram_iterations_torch`.
 
     The last product, Q X, is written in `out_dtype` by the Triton kernels (one rounding, no cast pass)."""
-    if plan.loop == "fused":
-        return launch_fused_gram(X, coeffs, restarts, torch.empty(X.shape, dtype=out_dtype, device=X.device))
     batch, m, n = X.shape
     gram, polynomial, update = _GRAM[plan.gram], _POLYNOMIAL[plan.polynomial], _UPDATE[plan.update]
     commuting = _COMMUTING[plan.polynomial]
@@ -451,7 +398,7 @@ def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torc
         return X.to(out_dtype or X.dtype, copy=True)
     loop_on = _loop_on(coeffs, restarts, out_dtype)
     _precompile(X, loop_on, (coeffs, restarts, out_dtype))
-    plan = _plan_for(X, coeffs, kernels, restarts, out_dtype)
+    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None, out_dtype=out_dtype)
     loop = loop_on(plan)
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
