@@ -174,12 +174,12 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
     out_dtype = out_dtype or X.dtype
     A = torch.empty((X.shape[0], X.shape[1], X.shape[1]), dtype=X.dtype, device=X.device)
     B, out = torch.empty_like(A), torch.empty_like(X)
-    final_out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
     _gram_triton(X, A)   # a realistic A (symmetric, the spectrum of X X^T) for the next products
     products = [("gram", _GRAM, lambda f: f(X, A), persistent_offered("symmetric", X)),
                 ("polynomial", _POLYNOMIAL, lambda f: f(A, B, b, c), persistent_offered("symmetric", A)),
                 ("update", _UPDATE, lambda f: f(X, B, a, out), persistent_offered("update", X))]
     if gram:
+        final_out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
         products.append(("final", _FINAL, lambda f: f(X, B, final_out), persistent_offered("update", X)))
     choices = {}
     for product, table, run, offered in products:
