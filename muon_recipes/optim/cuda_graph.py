@@ -161,10 +161,11 @@ class StepScalars:
 
 def _static_buffer(grad: Tensor) -> Tensor:
     """The buffer a captured step reads a parameter's gradient from: the gradient tensor itself where it is dense
-    and contiguous (no copy while the caller keeps it), else a contiguous tensor of its shape."""
+    and contiguous (no copy while the caller keeps it), else a new tensor like it (as before gradients were
+    adopted)."""
     if grad.layout == torch.strided and grad.is_contiguous():
         return grad
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+    return torch.empty_like(grad)
 
 
 class CapturedStep:
