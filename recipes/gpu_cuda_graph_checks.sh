@@ -25,6 +25,11 @@
 #   by default only the captured step) beside the copies into and out of the buckets (MUON_BUCKET_IO=0), one process
 #   per run; then the GPU tests of the strided kernels and of the captured step against the eager one; then dense_1b
 #   again in the other order.
+#   STAGES=streams (about five minutes): the captured step of moe_small and dense_1b with its momentum, AdamW and
+#   weight updates on a side stream beside the Newton-Schulz products (MUON_STEP_STREAMS=auto, the default) and on
+#   one stream (=0), one process per run, dense_1b twice in alternating order; the eager step with the schedule
+#   (=1) beside it; the GPU tests of the captured step (the two streams against one, bit for bit); then
+#   Newton-Schulz of the square and small-expert buckets against their floors.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -93,6 +98,30 @@ PY
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_bucket_io.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_bucket_io.log" | head -20
       bench_pair dense_1b 60 1 0 ;;
+    streams)
+      bench_streams() {   # name, limit of the first (cold) run, then MUON_STEP_STREAMS values
+        local name=$1 limit=$2 value part
+        shift 2
+        for value in "$@"; do
+          part=$(date +%s)
+          MUON_STEP_STREAMS=$value timeout "$limit" python recipes/bench_optimizer.py --model "$name" \
+            --optimizers muon_graph,muon --steps 20 --warmup 5 --no-breakdown \
+            --out "$out/bench_streams_${name}_$value.$part.json" > "$out/bench_streams_${name}_$value.$part.log" 2>&1
+          echo "bench_optimizer $name MUON_STEP_STREAMS=$value exit $? ($(( $(date +%s) - part )) s)"
+          grep -E "^\| $name|Error" "$out/bench_streams_${name}_$value.$part.log" | head -4
+          limit=60
+        done
+      }
+      bench_streams moe_small 90 0 auto
+      bench_streams dense_1b 90 0 auto 1 0 auto
+      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
+        > "$out/gpu_tests_streams.log" 2>&1
+      echo "tests exit $?: $(tail -1 "$out/gpu_tests_streams.log")"
+      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_streams.log" | head -20
+      timeout 120 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller \
+        --shapes 32x2048x2048,128x256x1024 --out "$out/bench_ns_buckets" > "$out/bench_ns_buckets.log" 2>&1
+      echo "bench_newton_schulz exit $?"
+      grep -E "floor|2048|256" "$out/bench_ns_buckets.log" | head -12 ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from muon_recipes.choices import ADJUST_LR, ALGORITHMS, BACKENDS, EXPERT_MODES, METHODS, NS_DTYPES, REPLICA_SPREAD
-from muon_recipes.optim import dispatch
+from muon_recipes.optim import dispatch, step_streams
 from muon_recipes.optim.cuda_graph import CapturedStep, CudaGraphUnavailable, StepScalars, capture_blocker, check_mode, say
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.newton_schulz import (NS_DTYPE, NS_EPS, NS_METHOD, NS_SCHEDULE, NS_STEPS, check_schedule,
@@ -179,6 +179,7 @@ class Muon(torch.optim.Optimizer):
         self._plans: dict[Tensor, tuple] = {}
         self._dist_cache: dict = {}  # process-group maps and the sharded step plan, reused between steps
         self._compiled_ahead = False  # the first step compiles every bucket's kernels at once (`_compile_ahead`)
+        self._local_steps = 0  # single-process steps, since the captured step was last (re)built if it was
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("_captured", None)
         self.__dict__.setdefault("_graph_blocked", None)
         self.__dict__.setdefault("_compiled_ahead", False)
+        self.__dict__.setdefault("_local_steps", 0)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -268,13 +270,15 @@ class Muon(torch.optim.Optimizer):
         direct = [self._plan(item.param, item.group)[2] is not None
                   and dispatch.bucket_io_on_triton(local(item.param), item.grad, item.buf, scalars is not None)
                   for item in items]
+        streams = step_streams.for_step(local(items[0].param).device, captured=scalars is not None,
+                                        plans_timed=self._local_steps > 0)
+        self._local_steps += 1
+        if streams is not None and layout.members:
+            self._two_stream_step(items, layout, direct, scalars, adamw, streams)
+            return
         for j, item in enumerate(items):
             if direct[j]:
-                into = dispatch.kernels().momentum_into
-                mu, nesterov = item.group["momentum"], item.group["nesterov"]
-                for grad, buf, out in zip(layout.source_views(j, item.grad), layout.source_views(j, item.buf),
-                                          layout.slot_views(j)):
-                    into(grad, buf, out, mu, nesterov)
+                self._momentum_into(item, layout, j)
         self._momentum([item for item, d in zip(items, direct) if not d])
         adamw()
         start = timer.now()
@@ -285,6 +289,58 @@ class Muon(torch.optim.Optimizer):
                 self._apply_blocks(item, layout, j, scalars)
             else:
                 self._apply(item, layout.output(j, item.update, item.ns.dtype), scalars)
+
+    def _two_stream_step(self, items: list[MatrixUpdate], layout: BucketLayout, direct: list[bool],
+                         scalars: Optional[StepScalars], adamw, streams: step_streams.InlineStreams) -> None:
+        """`_local_step` with the passes over memory beside the Newton-Schulz products (`step_streams.py`): per
+        bucket in `layout.order()`, the momentum of its blocks on the side stream; its Newton-Schulz on the main
+        stream once that is done; its weights' updates on the side stream once the Newton-Schulz is done. AdamW
+        runs on the side stream between the momentum and the updates. A weight outside the bucket path
+        (`direct` False) makes its whole momentum update first and is applied once its last bucket is done.
+        Every pass touches what it touches on one stream, so the numbers are the same bit for bit."""
+        order = layout.order()
+        for key in order:
+            layout.batch(key)   # allocated on the main stream, which reads and then frees them
+        last = {j: max(order.index(slot.key) for slot in layout.slots[j] if slot is not None)
+                for j in range(len(items)) if not direct[j] and any(layout.slots[j])}
+        streams.fork()
+        with streams.side():
+            self._momentum([item for item, d in zip(items, direct) if not d])
+            for key in order:
+                for j in layout.jobs_in(key):
+                    if direct[j]:
+                        self._momentum_into(items[j], layout, j, key)
+                streams.record(("momentum", key))
+            adamw()
+        fill = {j: item.update for j, item in enumerate(items) if not direct[j]}
+        for key in order:
+            streams.wait(("momentum", key))
+            layout.run_bucket(key, fill)
+            streams.record(("orthogonalized", key))
+        with streams.side():
+            for n, key in enumerate(order):
+                streams.wait(("orthogonalized", key))
+                for j in layout.jobs_in(key):
+                    if direct[j]:
+                        self._apply_blocks(items[j], layout, j, scalars, key)
+                    elif last.get(j) == n:
+                        self._apply(items[j], layout.output(j, items[j].update, items[j].ns.dtype), scalars)
+            for j, item in enumerate(items):
+                if not direct[j] and j not in last:   # no block to orthogonalize (an empty weight)
+                    self._apply(item, layout.output(j, item.update, item.ns.dtype), scalars)
+        streams.join()
+
+    @staticmethod
+    def _momentum_into(item: MatrixUpdate, layout: BucketLayout, j: int, bucket: Optional[tuple] = None) -> None:
+        """Phase (1) of a weight on the bucket path: B <- momentum B + G, and each row block's update U written
+        into its slot (`kernels.momentum_into`, one launch per run of `layout.runs(j)`); only the runs in
+        `bucket` when one is given."""
+        into = dispatch.kernels().momentum_into
+        mu, nesterov = item.group["momentum"], item.group["nesterov"]
+        views = zip(layout.source_views(j, item.grad), layout.source_views(j, item.buf), layout.slot_views(j))
+        for run, (grad, buf, out) in enumerate(views):
+            if bucket is None or layout.bucket_of(j, run) == bucket:
+                into(grad, buf, out, mu, nesterov)
 
     # CUDA graph -----------------------------------------------------------------------------------------------
     def _graph_applies(self) -> bool:
@@ -317,7 +373,9 @@ class Muon(torch.optim.Optimizer):
 
     def _declare_scalars(self, scalars: StepScalars) -> None:
         """Reserve every device scalar the step reads: per group lr, -lr and 1 - lr * wd, and -lr * ratio for each
-        lr ratio of its Muon blocks."""
+        lr ratio of its Muon blocks. (Called when the captured step is (re)built: the next step may be the first
+        of new shapes, which times their Newton-Schulz plans on one stream, `step_streams.for_step`.)"""
+        self._local_steps = 0
         for index, group in enumerate(self.param_groups):
             for name in ("lr", "neg_lr", "decay"):
                 scalars.declare(index, name)
@@ -453,16 +511,18 @@ class Muon(torch.optim.Optimizer):
                 p[..., start:stop, :].addcmul_(ortho[..., start:stop, :], alpha)
 
     def _apply_blocks(self, item: MatrixUpdate, layout: BucketLayout, j: int,
-                      scalars: Optional[StepScalars] = None) -> None:
+                      scalars: Optional[StepScalars] = None, bucket: Optional[tuple] = None) -> None:
         """`_apply` of an item whose result stayed in its buckets: W_b <- (1 - lr wd) W_b - lr ratio_b O_b per run of
         row blocks (`BucketLayout.runs`: blocks of one shape, so one ratio), read from the result's slots
-        (transposed for tall blocks) by the strided one-pass kernel. The numbers are `_apply`'s: `decay` and
-        `alpha` are the same float expressions or device scalars."""
+        (transposed for tall blocks) by the strided one-pass kernel; only the runs in `bucket` when one is given.
+        The numbers are `_apply`'s: `decay` and `alpha` are the same float expressions or device scalars."""
         group, plan = item.group, item.plan
         _, _, segments = self._plan(item.param, group)
         scaled_add_ = dispatch.kernels().scaled_add_
         weights, results = layout.source_views(j, local(item.param)), layout.slot_views(j, results=True)
-        for (first, _), weight, result in zip(layout.runs(j), weights, results):
+        for run, ((first, _), weight, result) in enumerate(zip(layout.runs(j), weights, results)):
+            if bucket is not None and layout.bucket_of(j, run) != bucket:
+                continue
             row = sum(plan.row_blocks[:first])
             ratio = next(r for start, stop, r in segments if start <= row < stop)
             if scalars is None:

@@ -143,21 +143,40 @@ class BucketLayout:
         return views
 
     def run(self, fill: Optional[dict[int, torch.Tensor]] = None) -> None:
-        """One `newton_schulz` call per bucket. `fill` maps a job to its finished update, copied into the bucket
-        first; every other job's blocks must have been written through `slot_views`. Each input batch is released
-        once its call returns (a large step then holds one input batch beside the results, not all of them)."""
+        """One `newton_schulz` call per bucket (`run_bucket`), in the order the jobs first name them."""
+        for key in self.members:
+            self.run_bucket(key, fill)
+
+    def run_bucket(self, key: tuple, fill: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """The `newton_schulz` call of bucket `key`. `fill` maps a job to its finished update, copied into the
+        bucket first; every other job's blocks in it must have been written through `slot_views`. The input batch
+        is released once the call returns (a large step then holds one input batch beside the results, not all
+        of them)."""
         fill = fill or {}
-        for key, members in self.members.items():
-            batch = self.batch(key)
-            for j, b in members:
-                if j in fill:
-                    slot = self.slots[j][b]
-                    piece = self.plans[j].matrices(fill[j])[b]
-                    copy_block(batch[slot.start:slot.start + slot.count], piece.mT if slot.tall else piece)
-            ns = key[2]
-            self.results[key] = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
-                                              backend=ns.backend, eps=ns.eps, method=ns.method)
-            del self.batches[key], batch
+        batch = self.batch(key)
+        for j, b in self.members[key]:
+            if j in fill:
+                slot = self.slots[j][b]
+                piece = self.plans[j].matrices(fill[j])[b]
+                copy_block(batch[slot.start:slot.start + slot.count], piece.mT if slot.tall else piece)
+        ns = key[2]
+        self.results[key] = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
+                                          backend=ns.backend, eps=ns.eps, method=ns.method)
+        del self.batches[key], batch
+
+    def order(self) -> list[tuple]:
+        """The buckets, fewest elements first: the order the two-stream step runs them in (`step_streams.py`).
+        The first bucket's momentum and the last one's update are the passes that nothing overlaps, so the
+        smallest bucket goes first; the last, the largest, leaves its update exposed."""
+        return sorted(self.members, key=lambda key: self.sizes[key] * key[0][0] * key[0][1])
+
+    def bucket_of(self, j: int, run: int) -> tuple:
+        """The bucket that run `run` of `runs(j)` sits in (every block of a run shares one)."""
+        return self.slots[j][self.runs(j)[run][0]].key
+
+    def jobs_in(self, key: tuple) -> list[int]:
+        """The jobs with a block in bucket `key`, each once, in job order."""
+        return sorted({j for j, _ in self.members[key]})
 
     def output(self, j: int, update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Job j's orthogonalized update in its full shape and `dtype` (after `run`): a view of the result where

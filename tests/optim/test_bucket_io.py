@@ -125,15 +125,19 @@ def _step_runs() -> dict:
 
 def _tall_fused_runs() -> dict:
     """A fused gate/up whose halves are tall (48 x 16 each: one run of two transposed slots) and a GQA fused QKV
-    (q 16 x 16 square, k and v 8 x 16: one run of two), with weight decay, through the buckets and with copies."""
+    (q 16 x 16 square, k and v 8 x 16: one run of two), with weight decay, through the buckets and with copies;
+    then through the buckets on the two-stream schedule (`MUON_STEP_STREAMS=1`, one stream here), which must
+    equal the first bit for bit."""
     from muon_recipes.optim import Muon, kernels
 
     launches = []
     plain = kernels.momentum_into
     kernels.momentum_into = lambda grad, *rest: launches.append(tuple(grad.shape)) or plain(grad, *rest)
     weights = {}
-    for io in ("1", "0"):
-        os.environ["MUON_BUCKET_IO"] = io
+    for io, streams in (("1", "0"), ("0", "0"), ("1", "1")):
+        os.environ["MUON_BUCKET_IO"], os.environ["MUON_STEP_STREAMS"] = io, streams
+        if streams == "1":
+            launches_before_streams = len(launches)
         torch.manual_seed(0)
         gate_up, qkv = torch.nn.Parameter(torch.randn(96, 16)), torch.nn.Parameter(torch.randn(32, 16))
         opt = Muon([dict(params=[gate_up], split_sizes=(48, 48)), dict(params=[qkv], split_sizes=(16, 8, 8))],
@@ -143,10 +147,13 @@ def _tall_fused_runs() -> dict:
             gate_up.grad = torch.randn(96, 16, generator=generator)
             qkv.grad = torch.randn(32, 16, generator=generator)
             opt.step()
-        weights[io] = (gate_up.detach().clone(), qkv.detach().clone())
+        weights[io + streams] = (gate_up.detach().clone(), qkv.detach().clone())
     kernels.momentum_into = plain
-    return {"difference": max((a - b).abs().max().item() for a, b in zip(weights["1"], weights["0"])),
-            "launches": sorted(set(launches)), "launch_count": len(launches)}
+    os.environ["MUON_STEP_STREAMS"] = "0"
+    return {"difference": max((a - b).abs().max().item() for a, b in zip(weights["10"], weights["00"])),
+            "launches": sorted(set(launches)), "launch_count": launches_before_streams,
+            "streams_launch_count": len(launches) - launches_before_streams,
+            "streams_equal": all(torch.equal(a, b) for a, b in zip(weights["11"], weights["10"]))}
 
 
 def _device_scalar_runs() -> dict:
@@ -232,6 +239,8 @@ def test_tall_halves_and_kv_blocks_run_as_one_launch_each_and_equal_the_step_wit
     assert runs["difference"] <= UPDATE_ULPS["bfloat16"], runs
     # per step: the gate/up halves as one [2, 48, 16] launch, q alone, k and v as one [2, 8, 16] launch
     assert runs["launches"] == [[1, 16, 16], [2, 8, 16], [2, 48, 16]] and runs["launch_count"] == 9, runs
+    # The two-stream schedule (on the one stream of a CPU): the same launches, the same weights bit for bit.
+    assert runs["streams_launch_count"] == 9 and runs["streams_equal"], runs
 
 
 def test_device_scalar_step_through_the_buckets_equals_the_float_step(child_results):

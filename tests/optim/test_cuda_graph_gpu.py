@@ -143,3 +143,23 @@ def test_captured_step_equals_eager_step_on_single_gpu_fsdp2():
         _compare(graph, device_eager, exact=True)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["graph", "device_eager"])
+def test_two_stream_step_equals_the_one_stream_step(monkeypatch, mode):
+    """The captured step runs its momentum, AdamW and weight updates on a side stream beside the Newton-Schulz
+    products (`step_streams.py`, on by default there from the second device step): the same numbers as the
+    one-stream order bit for bit, captured and run eagerly on the two streams (a missing wait would show as a
+    race: a product reading a bucket before its momentum is written, an update reading a result too early)."""
+    from muon_recipes.optim import step_streams
+
+    chosen = []
+    choose = step_streams.for_step
+    monkeypatch.setattr(step_streams, "for_step", lambda *args, **kw: chosen.append(choose(*args, **kw)) or chosen[-1])
+    monkeypatch.setenv("MUON_STEP_STREAMS", "auto")
+    two = _run(_params(), mode)
+    assert any(isinstance(s, step_streams.TwoStreams) for s in chosen), "the two-stream schedule never ran"
+    assert chosen[0] is None   # the first device step times the plans on one stream
+    monkeypatch.setenv("MUON_STEP_STREAMS", "0")
+    one = _run(_params(), mode)
+    _compare(two, one, exact=True)

@@ -1,0 +1,110 @@
+"""A single-process Muon step on two CUDA streams: the passes over memory beside the Newton-Schulz products.
+
+Why: the Newton-Schulz products are compute-bound; the momentum, the weight update and AdamW are bound by memory
+bandwidth. On one stream each waits for the other. On dense_1b (one H200, docs/benchmarks.md, "Where dense_1b's
+43.9 ms goes") the products took 32 ms of the step and the momentum, the update and AdamW about 5.5 ms. A product
+leaves each SM room for another kernel's threads (one persistent program per SM, no more than half the register
+file), and its operands come mostly from L2, so a bandwidth-bound pass can run beside it.
+
+The schedule (`Muon._two_stream_step`), with the buckets in `BucketLayout.order()`:
+
+    side stream:  momentum of bucket 0, momentum of bucket 1, ..., AdamW,
+                  [bucket 0 done] update of bucket 0's weights, [bucket 1 done] update of bucket 1's, ...
+    main stream:  [momentum 0 done] Newton-Schulz of bucket 0, [momentum 1 done] Newton-Schulz of bucket 1, ...
+                  then it waits for the side stream.
+
+Every pass reads and writes the same tensors as on one stream, in an order the events keep, so the step computes
+the same numbers bit for bit; only the overlap changes. Inside a CUDA graph capture the two streams become two
+branches of the graph (the side stream forks from the capturing stream and joins it before the capture ends).
+
+Where (`mode()`, `MUON_STEP_STREAMS`): by default ("auto") in the captured step on a GPU (its warm-up steps and
+the capture). "1" uses the schedule in every single-process step, "0" in none. Either way the first step, and the
+first after the captured step is rebuilt, stays on one stream: it times the Newton-Schulz plans of new shapes
+(`kernels/iterations.py`), and a pass running beside the timed products would skew them. Off the GPU "1" runs the
+same schedule on the one stream there is (`InlineStreams`): how the CPU tests check its order.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from typing import Hashable, Optional
+
+import torch
+
+MODES = ("auto", "0", "1")
+
+
+def mode() -> str:
+    """MUON_STEP_STREAMS: auto (the captured step on a GPU), 1 (every single-process step), 0 (none)."""
+    value = os.environ.get("MUON_STEP_STREAMS", "auto")
+    if value not in MODES:
+        raise ValueError(f"MUON_STEP_STREAMS={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+class InlineStreams:
+    """The two-stream schedule's interface on one stream: every pass runs where it is issued, so the events and
+    waits are nothing (the order of issue already keeps every dependency)."""
+
+    def fork(self) -> None:
+        pass
+
+    def side(self):
+        return nullcontext()
+
+    def record(self, name: Hashable) -> None:
+        pass
+
+    def wait(self, name: Hashable) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+
+class TwoStreams(InlineStreams):
+    """The main stream (the one current when the step starts) and a side stream made once per device; named
+    events between them. `fork` before the first pass on the side stream, `join` after the last."""
+
+    _side_streams: dict = {}
+
+    def __init__(self, device: torch.device):
+        self.main = torch.cuda.current_stream(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._side_streams:
+            self._side_streams[index] = torch.cuda.Stream(device=index)
+        self.side_stream = self._side_streams[index]
+        self.events: dict = {}
+
+    def fork(self) -> None:
+        self.side_stream.wait_stream(self.main)
+
+    @contextmanager
+    def side(self):
+        with torch.cuda.stream(self.side_stream):
+            yield
+
+    def record(self, name: Hashable) -> None:
+        """An event on the current stream, after everything issued to it so far."""
+        self.events[name] = event = torch.cuda.Event()
+        event.record()
+
+    def wait(self, name: Hashable) -> None:
+        """The current stream waits for event `name` (recorded earlier on the other stream)."""
+        torch.cuda.current_stream().wait_event(self.events[name])
+
+    def join(self) -> None:
+        self.main.wait_stream(self.side_stream)
+
+
+def for_step(device: torch.device, captured: bool, plans_timed: bool) -> Optional[InlineStreams]:
+    """The streams a single-process step on `device` runs its schedule on, or None for the one-stream order
+    (`Muon._local_step`). `captured`: lr read from device scalars (the step a CUDA graph records and its warm-up
+    steps); `plans_timed`: a step of these shapes has run before, so their Newton-Schulz plans are timed."""
+    chosen = mode()
+    if chosen == "0" or not plans_timed or (chosen == "auto" and not captured):
+        return None
+    if device.type == "cuda":
+        return TwoStreams(device)
+    return InlineStreams() if chosen == "1" else None
