@@ -293,9 +293,9 @@ class Muon(torch.optim.Optimizer):
     def _two_stream_step(self, items: list[MatrixUpdate], layout: BucketLayout, direct: list[bool],
                          scalars: Optional[StepScalars], adamw, streams: step_streams.InlineStreams) -> None:
         """`_local_step` with the passes over memory beside the Newton-Schulz products (`step_streams.py`): per
-        bucket in `layout.order()`, the momentum of its blocks on the side stream; its Newton-Schulz on the main
-        stream once that is done; its weights' updates on the side stream once the Newton-Schulz is done. AdamW
-        runs on the side stream between the momentum and the updates. A weight outside the bucket path
+        bucket in `layout.order()`, the momentum of its blocks and its normalization (`BucketLayout.prepare`) on
+        the side stream; its iterations on the main stream once that is done; its weights' updates on the side
+        stream once the iterations are done. AdamW runs on the side stream between the momentum and the updates. A weight outside the bucket path
         (`direct` False) makes its whole momentum update first and is applied once its last bucket is done.
         Every pass touches what it touches on one stream, so the numbers are the same bit for bit."""
         order = layout.order()
@@ -306,16 +306,17 @@ class Muon(torch.optim.Optimizer):
         streams.fork()
         with streams.side():
             self._momentum([item for item, d in zip(items, direct) if not d])
+            fill = {j: item.update for j, item in enumerate(items) if not direct[j]}
             for key in order:
                 for j in layout.jobs_in(key):
                     if direct[j]:
                         self._momentum_into(items[j], layout, j, key)
-                streams.record(("momentum", key))
+                layout.prepare(key, fill)
+                streams.record(("prepared", key))
             adamw()
-        fill = {j: item.update for j, item in enumerate(items) if not direct[j]}
         for key in order:
-            streams.wait(("momentum", key))
-            layout.run_bucket(key, fill)
+            streams.wait(("prepared", key))
+            layout.run_bucket(key)
             streams.record(("orthogonalized", key))
         with streams.side():
             for n, key in enumerate(order):

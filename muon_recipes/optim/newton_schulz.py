@@ -208,9 +208,41 @@ def triton_launches(count: int, rows: int, cols: int, steps: int = NS_STEPS, sch
     return iteration_launches(X, coeffs)
 
 
+def _divisors(X: torch.Tensor, schedule: Schedule, eps: float) -> torch.Tensor:
+    """Each matrix's divisor (safety * ||X_i||_F + eps), float32 [B, 1, 1], the norm accumulated in float32."""
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    return norm * (_NORM_SAFETY[schedule] if isinstance(schedule, str) else 1.0) + eps
+
+
+def _divide(X: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor, triton: bool) -> torch.Tensor:
+    """out = X / divisors in one pass: the division in float32, rounded once into out's dtype (a plain `X / d`
+    would write a float32 copy first and convert it in a second pass). `out` may share X's memory."""
+    if triton and dispatch.divide_on_triton(X):
+        return dispatch.kernels().divide_matrices(X, divisors, out=out)   # the same numbers, vectorized
+    if out.data_ptr() == X.data_ptr():
+        return out.copy_(torch.div(X, divisors))
+    return torch.div(X, divisors, out=out)
+
+
+def normalize_(X: torch.Tensor, schedule: Schedule = NS_SCHEDULE, eps: float = NS_EPS, backend: str = "auto",
+               method: str = NS_METHOD) -> None:
+    """Divide every matrix of the batch X [B, rows, cols] (contiguous, already in the Newton-Schulz dtype) by
+    (safety * ||X_i||_F + eps) in place, stored as the dtype the iterations work in: float16 over a bfloat16
+    batch for the Gram form (the same element size, so the quotient takes the place of X). X is then ready for
+    `newton_schulz(X, ..., normalized=True)` with the same settings.
+
+    Why: a bucket's normalization is a pass over memory of its own (read the norm, read and write the batch); as
+    a separate call it can run beside another bucket's products (`step_streams.py`), and in place it needs no
+    second batch. The numbers are `newton_schulz`'s own normalization, bit for bit."""
+    if X.ndim != 3 or not X.is_contiguous():
+        raise ValueError(f"normalize_: X must be a contiguous batch [B, rows, cols], got shape {tuple(X.shape)}")
+    triton, _, work = _route(X, backend, method)
+    _divide(X, _divisors(X, schedule, eps), X.view(work), triton)
+
+
 def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = NS_SCHEDULE,
                   dtype: torch.dtype | str = NS_DTYPE, backend: str = "auto",
-                  eps: float = NS_EPS, method: str = NS_METHOD) -> torch.Tensor:
+                  eps: float = NS_EPS, method: str = NS_METHOD, normalized: bool = False) -> torch.Tensor:
     """Approximate polar factor of every matrix in `G` ([..., rows, cols]); same shape, in `dtype`.
 
     Each matrix is cast to `dtype`, divided by (safety * ||X||_F + eps) so its spectral norm is <= 1 (the
@@ -220,6 +252,9 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = N
     on a GPU, on those whose small side is under `dispatch.GRAM_MIN_SIDE_CUDA`. `schedule` is a name from
     SCHEDULES or the coefficients themselves (see `coefficients`); given coefficients are applied to
     X / (||X||_F + eps), with no safety factor (fold one into them, as Polar Express does, if they need it).
+    G is never written, unless `normalized`: then G is a batch that `normalize_` divided in place with the same
+    settings (in `dtype`, holding the quotient in the dtype the iterations work in), and the iterations read it
+    as it is.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: G must have at least 2 dims [..., rows, cols], got shape {tuple(G.shape)}")
@@ -227,6 +262,9 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = N
     coeffs = coefficients(schedule, steps)
     if method not in METHODS:
         raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
+    if normalized and G.dtype != dtype:
+        raise ValueError(f"newton_schulz(normalized=True): G must be in dtype={dtype} (as `normalize_` left it), "
+                         f"got {G.dtype}")
     lead, (rows, cols) = G.shape[:-2], G.shape[-2:]
     X = G.reshape(-1, rows, cols).to(dtype)
     if X.numel() == 0:
@@ -234,15 +272,10 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, schedule: Schedule = N
     triton, gram, work = _route(X, backend, method)
     kernels = dispatch.kernels() if triton else None
     half = dtype in (torch.bfloat16, torch.float16)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    divisor = norm * (_NORM_SAFETY[schedule] if isinstance(schedule, str) else 1.0) + eps
-    # One pass: the division runs in float32 and rounds once into a fresh `work` buffer (a plain `X / norm`
-    # would write a float32 copy first and convert it in a second pass). G itself is never written.
-    normalized = torch.empty(X.shape, dtype=work, device=X.device)
-    if triton and dispatch.divide_on_triton(X):
-        X = kernels.divide_matrices(X, divisor, out=normalized)   # the same numbers, vectorized
+    if normalized:
+        X = X.view(work)
     else:
-        X = torch.div(X, divisor, out=normalized)
+        X = _divide(X, _divisors(X, schedule, eps), torch.empty(X.shape, dtype=work, device=X.device), triton)
     transpose = rows > cols
     if transpose:
         X = X.mT

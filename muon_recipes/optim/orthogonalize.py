@@ -18,7 +18,7 @@ import torch
 
 from muon_recipes.optim import dispatch
 from muon_recipes.optim.blocks import BlockPlan, copy_block
-from muon_recipes.optim.newton_schulz import newton_schulz, triton_launches
+from muon_recipes.optim.newton_schulz import newton_schulz, normalize_, triton_launches
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class BucketLayout:
             self.slots.append(slots)
         self.plans = [plan for plan, _, _ in jobs]
         self.batches: dict[tuple, torch.Tensor] = {}
+        self.prepared: set[tuple] = set()   # buckets filled and normalized (`prepare`)
         self.results: dict[tuple, torch.Tensor] = {}
         self._runs: dict[int, list[tuple[int, int]]] = {}
 
@@ -147,11 +148,10 @@ class BucketLayout:
         for key in self.members:
             self.run_bucket(key, fill)
 
-    def run_bucket(self, key: tuple, fill: Optional[dict[int, torch.Tensor]] = None) -> None:
-        """The `newton_schulz` call of bucket `key`. `fill` maps a job to its finished update, copied into the
-        bucket first; every other job's blocks in it must have been written through `slot_views`. The input batch
-        is released once the call returns (a large step then holds one input batch beside the results, not all
-        of them)."""
+    def prepare(self, key: tuple, fill: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """The passes over memory before bucket `key`'s iterations: `fill` maps a job to its finished update,
+        copied into the bucket; every other job's blocks in it must have been written through `slot_views`. Then
+        each matrix is normalized in place (`newton_schulz.normalize_`)."""
         fill = fill or {}
         batch = self.batch(key)
         for j, b in self.members[key]:
@@ -160,9 +160,19 @@ class BucketLayout:
                 piece = self.plans[j].matrices(fill[j])[b]
                 copy_block(batch[slot.start:slot.start + slot.count], piece.mT if slot.tall else piece)
         ns = key[2]
-        self.results[key] = newton_schulz(batch, steps=ns.steps, schedule=ns.schedule, dtype=ns.dtype,
-                                          backend=ns.backend, eps=ns.eps, method=ns.method)
-        del self.batches[key], batch
+        normalize_(batch, ns.schedule, ns.eps, ns.backend, ns.method)
+        self.prepared.add(key)
+
+    def run_bucket(self, key: tuple, fill: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """The Newton-Schulz iterations of bucket `key`, after `prepare(key, fill)` unless that ran already. The
+        input batch is released once the call returns (a large step then holds one input batch beside the
+        results, not all of them)."""
+        if key not in self.prepared:
+            self.prepare(key, fill)
+        ns = key[2]
+        self.results[key] = newton_schulz(self.batches.pop(key), steps=ns.steps, schedule=ns.schedule,
+                                          dtype=ns.dtype, backend=ns.backend, eps=ns.eps, method=ns.method,
+                                          normalized=True)
 
     def order(self) -> list[tuple]:
         """The buckets, fewest elements first: the order the two-stream step runs them in (`step_streams.py`).

@@ -1,16 +1,17 @@
 """A single-process Muon step on two CUDA streams: the passes over memory beside the Newton-Schulz products.
 
-Why: the Newton-Schulz products are compute-bound; the momentum, the weight update and AdamW are bound by memory
-bandwidth. On one stream each waits for the other. On dense_1b (one H200, docs/benchmarks.md, "Where dense_1b's
-43.9 ms goes") the products took 32 ms of the step and the momentum, the update and AdamW about 5.5 ms. A product
+Why: the Newton-Schulz products are compute-bound; the momentum, the normalization before the iterations, the
+weight update and AdamW are bound by memory bandwidth. On one stream each waits for the other. On dense_1b (one
+H200, docs/benchmarks.md, "Where dense_1b's 43.9 ms goes") the products took 32 ms of the step and those passes
+about 6.6 ms. A product
 leaves each SM room for another kernel's threads (one persistent program per SM, no more than half the register
 file), and its operands come mostly from L2, so a bandwidth-bound pass can run beside it.
 
 The schedule (`Muon._two_stream_step`), with the buckets in `BucketLayout.order()`:
 
-    side stream:  momentum of bucket 0, momentum of bucket 1, ..., AdamW,
+    side stream:  momentum and normalization of bucket 0, of bucket 1, ..., AdamW,
                   [bucket 0 done] update of bucket 0's weights, [bucket 1 done] update of bucket 1's, ...
-    main stream:  [momentum 0 done] Newton-Schulz of bucket 0, [momentum 1 done] Newton-Schulz of bucket 1, ...
+    main stream:  [bucket 0 normalized] iterations of bucket 0, [bucket 1 normalized] iterations of bucket 1, ...
                   then it waits for the side stream.
 
 Every pass reads and writes the same tensors as on one stream, in an order the events keep, so the step computes

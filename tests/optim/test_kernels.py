@@ -119,7 +119,20 @@ def _measure_divide(X, generator):
     return {"ours": _relative_error(out, exact),
             "torch": _relative_error((raw / divisors.view(-1, 1, 1)).to(X.dtype), exact),
             # torch's one-pass form (float32 math, one rounding), as newton_schulz falls back to
-            "equals_torch": bool(torch.equal(out, torch.div(raw, divisors.view(-1, 1, 1), out=torch.empty_like(raw))))}
+            "equals_torch": bool(torch.equal(out, torch.div(raw, divisors.view(-1, 1, 1), out=torch.empty_like(raw)))),
+            "in_place_equal": _divide_in_place_equal(raw, divisors)}
+
+
+def _divide_in_place_equal(raw, divisors) -> bool:
+    """`newton_schulz.normalize_`'s form: the quotient written over its input, as float16 over a bf16 batch (the
+    Gram form's work dtype, the same element size), equal to the quotient written into a fresh buffer."""
+    from muon_recipes.optim.kernels import divide_matrices
+
+    work = torch.float16 if raw.dtype == torch.bfloat16 else raw.dtype
+    fresh = divide_matrices(raw, divisors, out=torch.empty(raw.shape, dtype=work))
+    in_place = raw.clone()
+    divide_matrices(in_place, divisors, out=in_place.view(work))
+    return bool(torch.equal(in_place.view(work), fresh))
 
 
 def _commuting_pair(X, generator):
@@ -281,7 +294,7 @@ def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name
     assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
     for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected",
                  "buffer_float32_exact", "heavy_ball_is_buffer", "out_dtype_rounds_once",
-                 "scalars_from_memory_equal"):
+                 "scalars_from_memory_equal", "in_place_equal"):
         if flag in result:
             assert result[flag], f"{kernel}: {flag} is False"
 

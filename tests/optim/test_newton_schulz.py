@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from muon_recipes.optim.newton_schulz import coefficients, newton_schulz, ns_iterations_torch
+from muon_recipes.optim.newton_schulz import coefficients, newton_schulz, normalize_, ns_iterations_torch
 
 
 def polar_factor(G: torch.Tensor) -> torch.Tensor:
@@ -100,3 +100,18 @@ def test_coefficient_schedules():
         coefficients("keller", 0)
 
 
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalized_in_place_then_iterated_equals_the_whole_call(method, dtype):
+    """`normalize_` (a bucket's normalization as a pass of its own, in place: float16 over a bf16 batch for the
+    Gram form) and then `newton_schulz(normalized=True)` compute `newton_schulz`'s numbers bit for bit."""
+    G = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = newton_schulz(G, dtype=dtype, method=method, backend="torch")
+    batch = G.clone()
+    normalize_(batch, backend="torch", method=method)
+    assert not torch.equal(batch, G)   # divided in place
+    assert torch.equal(newton_schulz(batch, dtype=dtype, method=method, backend="torch", normalized=True), expected)
+    with pytest.raises(ValueError, match="normalized=True.*must be in dtype"):
+        newton_schulz(batch.float() if dtype != torch.float32 else batch.double(), dtype=dtype, normalized=True)
