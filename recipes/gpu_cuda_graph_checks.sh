@@ -28,7 +28,7 @@
 #   STAGES=streams (about five minutes): the captured step of moe_small and dense_1b with its momentum, AdamW and
 #   weight updates on a side stream beside the Newton-Schulz products (MUON_STEP_STREAMS=auto, the default) and on
 #   one stream (=0), one process per run, dense_1b twice in alternating order; the eager step with the schedule
-#   (=1) beside it; the GPU tests of the captured step (the two streams against one, bit for bit); then
+#   (=1) beside it; the side stream at a higher priority (MUON_SIDE_STREAM_PRIORITY=-1); the GPU tests of the captured step (the two streams against one, bit for bit); then
 #   Newton-Schulz of the square and small-expert buckets against their floors.
 set -u
 out=${1:-gpu_out}
@@ -114,6 +114,8 @@ PY
       }
       bench_streams moe_small 90 0 auto
       bench_streams dense_1b 90 0 auto 1 0 auto
+      MUON_SIDE_STREAM_PRIORITY=-1 bench_streams dense_1b 60 auto
+      MUON_SIDE_STREAM_PRIORITY=-1 bench_streams moe_small 60 auto
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
         > "$out/gpu_tests_streams.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_streams.log")"

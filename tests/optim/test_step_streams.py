@@ -98,6 +98,12 @@ def test_where_the_schedule_applies(monkeypatch):
     monkeypatch.setenv("MUON_STEP_STREAMS", "yes")
     with pytest.raises(ValueError, match=r"MUON_STEP_STREAMS='yes': expected one of auto, 0, 1"):
         step_streams.mode()
+    for bad in ("1", "high"):
+        monkeypatch.setenv("MUON_SIDE_STREAM_PRIORITY", bad)
+        with pytest.raises(ValueError, match=rf"MUON_SIDE_STREAM_PRIORITY='{bad}': expected 0 or a negative"):
+            step_streams.side_priority()
+    monkeypatch.setenv("MUON_SIDE_STREAM_PRIORITY", "-1")
+    assert step_streams.side_priority() == -1
 
 
 def test_the_first_device_step_of_each_build_stays_on_one_stream(monkeypatch):
