@@ -242,7 +242,7 @@ class Muon(torch.optim.Optimizer):
         items = [item for index, group in enumerate(self.param_groups) if group["algorithm"] == "muon"
                  for item in self._matrix_items(group, index, grads)]
         if items and not self._compiled_ahead:
-            self._compile_ahead(items)
+            self._compile_ahead(items, captured=scalars is not None)
         adamw = lambda: self._adamw_groups(scalars, grads)  # noqa: E731
         if not items:
             adamw()
@@ -266,12 +266,13 @@ class Muon(torch.optim.Optimizer):
         momentum writes each row block's U into its slot of the bucket (transposed for a tall block), and the
         update is applied block by block from the result's slot, each with its block's lr ratio. The other
         weights' updates are made whole and copied in (`orthogonalize`'s path)."""
-        layout = BucketLayout([(item.plan, item.ns, local(item.param).device) for item in items])
+        device = local(items[0].param).device
+        layout = BucketLayout([(item.plan, item.ns, local(item.param).device) for item in items],
+                              step_streams.parts_of_largest(device, captured=scalars is not None))
         direct = [self._plan(item.param, item.group)[2] is not None
                   and dispatch.bucket_io_on_triton(local(item.param), item.grad, item.buf, scalars is not None)
                   for item in items]
-        streams = step_streams.for_step(local(items[0].param).device, captured=scalars is not None,
-                                        plans_timed=self._local_steps > 0)
+        streams = step_streams.for_step(device, captured=scalars is not None, plans_timed=self._local_steps > 0)
         self._local_steps += 1
         if streams is not None and layout.members:
             self._two_stream_step(items, layout, direct, scalars, adamw, streams)
@@ -389,7 +390,7 @@ class Muon(torch.optim.Optimizer):
                 for _, _, ratio in segments or ():
                     scalars.declare(index, ("alpha", ratio))
 
-    def _compile_ahead(self, items: list[MatrixUpdate]) -> None:
+    def _compile_ahead(self, items: list[MatrixUpdate], captured: bool) -> None:
         """Before the first orthogonalization of a single process: the Newton-Schulz kernels of every bucket of the
         step compiled at once (`orthogonalize.compile_ahead`), so a machine's first-ever tile searches only time.
         Under sharding each rank orthogonalizes a part, found only inside the step: there each shape compiles its
@@ -399,8 +400,10 @@ class Muon(torch.optim.Optimizer):
             return
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return   # a step captured in a CUDA graph: nothing may allocate or compile here
+        device = local(items[0].param).device
         try:
-            compile_ahead([(item.plan, item.ns, local(item.param).device) for item in items])
+            compile_ahead([(item.plan, item.ns, local(item.param).device) for item in items],
+                          step_streams.parts_of_largest(device, captured))
         except Exception:   # noqa: BLE001 - an optimization only: the step compiles what it needs as it goes
             pass
 

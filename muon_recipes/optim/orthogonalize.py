@@ -21,6 +21,12 @@ from muon_recipes.optim.blocks import BlockPlan, copy_block
 from muon_recipes.optim.newton_schulz import newton_schulz, normalize_, triton_launches
 
 
+# `BucketLayout(parts=...)` splits the largest bucket only from this many elements (dense_1b's MLP bucket has
+# 553M, moe_small's experts 74M): there its weight update, the pass the two-stream step cannot overlap, takes about
+# 1.3 ms on an H200 (10 bytes per element), while each part still fills the GPU for many waves of tiles.
+SPLIT_MIN_ELEMENTS = 1 << 27
+
+
 @dataclass(frozen=True)
 class NSSettings:
     """Everything besides the shape that must agree for two blocks to share one `newton_schulz` call."""
@@ -53,9 +59,24 @@ class BucketLayout:
     straight into its slot (`slot_views`) and its result applied from there (`slot_views(results=True)`): no copy
     into a bucket and none out of it. Jobs whose updates already exist are copied in (`run(fill=...)`), each block once,
     cast and transposed in the same pass (tiles on a GPU, `copy_block`).
+
+    A bucket's key is ((m, n), device, settings, part). `parts` > 1 splits the largest bucket, where it has at least
+    `SPLIT_MIN_ELEMENTS`, into that many batches at block boundaries (part 0, 1, ...; every other bucket is part 0):
+    the two-stream step (`step_streams.py`) then applies the first part's updates while the last part iterates,
+    instead of after all of it.
     """
 
-    def __init__(self, jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]):
+    def __init__(self, jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]], parts: int = 1):
+        totals: dict[tuple, int] = {}
+        for plan, ns, device in jobs:
+            for count, rows, cols in plan.block_shapes():
+                if count * rows * cols:
+                    whole = ((min(rows, cols), max(rows, cols)), torch.device(device), ns)
+                    totals[whole] = totals.get(whole, 0) + count
+        largest = max(totals, key=lambda k: totals[k] * k[0][0] * k[0][1], default=None)
+        if largest is None or totals[largest] * largest[0][0] * largest[0][1] < SPLIT_MIN_ELEMENTS:
+            largest = None
+        placed: dict[tuple, int] = {}
         self.sizes: dict[tuple, int] = {}
         self.members: dict[tuple, list[tuple[int, int]]] = {}
         self.slots: list[list[Optional[Slot]]] = []
@@ -66,7 +87,10 @@ class BucketLayout:
                     slots.append(None)   # an empty block: nothing to orthogonalize
                     continue
                 tall = rows > cols
-                key = ((cols, rows) if tall else (rows, cols), torch.device(device), ns)
+                whole = ((cols, rows) if tall else (rows, cols), torch.device(device), ns)
+                position = placed.get(whole, 0)
+                placed[whole] = position + count
+                key = whole + ((position * parts) // totals[whole] if whole == largest else 0,)
                 start = self.sizes.get(key, 0)
                 self.sizes[key] = start + count
                 self.members.setdefault(key, []).append((j, b))
@@ -81,7 +105,7 @@ class BucketLayout:
     def batch(self, key: tuple) -> torch.Tensor:
         """The input batch of bucket `key`, allocated at first use ([matrices, m, n] in the settings' dtype)."""
         if key not in self.batches:
-            (m, n), device, ns = key
+            (m, n), device, ns, _ = key
             self.batches[key] = torch.empty((self.sizes[key], m, n), dtype=ns.dtype, device=device)
         return self.batches[key]
 
@@ -220,17 +244,12 @@ def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) ->
     return [layout.output(j, update, ns.dtype) for j, (update, _, ns) in enumerate(jobs)]
 
 
-def bucket_shapes(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]) -> dict[tuple, int]:
-    """{((m, n), device, settings): matrices} of the batches `orthogonalize` forms from these blocks (m <= n)."""
-    shapes: dict[tuple, int] = {}
-    for plan, ns, device in jobs:
-        for count, rows, cols in plan.block_shapes():
-            key = ((min(rows, cols), max(rows, cols)), torch.device(device), ns)
-            shapes[key] = shapes.get(key, 0) + count
-    return shapes
+def bucket_shapes(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]], parts: int = 1) -> dict[tuple, int]:
+    """{((m, n), device, settings, part): matrices} of the batches `BucketLayout(jobs, parts)` forms (m <= n)."""
+    return dict(BucketLayout(jobs, parts).sizes)
 
 
-def compile_ahead(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]) -> None:
+def compile_ahead(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]], parts: int = 1) -> None:
     """Compile the Triton tile candidates of every batch these blocks make, all at once, before any is timed.
 
     On a machine that has never tuned the kernels, the first step otherwise compiles one shape's candidates
@@ -245,7 +264,7 @@ def compile_ahead(jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]]) ->
     if not tile_search.precompile_enabled():
         return
     launches = []
-    for ((m, n), device, ns), count in bucket_shapes(jobs).items():
+    for ((m, n), device, ns, _), count in bucket_shapes(jobs, parts).items():
         if device.type == "cuda":
             launches += triton_launches(count, m, n, ns.steps, ns.schedule, ns.dtype, ns.backend, ns.method, device)
     tile_search.compile_candidates(launches)

@@ -18,6 +18,9 @@ Every pass reads and writes the same tensors as on one stream, in an order the e
 the same numbers bit for bit; only the overlap changes. Inside a CUDA graph capture the two streams become two
 branches of the graph (the side stream forks from the capturing stream and joins it before the capture ends).
 
+The largest bucket (dense_1b's MLP matrices) runs as two batches (`parts_of_largest`): the update of the first
+overlaps the iterations of the second, and only the second half's update is left at the end of the step.
+
 Where (`mode()`, `MUON_STEP_STREAMS`): by default ("auto") in the captured step on a GPU (its warm-up steps and
 the capture). "1" uses the schedule in every single-process step, "0" in none. Either way the first step, and the
 first after the captured step is rebuilt, stays on one stream: it times the Newton-Schulz plans of new shapes
@@ -114,13 +117,27 @@ class TwoStreams(InlineStreams):
         self.main.wait_stream(self.side_stream)
 
 
+def applies(device: torch.device, captured: bool) -> bool:
+    """Whether a single-process step on `device` runs the two-stream schedule once its plans are timed (`mode()`;
+    off the GPU only with "1", on one stream). `captured`: lr read from device scalars (the step a CUDA graph
+    records and its warm-up steps)."""
+    chosen = mode()
+    if chosen == "auto":
+        return captured and device.type == "cuda"
+    return chosen == "1"
+
+
 def for_step(device: torch.device, captured: bool, plans_timed: bool) -> Optional[InlineStreams]:
     """The streams a single-process step on `device` runs its schedule on, or None for the one-stream order
-    (`Muon._local_step`). `captured`: lr read from device scalars (the step a CUDA graph records and its warm-up
-    steps); `plans_timed`: a step of these shapes has run before, so their Newton-Schulz plans are timed."""
-    chosen = mode()
-    if chosen == "0" or not plans_timed or (chosen == "auto" and not captured):
+    (`Muon._local_step`): where `applies`, once `plans_timed` (a step of these shapes has run before, so their
+    Newton-Schulz plans are timed)."""
+    if not (plans_timed and applies(device, captured)):
         return None
-    if device.type == "cuda":
-        return TwoStreams(device)
-    return InlineStreams() if chosen == "1" else None
+    return TwoStreams(device) if device.type == "cuda" else InlineStreams()
+
+
+def parts_of_largest(device: torch.device, captured: bool) -> int:
+    """How many batches the step's largest bucket is split into (`BucketLayout(parts=...)`): 2 where the
+    two-stream schedule `applies`, from the first step on, so that the first step, on one stream, times the plans
+    of the shapes the later ones run; else 1."""
+    return 2 if applies(device, captured) else 1

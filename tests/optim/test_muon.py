@@ -161,7 +161,7 @@ def test_equal_block_shapes_share_one_batched_call(monkeypatch):
     ns = NSSettings(5, "keller", torch.bfloat16, "torch", 1e-7)
     jobs = [(BlockPlan.build(p.shape, group.get("split_sizes"), "per_expert"), ns, p.device)
             for group in opt.param_groups for p in group["params"]]
-    assert sorted((count, m, n) for ((m, n), _, _), count in bucket_shapes(jobs).items()) == sorted(calls)
+    assert sorted((count, m, n) for ((m, n), _, _, _), count in bucket_shapes(jobs).items()) == sorted(calls)
 
 
 # --------------------------------------------------------------------------------------------------------------

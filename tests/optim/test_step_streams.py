@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from muon_recipes.config import OptimConfig
-from muon_recipes.optim import build_optimizer, step_streams
+from muon_recipes.optim import build_optimizer, orthogonalize, step_streams
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.cuda_graph import CapturedStep
 from muon_recipes.optim.orthogonalize import BucketLayout, NSSettings
@@ -45,6 +45,9 @@ def _run(monkeypatch, streams: str, device_scalars: bool, steps: int = 4):
 
 @pytest.mark.parametrize("device_scalars", [False, True], ids=["eager", "device_scalars"])
 def test_the_schedule_gives_the_one_stream_step_bit_for_bit(monkeypatch, device_scalars):
+    """With the largest bucket split in two (as dense_1b's is; the toy model's buckets are far below the size
+    where that starts, so the threshold is lowered here)."""
+    monkeypatch.setattr(orthogonalize, "SPLIT_MIN_ELEMENTS", 0)
     calls = []
     reordered = BucketLayout.run_bucket
 
@@ -60,6 +63,7 @@ def test_the_schedule_gives_the_one_stream_step_bit_for_bit(monkeypatch, device_
     steps = [calls[i:i + per_step] for i in range(0, len(calls), per_step)]
     assert per_step >= 3 and steps[0] != sorted(steps[0])
     assert all(later == sorted(steps[0]) for later in steps[1:])
+    assert len(calls) == 4 * per_step   # every step, the first included, ran the split layout
     ref_model, ref_opt = _run(monkeypatch, "0", device_scalars)
     torch.manual_seed(0)
     initial = ToyModel()
@@ -81,6 +85,27 @@ def test_buckets_run_smallest_first():
     assert [key[0] for key in layout.order()] == [(8, 16), (16, 16), (16, 48)]
     assert [key[0] for key in layout.members] == [(16, 48), (8, 16), (16, 16)]
     assert layout.bucket_of(0, 0)[0] == (16, 48) and layout.jobs_in(layout.order()[2]) == [0]
+
+
+def test_the_largest_bucket_splits_at_block_boundaries(monkeypatch):
+    ns = NSSettings(5, "keller", torch.float32, "torch", 1e-7)
+    plans = [BlockPlan.build((5, 16, 16), None, "per_expert"),    # 5 matrices of 16 x 16 at once
+             BlockPlan.build((32, 16), (16, 16), "per_expert"),    # two 16 x 16 blocks: one run of two slots
+             BlockPlan.build((8, 16), None, "per_expert"),
+             BlockPlan.build((16, 16), None, "per_expert")]
+    jobs = [(plan, ns, torch.device("cpu")) for plan in plans]
+    whole = BucketLayout(jobs)
+    assert sorted(whole.sizes.values()) == [1, 8]   # 16 x 16: 5 + 2 + 1 matrices; 8 x 16: 1
+    monkeypatch.setattr(orthogonalize, "SPLIT_MIN_ELEMENTS", 8 * 16 * 16)
+    split = BucketLayout(jobs, parts=2)
+    square = sorted((key[3], count) for key, count in split.sizes.items() if key[0] == (16, 16))
+    # Split where a block starts at or past the middle (matrix 4 of 8): the 5 experts stay together in part 0.
+    assert square == [(0, 5), (1, 3)] and split.slots[1][0].key[3] == 1
+    assert split.runs(1) == [(0, 2)]   # the two blocks still one run, both in part 1, consecutive there
+    assert (split.slots[1][0].start, split.slots[1][1].start, split.slots[3][0].start) == (0, 1, 2)
+    assert [key[3] for key in split.order()] == [0, 1, 0]   # 8 x 16 (1), then part 1 (3), part 0 (5)
+    monkeypatch.setattr(orthogonalize, "SPLIT_MIN_ELEMENTS", 8 * 16 * 16 + 1)
+    assert BucketLayout(jobs, parts=2).sizes == whole.sizes   # below the threshold: not split
 
 
 def test_where_the_schedule_applies(monkeypatch):
