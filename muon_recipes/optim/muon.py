@@ -296,9 +296,10 @@ class Muon(torch.optim.Optimizer):
         """`_local_step` with the passes over memory beside the Newton-Schulz products (`step_streams.py`): per
         bucket in `layout.order()`, the momentum of its blocks and its normalization (`BucketLayout.prepare`) on
         the side stream; its iterations on the main stream once that is done; its weights' updates on the side
-        stream once the iterations are done. AdamW runs on the side stream between the momentum and the updates. A weight outside the bucket path
-        (`direct` False) makes its whole momentum update first and is applied once its last bucket is done.
-        Every pass touches what it touches on one stream, so the numbers are the same bit for bit."""
+        stream once the iterations are done. AdamW runs on the side stream between the momentum and the updates.
+        A weight outside the bucket path (`direct` False) makes its whole momentum update first and is applied once
+        its last bucket is done. Every pass touches what it touches on one stream, so the numbers are the same bit
+        for bit."""
         order = layout.order()
         for key in order:
             layout.batch(key)   # allocated on the main stream, which reads and then frees them
