@@ -21,8 +21,8 @@ branches of the graph (the side stream forks from the capturing stream and joins
 The largest bucket (dense_1b's MLP matrices) runs as two batches (`parts_of_largest`): the update of the first
 overlaps the iterations of the second, and only the second half's update is left at the end of the step.
 
-Where (`mode()`, `MUON_STEP_STREAMS`): by default ("auto") in the captured step on a GPU (its warm-up steps and
-the capture). "1" uses the schedule in every single-process step, "0" in none. Either way the first step, and the
+Where (`mode()`, `MUON_STEP_STREAMS`): "auto" in the captured step on a GPU (its warm-up steps and the capture),
+"1" in every single-process step, "0" in none. The default is `DEFAULT_MODE`. Either way the first step, and the
 first after the captured step is rebuilt, stays on one stream: it times the Newton-Schulz plans of new shapes
 (`kernels/iterations.py`), and a pass running beside the timed products would skew them. Off the GPU "1" runs the
 same schedule on the one stream there is (`InlineStreams`): how the CPU tests check its order.
@@ -37,11 +37,15 @@ from typing import Hashable, Optional
 import torch
 
 MODES = ("auto", "0", "1")
+# "0" until the two streams are measured faster than one, and their GPU test passes (docs/benchmarks.md, "The
+# passes over memory beside the products").
+DEFAULT_MODE = "0"
 
 
 def mode() -> str:
-    """MUON_STEP_STREAMS: auto (the captured step on a GPU), 1 (every single-process step), 0 (none)."""
-    value = os.environ.get("MUON_STEP_STREAMS", "auto")
+    """MUON_STEP_STREAMS: auto (the captured step on a GPU), 1 (every single-process step), 0 (none); unset,
+    `DEFAULT_MODE`."""
+    value = os.environ.get("MUON_STEP_STREAMS", DEFAULT_MODE)
     if value not in MODES:
         raise ValueError(f"MUON_STEP_STREAMS={value!r}: expected one of {', '.join(MODES)}")
     return value

@@ -110,8 +110,10 @@ def test_the_largest_bucket_splits_at_block_boundaries(monkeypatch):
 
 def test_where_the_schedule_applies(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv("MUON_STEP_STREAMS", raising=False)
+    assert step_streams.mode() == step_streams.DEFAULT_MODE
     monkeypatch.setenv("MUON_STEP_STREAMS", "auto")
-    # By default only the captured step on a GPU, after the device step that timed the plans; never off the GPU.
+    # "auto": only the captured step on a GPU, after the step that timed the plans; never off the GPU.
     assert step_streams.for_step(cpu, captured=True, plans_timed=True) is None
     assert step_streams.for_step(cuda, captured=True, plans_timed=False) is None
     assert step_streams.for_step(cuda, captured=False, plans_timed=True) is None
