@@ -26,10 +26,11 @@
 #   per run; then the GPU tests of the strided kernels and of the captured step against the eager one; then dense_1b
 #   again in the other order.
 #   STAGES=streams (about five minutes): the captured step of moe_small and dense_1b with its momentum, AdamW and
-#   weight updates on a side stream beside the Newton-Schulz products (MUON_STEP_STREAMS=auto, the default) and on
-#   one stream (=0), one process per run, dense_1b twice in alternating order; the eager step with the schedule
-#   (=1) beside it; the side stream at a higher priority (MUON_SIDE_STREAM_PRIORITY=-1); the GPU tests of the captured step (the two streams against one, bit for bit); then
-#   Newton-Schulz of the square and small-expert buckets against their floors.
+#   weight updates on a side stream beside the Newton-Schulz products (MUON_STEP_STREAMS=auto) and on one stream
+#   (=0), one process per run, dense_1b twice in alternating order; the GPU tests of the captured step (the two
+#   streams against one, bit for bit); dense_1b with the side stream at a higher priority
+#   (MUON_SIDE_STREAM_PRIORITY=-1) and with the schedule in the eager step too (=1); then Newton-Schulz of the
+#   square and small-expert buckets against their floors.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -113,13 +114,13 @@ PY
         done
       }
       bench_streams moe_small 90 0 auto
-      bench_streams dense_1b 90 0 auto 1 0 auto
-      MUON_SIDE_STREAM_PRIORITY=-1 bench_streams dense_1b 60 auto
-      MUON_SIDE_STREAM_PRIORITY=-1 bench_streams moe_small 60 auto
+      bench_streams dense_1b 90 0 auto 0 auto
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
         > "$out/gpu_tests_streams.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_streams.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_streams.log" | head -20
+      MUON_SIDE_STREAM_PRIORITY=-1 bench_streams dense_1b 60 auto
+      bench_streams dense_1b 60 1
       timeout 120 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller \
         --shapes 32x2048x2048,128x256x1024 --out "$out/bench_ns_buckets" > "$out/bench_ns_buckets.log" 2>&1
       echo "bench_newton_schulz exit $?"
