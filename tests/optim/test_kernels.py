@@ -1,8 +1,9 @@
 """The Triton Newton-Schulz kernels on CPU: every kernel against float64 and torch, in Triton's interpreter.
 
 `TRITON_INTERPRET=1` only takes effect if it is set before triton is imported, and it would change every
-later Triton user of the same pytest process, so the kernels run in one child process (this file run as a
-script) that prints its measurements as JSON; the tests below read them. Sizes are small and odd (m=17 and
+later Triton user of the same pytest process, so the kernels run in child processes (this file run as a
+script; the (shape, dtype) cases split over children run at once, `interpreter_child.interpreter_shards`) that
+print their measurements as JSON; the tests below read them. Sizes are small and odd (m=17 and
 n=45 span two tiles and a ragged reduction with the interpreter's 16 x 16 x 16 tiles), batches 1 and 3,
 fp32, bf16 and fp16 (the Gram form's dtype), plus an aligned case (32 x 48) that takes the unmasked path.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interpreter_child import interpreter_results as run_in_interpreter
+from interpreter_child import interpreter_shards, my_units, shard_count
 
 KELLER = (3.4445, -4.7750, 2.0315)
 # Two different triples, so a swapped or repeated coefficient would show (the second is the first step of
@@ -264,11 +265,14 @@ def _measure_case(batch: int, m: int, n: int, dtype_name: str, seed: int) -> dic
             for i, kernel in enumerate(KERNELS) if (dtype_name, kernel) in CASES}
 
 
+# The child's units of work: one (shape, dtype) case each, its seed the shape's index whichever child runs it.
+UNITS = [(seed, shape, dtype_name) for seed, shape in enumerate(SHAPES) for dtype_name in DTYPES]
+
+
 def _interpreter_main() -> None:
     measurements = {}
-    for seed, (batch, m, n) in enumerate(SHAPES):
-        for dtype_name in DTYPES:
-            measurements[f"{batch}x{m}x{n}-{dtype_name}"] = _measure_case(batch, m, n, dtype_name, seed)
+    for seed, (batch, m, n), dtype_name in my_units(UNITS, sys.argv):
+        measurements[f"{batch}x{m}x{n}-{dtype_name}"] = _measure_case(batch, m, n, dtype_name, seed)
     print(json.dumps(measurements))
 
 
@@ -280,7 +284,12 @@ def _case_id(shape, dtype_name) -> str:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(__file__, "--interpreter-checks", timeout=300)
+    """Every case's measurements, the cases split over children run at once (`interpreter_child`)."""
+    merged = {}
+    for part in interpreter_shards(__file__, "--interpreter-checks", shards=shard_count(len(UNITS)), timeout=300):
+        merged.update(part)
+    assert sorted(merged) == sorted(_case_id(shape, d) for _, shape, d in UNITS), "a case was measured by no child"
+    return merged
 
 
 @pytest.mark.parametrize("dtype_name, kernel", CASES)
