@@ -1,7 +1,8 @@
 """The persistent TMA-fed Newton-Schulz products (`kernels/persistent.py`) on CPU, in Triton's interpreter.
 
-As in test_kernels.py, the kernels run in one child process with `TRITON_INTERPRET=1` (this file as a script),
-which prints its measurements as JSON. Each product is checked against float64 and against the pointer kernel
+As in test_kernels.py, the kernels run in child processes with `TRITON_INTERPRET=1` (this file as a script; the
+cases split over children run at once, `interpreter_child.interpreter_shards`), which print their measurements
+as JSON. Each product is checked against float64 and against the pointer kernel
 on the same inputs, which reduces in the same 16-wide blocks, so the two must agree bit for bit. Output
 buffers are poisoned with NaN first, so an element left unwritten fails. The 16 x 16 tiles make 32- and
 64-row matrices span several tiles, and 3 programs loop over several tiles each; a wide tile (16 x 32) runs
@@ -12,16 +13,20 @@ of 40 columns ends in a partial tile (TMA clips its store). The GPU checks are i
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
-from interpreter_child import interpreter_results
+from interpreter_child import interpreter_shards, my_units, shard_count
 
 WIDE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
 POINTER_WIDE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
 SHAPES = ((2, 32, 48), (3, 64, 40))
 TOLERANCE = {"bfloat16": 1.5e-2, "float16": 2e-3}
 KELLER = (3.4445, -4.7750, 2.0315)
+# The child's units of work, one (dtype, shape) case each, ordered so that every-other-unit shards get one case of
+# each shape (`interpreter_child.my_units`).
+UNITS = [("bfloat16", SHAPES[0]), ("bfloat16", SHAPES[1]), ("float16", SHAPES[1]), ("float16", SHAPES[0])]
 
 
 def _child() -> None:
@@ -40,55 +45,57 @@ def _child() -> None:
         return ((value - reference).norm() / reference.norm()).item()
 
     results = []
+    # Every case's input drawn in one stream, in the order of the cases, whichever child measures which case.
     torch.manual_seed(0)
-    for dtype_name in TOLERANCE:
+    inputs = {(dtype_name, shape): (torch.randn(*shape) / shape[-1] ** 0.5).to(getattr(torch, dtype_name))
+              for dtype_name in TOLERANCE for shape in SHAPES}
+    for dtype_name, (batch, m, k) in my_units(UNITS, sys.argv):
         dtype = getattr(torch, dtype_name)
-        for batch, m, k in SHAPES:
-            X = (torch.randn(batch, m, k) / k ** 0.5).to(dtype)
-            A = launch_symmetric_matmul(X, torch.empty(batch, m, m, dtype=dtype))
-            Bm = launch_symmetric_matmul(A, torch.empty_like(A), alpha=-0.5, beta=1.5, c=A)
-            x64, a64, b64 = X.double(), A.double(), Bm.double()
-            cases = {   # name -> (persistent call, pointer call, float64 reference, output shape, dtype)
-                "gram": (lambda out, t: persistent.launch_symmetric(X, out, tile=t),
-                         lambda out, t: launch_symmetric_matmul(X, out, tile=t), x64 @ x64.mT, (batch, m, m), dtype),
-                "polynomial": (lambda out, t: persistent.launch_symmetric(A, out, alpha=2.0, beta=-0.5, c=A, tile=t),
-                               lambda out, t: launch_symmetric_matmul(A, out, alpha=2.0, beta=-0.5, c=A, tile=t),
-                               2.0 * a64 @ a64 - 0.5 * a64, (batch, m, m), dtype),
-                "commuting": (lambda out, t: persistent.launch_symmetric(Bm, out, alpha=1.0, beta=0.7, c=A, y=A,
-                                                                         tile=t),
-                              lambda out, t: launch_symmetric_matmul(Bm, out, alpha=1.0, beta=0.7, c=A, y=A, tile=t),
-                              b64 @ a64 + 0.7 * a64, (batch, m, m), dtype),
-                "update": (lambda out, t: persistent.launch_update(X, A, 1.5, out, tile=t),
-                           lambda out, t: launch_update(X, A, 1.5, out), 1.5 * x64 + a64 @ x64, (batch, m, k), dtype),
-                "q_x_bf16": (lambda out, t: persistent.launch_update(X, A, 0.0, out, tile=t),
-                             lambda out, t: launch_update(X, A, 0.0, out), a64 @ x64, (batch, m, k), torch.bfloat16),
-            }
-            for name, (run, pointer, reference, shape, out_dtype) in cases.items():
-                for tile_name, tile in (("square", None), ("wide", WIDE)):
-                    if tile is not None and (name.startswith(("update", "q_x")) or
-                                             not persistent.usable("symmetric", X, tile)):
-                        continue
-                    out, expected = poisoned(shape, out_dtype), poisoned(shape, out_dtype)
-                    run(out, tile)
-                    # The pointer kernel on the same tile (the interpreter's products are numpy's, whose
-                    # fp32 summation order depends on the tile's shape).
-                    pointer(expected, None if tile is None else POINTER_WIDE)
-                    results.append({"case": f"{name}-{tile_name}-{dtype_name}-{batch}x{m}x{k}", "dtype": dtype_name,
-                                    "error": relative(out, reference),
-                                    "equal_to_pointer": bool(torch.equal(out, expected)),
-                                    "symmetric": bool(torch.equal(out, out.mT)) if shape[-1] == m else True})
-            # The whole loop with every product persistent equals the pointer kernels' loop (on a normalized X,
-            # whose iterates stay bounded).
-            coefficients = (KELLER, KELLER)
-            X = X / X.float().norm(dim=(-2, -1), keepdim=True).to(dtype)
-            every = Plan("persistent", "persistent", "persistent", "persistent")
-            standard = _iterate(X, coefficients, every)
-            gram = _iterate_gram(X, coefficients, every, (1,), torch.bfloat16)
-            results.append({"case": f"iterations-{dtype_name}-{batch}x{m}x{k}", "dtype": dtype_name, "error": 0.0,
-                            "equal_to_pointer": bool(torch.equal(standard, _iterate(X, coefficients, Plan()))
-                                                     and torch.equal(gram, _iterate_gram(X, coefficients, Plan(),
-                                                                                         (1,), torch.bfloat16))),
-                            "symmetric": True})
+        X = inputs[dtype_name, (batch, m, k)]
+        A = launch_symmetric_matmul(X, torch.empty(batch, m, m, dtype=dtype))
+        Bm = launch_symmetric_matmul(A, torch.empty_like(A), alpha=-0.5, beta=1.5, c=A)
+        x64, a64, b64 = X.double(), A.double(), Bm.double()
+        cases = {   # name -> (persistent call, pointer call, float64 reference, output shape, dtype)
+            "gram": (lambda out, t: persistent.launch_symmetric(X, out, tile=t),
+                     lambda out, t: launch_symmetric_matmul(X, out, tile=t), x64 @ x64.mT, (batch, m, m), dtype),
+            "polynomial": (lambda out, t: persistent.launch_symmetric(A, out, alpha=2.0, beta=-0.5, c=A, tile=t),
+                           lambda out, t: launch_symmetric_matmul(A, out, alpha=2.0, beta=-0.5, c=A, tile=t),
+                           2.0 * a64 @ a64 - 0.5 * a64, (batch, m, m), dtype),
+            "commuting": (lambda out, t: persistent.launch_symmetric(Bm, out, alpha=1.0, beta=0.7, c=A, y=A,
+                                                                     tile=t),
+                          lambda out, t: launch_symmetric_matmul(Bm, out, alpha=1.0, beta=0.7, c=A, y=A, tile=t),
+                          b64 @ a64 + 0.7 * a64, (batch, m, m), dtype),
+            "update": (lambda out, t: persistent.launch_update(X, A, 1.5, out, tile=t),
+                       lambda out, t: launch_update(X, A, 1.5, out), 1.5 * x64 + a64 @ x64, (batch, m, k), dtype),
+            "q_x_bf16": (lambda out, t: persistent.launch_update(X, A, 0.0, out, tile=t),
+                         lambda out, t: launch_update(X, A, 0.0, out), a64 @ x64, (batch, m, k), torch.bfloat16),
+        }
+        for name, (run, pointer, reference, shape, out_dtype) in cases.items():
+            for tile_name, tile in (("square", None), ("wide", WIDE)):
+                if tile is not None and (name.startswith(("update", "q_x")) or
+                                         not persistent.usable("symmetric", X, tile)):
+                    continue
+                out, expected = poisoned(shape, out_dtype), poisoned(shape, out_dtype)
+                run(out, tile)
+                # The pointer kernel on the same tile (the interpreter's products are numpy's, whose
+                # fp32 summation order depends on the tile's shape).
+                pointer(expected, None if tile is None else POINTER_WIDE)
+                results.append({"case": f"{name}-{tile_name}-{dtype_name}-{batch}x{m}x{k}", "dtype": dtype_name,
+                                "error": relative(out, reference),
+                                "equal_to_pointer": bool(torch.equal(out, expected)),
+                                "symmetric": bool(torch.equal(out, out.mT)) if shape[-1] == m else True})
+        # The whole loop with every product persistent equals the pointer kernels' loop (on a normalized X,
+        # whose iterates stay bounded).
+        coefficients = (KELLER, KELLER)
+        X = X / X.float().norm(dim=(-2, -1), keepdim=True).to(dtype)
+        every = Plan("persistent", "persistent", "persistent", "persistent")
+        standard = _iterate(X, coefficients, every)
+        gram = _iterate_gram(X, coefficients, every, (1,), torch.bfloat16)
+        results.append({"case": f"iterations-{dtype_name}-{batch}x{m}x{k}", "dtype": dtype_name, "error": 0.0,
+                        "equal_to_pointer": bool(torch.equal(standard, _iterate(X, coefficients, Plan()))
+                                                 and torch.equal(gram, _iterate_gram(X, coefficients, Plan(),
+                                                                                     (1,), torch.bfloat16))),
+                        "symmetric": True})
     refusals = {
         "float32": persistent.usable("symmetric", torch.zeros(1, 32, 32)),
         "rows_not_divisible": persistent.usable("symmetric", torch.zeros(1, 24, 32, dtype=torch.bfloat16)),
@@ -101,7 +108,10 @@ def _child() -> None:
 
 @pytest.fixture(scope="module")
 def child_results():
-    return interpreter_results(__file__)
+    """The cases' results, split over children run at once (`interpreter_child`); each child's refusals too."""
+    parts = interpreter_shards(__file__, shards=shard_count(len(UNITS)))
+    assert all(part["refusals"] == parts[0]["refusals"] for part in parts)
+    return {"results": [r for part in parts for r in part["results"]], "refusals": parts[0]["refusals"]}
 
 
 def test_persistent_products_equal_the_pointer_kernels_and_float64(child_results):
