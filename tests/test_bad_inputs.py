@@ -47,11 +47,18 @@ def _compose(overrides: list):
 
 
 def run_in_process(overrides: list) -> tuple[int, str]:
-    """(exit code, stderr) of `muon_recipes.train.run` on the composed config; the environment is restored."""
+    """(exit code, stderr) of `muon_recipes.train.run` on the composed config; the environment is restored.
+
+    A failure before the process group exists waits `failures.PEER_EXIT_GRACE_S` (5 s) before exiting when
+    WORLD_SIZE > 1, so that torchrun's other ranks are not stopped before rank 0 has printed. A test here sets
+    WORLD_SIZE for the config checks against the world size but runs no other rank: the wait is 0 in this process
+    (the torchrun tests, e.g. tests/train/test_train.py::test_bad_mesh_fails_on_every_rank, keep the real one)."""
+    from muon_recipes.train import failures
     from muon_recipes.train.entry import run
 
     cfg = _compose(overrides)
     saved = {k: os.environ.get(k) for k in DIST_ENV}
+    grace, failures.PEER_EXIT_GRACE_S = failures.PEER_EXIT_GRACE_S, 0.0
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -60,6 +67,7 @@ def run_in_process(overrides: list) -> tuple[int, str]:
     except SystemExit as e:
         return int(e.code), err.getvalue()
     finally:
+        failures.PEER_EXIT_GRACE_S = grace
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
