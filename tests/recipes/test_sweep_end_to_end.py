@@ -1,5 +1,9 @@
 """A real ablation sweep through `python train.py -m` (the trainer, data and optimizer, no stand-ins), then
-compare_runs and the notebook on its output; and a sweep job run as its own torchrun world (gloo, 2 processes)."""
+compare_runs and the notebook on its output; and a sweep job run as its own torchrun world (gloo, 2 processes).
+
+The module's multiruns do not depend on each other, and most run their jobs in one process: they are all started
+at once, when the first test needs one of them (`multiruns`), each in its own sweep directory, and every test
+waits for its own."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +43,51 @@ def rows(run_dir: Path) -> list:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _multiruns(tmp_path_factory) -> dict[str, tuple]:
+    """Each multirun of this module: name -> (sweep dir, overrides)."""
+    def new(name: str) -> Path:
+        return tmp_path_factory.mktemp(name) / "sweep"
+
+    cases = {
+        # experiment=qkv_split at CPU size: its default arms (optim.split.qkv=fused,split) x seeds 0,1 = 4 jobs.
+        "sweep": (tmp_path_factory.mktemp("multirun") / "2025-01-31" / "12-00-00",
+                  ["experiment=qkv_split", "seed=0,1", *TINY]),
+        "torchrun_world": (new("torchrun_world"), [
+            "launcher.nproc_per_node=2", "model.vocab_size=320,64", "experiment=qkv_split", "optim.split.qkv=split",
+            "seed=0", "train.steps=3", "logging.wandb.mode=offline",
+            *[o for o in TINY if not o.startswith(("train.steps", "logging"))]]),
+        "bad_config": (new("bad_config"), ["launcher.nproc_per_node=2", "mesh=single", *TINY]),
+        "diverged": (new("diverged"), ["optim=adamw", "optim.adamw.lr=1e30,0.003", "train.steps=3",
+                                       *[o for o in TINY if not o.startswith("train.steps")]]),
+    }
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        pass  # test_submitit_tasks_are_ranks skips
+    else:
+        cases["submitit"] = (new("submitit"), ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                                               "hydra.launcher.timeout_min=10", "train.steps=2",
+                                               *[o for o in TINY if not o.startswith("train.steps")]])
+    return cases
+
+
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """experiment=qkv_split at CPU size: its default arms (optim.split.qkv=fused,split) x seeds 0,1 = 4 jobs."""
-    sweep_dir = tmp_path_factory.mktemp("multirun") / "2025-01-31" / "12-00-00"
-    proc = multirun(sweep_dir, "experiment=qkv_split", "seed=0,1", *TINY)
+def multiruns(tmp_path_factory):
+    """Every multirun of the module, started at once: name -> (sweep dir, future of its completed process)."""
+    cases = _multiruns(tmp_path_factory)
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        yield {name: (sweep_dir, pool.submit(multirun, sweep_dir, *overrides))
+               for name, (sweep_dir, overrides) in cases.items()}
+
+
+def finished(multiruns, name: str) -> tuple[Path, subprocess.CompletedProcess]:
+    sweep_dir, future = multiruns[name]
+    return sweep_dir, future.result()
+
+
+@pytest.fixture(scope="module")
+def sweep(multiruns):
+    sweep_dir, proc = finished(multiruns, "sweep")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return sweep_dir, proc.stdout
 
@@ -144,14 +189,11 @@ def test_notebook_runs_headless_on_the_sweep(sweep, tmp_path, monkeypatch):
     assert (tmp_path / "summary.md").read_text() == ours
 
 
-def test_sweep_job_as_torchrun_world(tmp_path):
+def test_sweep_job_as_torchrun_world(multiruns):
     """launcher.nproc_per_node=2: each job is a 2-process torchrun run in its job dir (wandb offline, as by
     default). Job 0 trains; job 1 fails in its children (a vocabulary smaller than the tokenizer's, which only the
     trainer checks), which fails the sweep after the other jobs ran, naming the job dir."""
-    sweep_dir = tmp_path / "sweep"
-    proc = multirun(sweep_dir, "launcher.nproc_per_node=2", "model.vocab_size=320,64",
-                    "experiment=qkv_split", "optim.split.qkv=split", "seed=0", "train.steps=3",
-                    "logging.wandb.mode=offline", *[o for o in TINY if not o.startswith(("train.steps", "logging"))])
+    sweep_dir, proc = finished(multiruns, "torchrun_world")
     assert proc.returncode != 0
     assert "[sweep] job 1/2 done" in proc.stdout and "(torchrun, 2 processes)" in proc.stdout
     assert "[sweep] job 2/2 FAILED" in proc.stdout and "error: invalid config: model.vocab_size=64" in proc.stderr
@@ -163,28 +205,26 @@ def test_sweep_job_as_torchrun_world(tmp_path):
     overrides = (job / ".hydra" / "overrides.yaml").read_text()
     assert "launcher.nproc_per_node=2" in overrides and "hydra" not in overrides  # the job's overrides only
     cfg = json.loads((job / "config.json").read_text())
-    assert cfg["logging"]["wandb"]["group"] == f"qkv_split-{tmp_path.name}_sweep"
+    assert cfg["logging"]["wandb"]["group"] == f"qkv_split-{sweep_dir.parent.name}_sweep"
     assert cfg["logging"]["wandb"]["name"] == "qkv_split-model.vocab_size=320-s0"  # identity handed to the children
     # ... and it reached wandb: the offline run (synced later with `wandb sync`) carries the group and the name.
     (record,) = (job / "wandb").glob("offline-run-*/run-*.wandb")
-    assert f"qkv_split-{tmp_path.name}_sweep".encode() in record.read_bytes()
+    assert f"qkv_split-{sweep_dir.parent.name}_sweep".encode() in record.read_bytes()
     assert b"qkv_split-model.vocab_size=320-s0" in record.read_bytes()
 
 
-def test_bad_config_fails_before_any_process_starts(tmp_path):
-    proc = multirun(tmp_path / "sweep", "launcher.nproc_per_node=2", "mesh=single", *TINY)
+def test_bad_config_fails_before_any_process_starts(multiruns):
+    sweep_dir, proc = finished(multiruns, "bad_config")
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "mesh.kind" in errors[0] and "world size is 2" in errors[0]
-    assert not (tmp_path / "sweep" / "0" / "metrics.jsonl").exists()
+    assert not (sweep_dir / "0" / "metrics.jsonl").exists()
 
 
-def test_diverged_job_fails_alone(tmp_path):
+def test_diverged_job_fails_alone(multiruns):
     """In process, a run that ends itself (non-finite loss at an absurd lr: exit code 3) fails only its job; the
     next job still trains and the sweep exits non-zero naming the failed job."""
-    sweep_dir = tmp_path / "sweep"
-    proc = multirun(sweep_dir, "optim=adamw", "optim.adamw.lr=1e30,0.003", "train.steps=3",
-                    *[o for o in TINY if not o.startswith("train.steps")])
+    sweep_dir, proc = finished(multiruns, "diverged")
     assert proc.returncode == 1
     assert "[sweep] job 1/2 FAILED" in proc.stdout and "[sweep] job 2/2 done" in proc.stdout
     assert "exited with code 3" in proc.stderr and str(sweep_dir / "0") in proc.stderr
@@ -192,14 +232,11 @@ def test_diverged_job_fails_alone(tmp_path):
 
 
 @pytest.mark.distributed
-def test_submitit_tasks_are_ranks(tmp_path):
+def test_submitit_tasks_are_ranks(multiruns):
     """hydra/launcher=submitit_local with 2 tasks: the path `hydra/launcher=slurm` takes on a cluster (one task per
     GPU, ranks exported from the submitit job environment), here with gloo on CPU."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    sweep_dir = tmp_path / "sweep"
-    proc = multirun(sweep_dir, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-                    "hydra.launcher.timeout_min=10", "train.steps=2",
-                    *[o for o in TINY if not o.startswith("train.steps")])
+    sweep_dir, proc = finished(multiruns, "submitit")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = rows(sweep_dir / "0")
     assert [x["step"] for x in r] == [1, 2] and r[0]["tokens"] == 2 * 4 * 32  # world size 2
