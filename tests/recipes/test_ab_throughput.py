@@ -4,20 +4,25 @@ median line compares the two sides, and the base tree's profile runs with the ca
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
+
+from script_runs import background_script
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=moe_tiny", "optim=adamw", "device=cpu", "train.compile=false", "train.seq_len=32", "train.batch_size=4",
         "train.global_batch_tokens=256", "data.max_chars=100000"]
 
 
-def test_ab_throughput_tabulates_both_trees(tmp_path):
-    env = dict(os.environ, ROUNDS="1", STEPS="2", PROFILE="1", LIMIT="300",
-               MUON_RECIPES_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run(["bash", "recipes/ab_throughput.sh", str(ROOT), str(tmp_path / "out"), *TINY], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+@background_script("ab_throughput")
+def _command(tmp_path: Path):
+    env = dict(ROUNDS="1", STEPS="2", PROFILE="1", LIMIT="300", MUON_RECIPES_CACHE=str(tmp_path / "cache"))
+    return ["bash", "recipes/ab_throughput.sh", str(ROOT), str(tmp_path / "out"), *TINY], env, 900
+
+
+def test_ab_throughput_tabulates_both_trees(script_runs):
+    """The script runs in the background from the first recipe test on (`script_runs`)."""
+    run = script_runs["ab_throughput"]
+    proc, tmp_path = run.result(), run.work
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = (tmp_path / "out" / "table.md").read_text()
     for side in ("base", "candidate"):

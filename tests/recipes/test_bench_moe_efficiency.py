@@ -5,10 +5,11 @@ the expert-load statistics are still logged by the trainer."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 from pathlib import Path
+
+from script_runs import background_script
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ("device=cpu mesh=single train.compile=false model.n_layers=2 model.d_model=64 model.n_heads=2 "
@@ -22,13 +23,18 @@ def medians(run_dir: Path) -> tuple[float, float]:
     return statistics.median(r["tokens_per_s"] for r in steady), statistics.median(r["mfu"] for r in steady)
 
 
-def test_bench_moe_efficiency_runs_every_stage_and_tabulates(tmp_path):
-    work, out = tmp_path / "work", tmp_path / "out"
+@background_script("bench_moe_efficiency")
+def _command(tmp_path: Path):
     # A made-up peak gives the CPU runs an MFU, so the ratio and the targets are computed as on a GPU.
-    env = dict(os.environ, WORK=str(work), SMALL="moe_tiny", MEDIUM="moe_tiny", DENSE="dense_tiny",
+    env = dict(WORK=str(tmp_path / "work"), SMALL="moe_tiny", MEDIUM="moe_tiny", DENSE="dense_tiny",
                STEPS_SMALL="3", STEPS_MEDIUM="3", EXTRA=TINY, MUON_RECIPES_PEAK_TFLOPS="0.0001", BUDGET="500")
-    proc = subprocess.run(["bash", "recipes/bench_moe_efficiency.sh", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return ["bash", "recipes/bench_moe_efficiency.sh", str(tmp_path / "out")], env, 900
+
+
+def test_bench_moe_efficiency_runs_every_stage_and_tabulates(script_runs):
+    """The script runs in the background from the first recipe test on (`script_runs`)."""
+    run = script_runs["bench_moe_efficiency"]
+    proc, work, out = run.result(), run.work / "work", run.work / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("tests", "small-adamw", "medium", "dense", "profile", "small-muon"):
         assert f"{stage}: exit 0 in " in proc.stdout, (stage, proc.stdout[-3000:])

@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from script_runs import background_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "recipes/gpu_moe_per_expert_check.sh"
 TINY = ("device=cpu mesh=single model.n_layers=2 model.d_model=64 model.n_heads=2 model.n_kv_heads=1 "
@@ -22,8 +24,16 @@ def run(tmp_path: Path, stages: str, **env: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_the_check_runs_each_configuration_in_its_own_process_and_gives_a_verdict(tmp_path):
-    proc = run(tmp_path, "blocking nograph fused tests")
+@background_script("gpu_moe_per_expert_check")
+def _command(tmp_path: Path):
+    environment = dict(WORK=str(tmp_path / "work"), STAGES="blocking nograph fused tests", STEPS="3", EXTRA=TINY)
+    return ["bash", SCRIPT, str(tmp_path / "out")], environment, 600
+
+
+def test_the_check_runs_each_configuration_in_its_own_process_and_gives_a_verdict(script_runs):
+    """The script runs in the background from the first recipe test on (`script_runs`)."""
+    started = script_runs["gpu_moe_per_expert_check"]
+    proc, tmp_path = started.result(), started.work
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     for name in ("blocking", "nograph", "fused"):
         log = (tmp_path / "out" / f"{name}.log").read_text()
