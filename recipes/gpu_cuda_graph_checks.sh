@@ -36,6 +36,21 @@ out=${1:-gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L
+
+bench_setting() {   # variable, model, limit of the first (cold) run, then the variable's values: one process each
+  local variable=$1 name=$2 limit=$3 value part log
+  shift 3
+  for value in "$@"; do
+    part=$(date +%s)
+    log="$out/bench_${variable}_${name}_$value.$part"
+    env "$variable=$value" timeout "$limit" python recipes/bench_optimizer.py --model "$name" \
+      --optimizers muon,muon_graph --steps 20 --warmup 5 --no-breakdown --out "$log.json" > "$log.log" 2>&1
+    echo "bench_optimizer $name $variable=$value exit $? ($(( $(date +%s) - part )) s)"
+    grep -E "^\| $name|Error" "$log.log" | head -4
+    limit=60
+  done
+}
+
 for stage in ${STAGES:-tests bench}; do
   start=$(date +%s)
   case $stage in
@@ -78,49 +93,23 @@ for name, target in targets.items():
 PY
       ;;
     bucket_io)
-      bench_pair() {   # name, limit of the first (cold) run, then io values
-        local name=$1 limit=$2 io part
-        shift 2
-        for io in "$@"; do
-          part=$(date +%s)
-          MUON_BUCKET_IO=$io timeout "$limit" python recipes/bench_optimizer.py --model "$name" \
-            --optimizers muon,muon_graph --steps 20 --warmup 5 --no-breakdown \
-            --out "$out/bench_bucket_io_${name}_$io.$part.json" > "$out/bench_bucket_io_${name}_$io.$part.log" 2>&1
-          echo "bench_optimizer $name MUON_BUCKET_IO=$io exit $? ($(( $(date +%s) - part )) s)"
-          grep -E "^\| $name|Error" "$out/bench_bucket_io_${name}_$io.$part.log" | head -4
-          limit=60
-        done
-      }
-      bench_pair moe_small 90 0 1
-      bench_pair dense_1b 90 0 1
+      bench_setting MUON_BUCKET_IO moe_small 90 0 1
+      bench_setting MUON_BUCKET_IO dense_1b 90 0 1
       timeout 200 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
         tests/optim/test_kernels_gpu.py -k "cuda_graph or captured or momentum or scaled_add or transposed_slot or first_step_compiles or gram" \
         > "$out/gpu_tests_bucket_io.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_bucket_io.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_bucket_io.log" | head -20
-      bench_pair dense_1b 60 1 0 ;;
+      bench_setting MUON_BUCKET_IO dense_1b 60 1 0 ;;
     streams)
-      bench_streams() {   # name, limit of the first (cold) run, then MUON_STEP_STREAMS values
-        local name=$1 limit=$2 value part
-        shift 2
-        for value in "$@"; do
-          part=$(date +%s)
-          MUON_STEP_STREAMS=$value timeout "$limit" python recipes/bench_optimizer.py --model "$name" \
-            --optimizers muon_graph,muon --steps 20 --warmup 5 --no-breakdown \
-            --out "$out/bench_streams_${name}_$value.$part.json" > "$out/bench_streams_${name}_$value.$part.log" 2>&1
-          echo "bench_optimizer $name MUON_STEP_STREAMS=$value exit $? ($(( $(date +%s) - part )) s)"
-          grep -E "^\| $name|Error" "$out/bench_streams_${name}_$value.$part.log" | head -4
-          limit=60
-        done
-      }
-      bench_streams moe_small 90 0 auto
-      bench_streams dense_1b 90 0 auto 0 auto
+      bench_setting MUON_STEP_STREAMS moe_small 90 0 auto
+      bench_setting MUON_STEP_STREAMS dense_1b 90 0 auto 0 auto
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
         > "$out/gpu_tests_streams.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_streams.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_streams.log" | head -20
-      MUON_SIDE_STREAM_PRIORITY=-1 bench_streams dense_1b 60 auto
-      bench_streams dense_1b 60 1
+      MUON_SIDE_STREAM_PRIORITY=-1 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
+      bench_setting MUON_STEP_STREAMS dense_1b 60 1
       timeout 120 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller \
         --shapes 32x2048x2048,128x256x1024 --out "$out/bench_ns_buckets" > "$out/bench_ns_buckets.log" 2>&1
       echo "bench_newton_schulz exit $?"
