@@ -45,3 +45,18 @@ CORPUS_SCOPES = ("stdlib", "site-packages")
 TILE_SEARCHES = ("bounded", "full", "heuristic")
 TILE_SEARCH_ENV = "MUON_NS_AUTOTUNE"
 TILE_SEARCH_DEFAULT = "bounded"   # as fast as "full" on moe_small's buckets at half its cold start (docs/benchmarks.md)
+# Where a single-process Muon step runs its passes over memory on a second CUDA stream (optim/step_streams.py), read
+# from STEP_STREAMS_ENV: the captured step on a GPU, none, or every single-process step.
+STEP_STREAMS = ("auto", "0", "1")
+STEP_STREAMS_ENV = "MUON_STEP_STREAMS"
+# moe_small's captured step 3.68-3.93 ms against 3.98-4.03 on one stream, dense_1b's within its noise (one H200,
+# docs/benchmarks.md, "The passes over memory beside the products"); the GPU test of two streams against one passed.
+STEP_STREAMS_DEFAULT = "auto"
+# The side stream's CUDA priority: 0 (the default streams' own, the lowest) or a negative integer (higher).
+SIDE_STREAM_PRIORITY_ENV = "MUON_SIDE_STREAM_PRIORITY"
+
+
+def is_stream_priority(value: str) -> bool:
+    """Whether `value` (a SIDE_STREAM_PRIORITY_ENV value) is 0 or a negative integer."""
+    value = value.strip()
+    return value == "0" or (value.startswith("-") and value[1:].isdigit())

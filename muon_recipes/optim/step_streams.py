@@ -22,10 +22,10 @@ The largest bucket (dense_1b's MLP matrices) runs as two batches (`parts_of_larg
 overlaps the iterations of the second, and only the second half's update is left at the end of the step.
 
 Where (`mode()`, `MUON_STEP_STREAMS`): "auto" in the captured step on a GPU (its warm-up steps and the capture),
-"1" in every single-process step, "0" in none. The default is `DEFAULT_MODE`. Either way the first step, and the
-first after the captured step is rebuilt, stays on one stream: it times the Newton-Schulz plans of new shapes
-(`kernels/iterations.py`), and a pass running beside the timed products would skew them. Off the GPU "1" runs the
-same schedule on the one stream there is (`InlineStreams`): how the CPU tests check its order.
+"1" in every single-process step, "0" in none. The default is `choices.STEP_STREAMS_DEFAULT` ("auto"). Either way
+the first step, and the first after the captured step is rebuilt, stays on one stream: it times the Newton-Schulz
+plans of new shapes (`kernels/iterations.py`), and a pass running beside the timed products would skew them. Off
+the GPU "1" runs the same schedule on the one stream there is (`InlineStreams`): how the CPU tests check its order.
 """
 
 from __future__ import annotations
@@ -36,19 +36,16 @@ from typing import Hashable, Optional
 
 import torch
 
-MODES = ("auto", "0", "1")
-# Measured on one H200 (docs/benchmarks.md, "The passes over memory beside the products"): moe_small's captured
-# step 3.68-3.93 ms against 3.98-4.03 on one stream, dense_1b's 40.1-40.9 against 39.9-41.4 (within its noise);
-# the GPU test of the two streams against one passed, bit for bit.
-DEFAULT_MODE = "auto"
-
+from muon_recipes.choices import (SIDE_STREAM_PRIORITY_ENV, STEP_STREAMS, STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV,
+                                  is_stream_priority)
 
 def mode() -> str:
     """MUON_STEP_STREAMS: auto (the captured step on a GPU), 1 (every single-process step), 0 (none); unset,
-    `DEFAULT_MODE`."""
-    value = os.environ.get("MUON_STEP_STREAMS", DEFAULT_MODE)
-    if value not in MODES:
-        raise ValueError(f"MUON_STEP_STREAMS={value!r}: expected one of {', '.join(MODES)}")
+    `STEP_STREAMS_DEFAULT`. (A run's config validation checks it before anything starts; this is the check of a
+    direct `Muon` user.)"""
+    value = os.environ.get(STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT)
+    if value not in STEP_STREAMS:
+        raise ValueError(f"{STEP_STREAMS_ENV}={value!r}: expected one of {', '.join(STEP_STREAMS)}")
     return value
 
 
@@ -75,14 +72,10 @@ class InlineStreams:
 def side_priority() -> int:
     """MUON_SIDE_STREAM_PRIORITY: the side stream's CUDA priority, 0 (the default streams' own, the lowest) or
     negative (higher: the block scheduler then gives the passes over memory the SMs a product frees first)."""
-    value = os.environ.get("MUON_SIDE_STREAM_PRIORITY", "0")
-    try:
-        priority = int(value)
-    except ValueError:
-        priority = 1
-    if priority > 0:
-        raise ValueError(f"MUON_SIDE_STREAM_PRIORITY={value!r}: expected 0 or a negative integer")
-    return priority
+    value = os.environ.get(SIDE_STREAM_PRIORITY_ENV, "0")
+    if not is_stream_priority(value):
+        raise ValueError(f"{SIDE_STREAM_PRIORITY_ENV}={value!r}: expected 0 or a negative integer")
+    return int(value)
 
 
 class TwoStreams(InlineStreams):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muon_recipes.config import OptimConfig
+from muon_recipes.choices import STEP_STREAMS_DEFAULT
+from muon_recipes.config import ConfigError, OptimConfig, RunConfig, validate
 from muon_recipes.optim import build_optimizer, orthogonalize, step_streams
 from muon_recipes.optim.blocks import BlockPlan
 from muon_recipes.optim.cuda_graph import CapturedStep
@@ -111,7 +112,7 @@ def test_the_largest_bucket_splits_at_block_boundaries(monkeypatch):
 def test_where_the_schedule_applies(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.delenv("MUON_STEP_STREAMS", raising=False)
-    assert step_streams.mode() == step_streams.DEFAULT_MODE
+    assert step_streams.mode() == STEP_STREAMS_DEFAULT == "auto"
     monkeypatch.setenv("MUON_STEP_STREAMS", "auto")
     # "auto": only the captured step on a GPU, after the step that timed the plans; never off the GPU.
     assert step_streams.for_step(cpu, captured=True, plans_timed=True) is None
@@ -131,6 +132,20 @@ def test_where_the_schedule_applies(monkeypatch):
             step_streams.side_priority()
     monkeypatch.setenv("MUON_SIDE_STREAM_PRIORITY", "-1")
     assert step_streams.side_priority() == -1
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("MUON_STEP_STREAMS", "yes", "must be one of auto, 0, 1"),
+    ("MUON_SIDE_STREAM_PRIORITY", "2", "must be 0 or a negative integer"),
+    ("MUON_SIDE_STREAM_PRIORITY", "high", "must be 0 or a negative integer")])
+def test_a_runs_bad_stream_setting_is_refused_before_it_starts(monkeypatch, variable, value, message):
+    """A run's config validation (before any process group or GPU) checks both variables, as it checks
+    MUON_NS_AUTOTUNE: one line naming the variable, the value and what is valid."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=rf"invalid config: {variable}='{value}': {message}"):
+        validate(RunConfig(), world_size=1)
+    monkeypatch.delenv(variable)
+    validate(RunConfig(), world_size=1)
 
 
 def test_the_first_device_step_of_each_build_stays_on_one_stream(monkeypatch):
