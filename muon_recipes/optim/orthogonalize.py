@@ -67,35 +67,29 @@ class BucketLayout:
     """
 
     def __init__(self, jobs: Sequence[tuple[BlockPlan, NSSettings, torch.device]], parts: int = 1):
+        # Every non-empty block with the bucket it joins, whole (before any split): (job, block, key, count, tall).
+        blocks = [(j, b, ((min(rows, cols), max(rows, cols)), torch.device(device), ns), count, rows > cols)
+                  for j, (plan, ns, device) in enumerate(jobs)
+                  for b, (count, rows, cols) in enumerate(plan.block_shapes()) if count * rows * cols]
         totals: dict[tuple, int] = {}
-        for plan, ns, device in jobs:
-            for count, rows, cols in plan.block_shapes():
-                if count * rows * cols:
-                    whole = ((min(rows, cols), max(rows, cols)), torch.device(device), ns)
-                    totals[whole] = totals.get(whole, 0) + count
-        largest = max(totals, key=lambda k: totals[k] * k[0][0] * k[0][1], default=None)
-        if largest is None or totals[largest] * largest[0][0] * largest[0][1] < SPLIT_MIN_ELEMENTS:
+        for _, _, whole, count, _ in blocks:
+            totals[whole] = totals.get(whole, 0) + count
+        largest = max(totals, key=lambda k: _elements(k, totals[k]), default=None)
+        if largest is not None and _elements(largest, totals[largest]) < SPLIT_MIN_ELEMENTS:
             largest = None
         placed: dict[tuple, int] = {}
         self.sizes: dict[tuple, int] = {}
         self.members: dict[tuple, list[tuple[int, int]]] = {}
-        self.slots: list[list[Optional[Slot]]] = []
-        for j, (plan, ns, device) in enumerate(jobs):
-            slots = []
-            for b, (count, rows, cols) in enumerate(plan.block_shapes()):
-                if count * rows * cols == 0:
-                    slots.append(None)   # an empty block: nothing to orthogonalize
-                    continue
-                tall = rows > cols
-                whole = ((cols, rows) if tall else (rows, cols), torch.device(device), ns)
-                position = placed.get(whole, 0)
-                placed[whole] = position + count
-                key = whole + ((position * parts) // totals[whole] if whole == largest else 0,)
-                start = self.sizes.get(key, 0)
-                self.sizes[key] = start + count
-                self.members.setdefault(key, []).append((j, b))
-                slots.append(Slot(key, start, count, tall))
-            self.slots.append(slots)
+        # None for an empty block: nothing to orthogonalize.
+        self.slots: list[list[Optional[Slot]]] = [[None] * len(plan.block_shapes()) for plan, _, _ in jobs]
+        for j, b, whole, count, tall in blocks:
+            position = placed.get(whole, 0)
+            placed[whole] = position + count
+            key = whole + ((position * parts) // totals[whole] if whole == largest else 0,)
+            start = self.sizes.get(key, 0)
+            self.sizes[key] = start + count
+            self.members.setdefault(key, []).append((j, b))
+            self.slots[j][b] = Slot(key, start, count, tall)
         self.plans = [plan for plan, _, _ in jobs]
         self.batches: dict[tuple, torch.Tensor] = {}
         self.prepared: set[tuple] = set()   # buckets filled and normalized (`prepare`)
@@ -202,7 +196,7 @@ class BucketLayout:
         """The buckets, fewest elements first: the order the two-stream step runs them in (`step_streams.py`).
         The first bucket's momentum and the last one's update are the passes that nothing overlaps, so the
         smallest bucket goes first; the last, the largest, leaves its update exposed."""
-        return sorted(self.members, key=lambda key: self.sizes[key] * key[0][0] * key[0][1])
+        return sorted(self.members, key=lambda key: _elements(key, self.sizes[key]))
 
     def bucket_of(self, j: int, run: int) -> tuple:
         """The bucket that run `run` of `runs(j)` sits in (every block of a run shares one)."""
@@ -228,6 +222,12 @@ class BucketLayout:
             # is copied back row-major, which keeps the final update's reads coalesced.
             return pieces[0].reshape(update.shape) if update.ndim == 3 else pieces[0][0]
         return plan.assemble(pieces, torch.empty(update.shape, dtype=dtype, device=update.device))
+
+
+def _elements(key: tuple, matrices: int) -> int:
+    """Elements of `matrices` matrices of bucket `key`'s shape."""
+    (m, n) = key[0]
+    return matrices * m * n
 
 
 def orthogonalize(jobs: Sequence[tuple[torch.Tensor, BlockPlan, NSSettings]]) -> list[torch.Tensor]:
