@@ -34,9 +34,15 @@ def joined_world(rank: int, world: int, init_file: str):
             dist.destroy_process_group()
 
 
-def _run_trainer_jobs(rank: int, world: int, jobs: list, init_files: list, out: str, common: list) -> None:
+# Where `spawn_trainer_runs` writes the error of its `then` checks, under its `out`.
+THEN_ERROR = "then-failed.txt"
+
+
+def _run_trainer_jobs(rank: int, world: int, jobs: list, init_files: list, out: str, common: list,
+                      then=None) -> None:
     """Worker: each job (name, overrides) through `muon_recipes.train.run` in its own process group; the exit codes
-    (with stderr) of jobs that stopped are written to `codes-<rank>.json`."""
+    (with stderr) of jobs that stopped are written to `codes-<rank>.json`. Then `then(rank, world, init_file)`,
+    if given, with a rendezvous file of its own."""
     import contextlib
     import io
     import json
@@ -61,17 +67,29 @@ def _run_trainer_jobs(rank: int, world: int, jobs: list, init_files: list, out: 
             except SystemExit as e:
                 codes[name] = [e.code, stderr.getvalue()]
     Path(out, f"codes-{rank}.json").write_text(json.dumps(codes))
+    if then is not None:
+        then(rank, world, str(Path(out, "rendezvous", "then")))
 
 
-def spawn_trainer_runs(world: int, jobs: list, out: Path, common: list) -> dict:
+def spawn_trainer_runs(world: int, jobs: list, out: Path, common: list, then=None) -> dict:
     """Run the trainer jobs (name, overrides; `common` overrides first) one after the other in one spawned gloo
-    world of `world` processes; returns rank 0's {name: [exit code, stderr]}."""
+    world of `world` processes; returns rank 0's {name: [exit code, stderr]}.
+
+    `then(rank, world, init_file)`, a module-level function, runs in the same processes after the jobs (other
+    checks that need a world of this size pay no imports of their own). If it fails, the spawn's error is written
+    to `out / THEN_ERROR` for the caller to report, and the jobs' codes are returned all the same."""
     import json
 
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     init_files = rendezvous_files(out / "rendezvous", len(jobs))
-    mp.spawn(_run_trainer_jobs, args=(world, jobs, init_files, str(out), common), nprocs=world, join=True)
+    try:
+        mp.spawn(_run_trainer_jobs, args=(world, jobs, init_files, str(out), common, then), nprocs=world, join=True)
+    except ProcessException as error:
+        if then is None or not (out / "codes-0.json").exists():   # the jobs themselves did not finish
+            raise
+        (out / THEN_ERROR).write_text(str(error))
     return json.loads((out / "codes-0.json").read_text())

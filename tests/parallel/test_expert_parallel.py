@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from gloo_world import _run_trainer_jobs, rendezvous_files, spawn_trainer_runs  # noqa: E402
+from gloo_world import THEN_ERROR, spawn_trainer_runs  # noqa: E402
 from test_bad_inputs import assert_one_line, run_in_process  # noqa: E402
 
 # Float tolerance of ep against fsdp: the expert weight gradients sum the same terms in another order.
@@ -172,22 +172,11 @@ def _check_optimizer_plan(world: int) -> None:
     assert "experts ep=2, Newton-Schulz local" in describe_param_groups(optimizer)
 
 
-LAYER_ERROR = "layer-checks-failed.txt"
-
-
-def _four_rank_worker(rank: int, world: int, layer_init_file: str, jobs: list, init_files: list, out: str,
-                      common: list) -> None:
-    """The world of 4 of this module: the trainer jobs (`gloo_world`, their exit codes to files), then the layer and
-    optimizer checks, each in its own process group. One spawn for both pays the 4 processes' imports once."""
-    _run_trainer_jobs(rank, world, jobs, init_files, out, common)
-    _layer_worker(rank, world, layer_init_file)
-
-
 @pytest.mark.distributed
 def test_layer_and_optimizer_under_expert_parallelism(runs):
-    """Run in the world of 4 of the `runs` fixture, after its trainer jobs: a failed check ends that spawn, and the
-    worker's traceback is reported here."""
-    error = runs / "spawn-4" / LAYER_ERROR
+    """Run in the world of 4 of the `runs` fixture, after its trainer jobs (`spawn_trainer_runs(then=...)`): a failed
+    check ends that spawn, and the worker's traceback is reported here."""
+    error = runs / "spawn-4" / THEN_ERROR
     assert not error.exists(), error.read_text()
 
 
@@ -222,10 +211,6 @@ def _assert_close_losses(got: dict, want: dict, steps, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = tmp_path_factory.mktemp("ep")
     two = [(name, [*args, f"run_dir={root / name}"]) for name, args in {
         "fsdp2-muon": ["optim=muon_split", "mesh=fsdp", "train.batch_size=4", *CHECKPOINTS],
@@ -252,16 +237,7 @@ def runs(tmp_path_factory) -> Path:
         "fsdp-to-ep2": ["optim=muon_split", "mesh=ep", "mesh.ep=2", "train.batch_size=2", step2("fsdp2-muon")],
     }.items()]
     # The world of 4 also runs the layer and optimizer checks (after the trainer jobs, in the same processes).
-    out = root / "spawn-4"
-    out.mkdir()
-    init_files = rendezvous_files(out / "rendezvous", len(four))
-    try:
-        mp.spawn(_four_rank_worker, args=(4, str(out / "layer-init"), four, init_files, str(out), COMMON), nprocs=4,
-                 join=True)
-    except ProcessException as e:  # a layer check failed (the trainer jobs had written their codes)
-        (out / LAYER_ERROR).write_text(str(e))
-    assert (out / "codes-0.json").exists(), (out / LAYER_ERROR).read_text()
-    codes.update(json.loads((out / "codes-0.json").read_text()))
+    codes.update(spawn_trainer_runs(4, four, root / "spawn-4", COMMON, then=_layer_worker))
     bad = {k: v for k, v in codes.items() if v[0] != 0}
     assert not bad, bad
     return root
