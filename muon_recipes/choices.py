@@ -52,11 +52,14 @@ STEP_STREAMS_ENV = "MUON_STEP_STREAMS"
 # moe_small's captured step 3.68-3.93 ms against 3.98-4.03 on one stream, dense_1b's within its noise (one H200,
 # docs/benchmarks.md, "The passes over memory beside the products"); the GPU test of two streams against one passed.
 STEP_STREAMS_DEFAULT = "auto"
-# The side stream's CUDA priority: 0 (the default streams' own, the lowest) or a negative integer (higher).
+# The CUDA priorities of the side stream and of the stream the step is captured on: 0 (the default streams' own, the
+# lowest) or a negative integer (higher). Either one set makes the captured graph keep them (optim/cuda_graph.py).
 SIDE_STREAM_PRIORITY_ENV = "MUON_SIDE_STREAM_PRIORITY"
+MAIN_STREAM_PRIORITY_ENV = "MUON_MAIN_STREAM_PRIORITY"
+STREAM_PRIORITY_ENVS = (SIDE_STREAM_PRIORITY_ENV, MAIN_STREAM_PRIORITY_ENV)
 
 
 def is_stream_priority(value: str) -> bool:
-    """Whether `value` (a SIDE_STREAM_PRIORITY_ENV value) is 0 or a negative integer."""
+    """Whether `value` (a STREAM_PRIORITY_ENVS value) is 0 or a negative integer."""
     value = value.strip()
     return value == "0" or (value.startswith("-") and value[1:].isdigit())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, CUDA_GRAPH_MODES, EXPERT_MODES,
-                                  LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES, SIDE_STREAM_PRIORITY_ENV,
+                                  LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES, STREAM_PRIORITY_ENVS,
                                   SPLIT_MODES, STEP_STREAMS, STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV,
                                   TILE_SEARCH_DEFAULT, TILE_SEARCH_ENV, TILE_SEARCHES, is_stream_priority)
 
@@ -615,10 +615,10 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     _choice(TILE_SEARCH_ENV, os.environ.get(TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT), TILE_SEARCHES)
     # ... and whether the optimizer step runs its passes over memory on a second CUDA stream (optim/step_streams.py).
     _choice(STEP_STREAMS_ENV, os.environ.get(STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT), STEP_STREAMS)
-    priority = os.environ.get(SIDE_STREAM_PRIORITY_ENV, "0")
-    if not is_stream_priority(priority):
-        raise ConfigError(SIDE_STREAM_PRIORITY_ENV, priority,
-                          "must be 0 or a negative integer (a CUDA stream priority)")
+    for name in STREAM_PRIORITY_ENVS:
+        priority = os.environ.get(name, "0")
+        if not is_stream_priority(priority):
+            raise ConfigError(name, priority, "must be 0 or a negative integer (a CUDA stream priority)")
     validate_split_policy(cfg.model, cfg.optim)
     validate_data(cfg.data)
     if cfg.data.tokenizer == "bpe":

@@ -248,6 +248,19 @@ def persistent_breakdown(X, A, B, coefficient, gram_flops, poly_flops, update_fl
     return result
 
 
+def trace_calls(path: Path, fn, calls: int = 3) -> None:
+    """`calls` calls of `fn` (already warm) under torch.profiler, as a Chrome trace at `path`: the loop's kernels
+    one by one and the gaps between them (what the sum of its products, timed alone, leaves out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(path))
+
+
 def plot(rows: list[dict], device: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -284,6 +297,9 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown")
     parser.add_argument("--band-matrices", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", action="store_true",
+                        help="also profile 3 graph replays of ours (and of the Gram form) per shape: a Chrome trace "
+                             "per shape in --out, for recipes/stream_timeline.py --steps 3")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_newton_schulz: needs a CUDA device")
@@ -333,6 +349,12 @@ def main() -> None:
                                                                       cuda_graph=False))
             row["ours_gram_graph"] = time_ms(lambda: gram_iterations_triton(X_half, timed_coefficients, restarts,
                                                                             cuda_graph=True))
+        if args.trace:
+            trace_calls(args.out / f"trace_{label}.json", lambda: ns_iterations_triton(X, timed_coefficients,
+                                                                                       cuda_graph=True))
+            if X_half is not None:
+                trace_calls(args.out / f"trace_{label}_gram.json", lambda: gram_iterations_triton(
+                    X_half, timed_coefficients, restarts, cuda_graph=True))
         row["launch_us"] = host_launch_microseconds(lambda: ns_iterations_triton(X, timed_coefficients))
         row["plan"] = [vars(plan) for key, plan in _plans.items() if tuple(key[1:4]) == (batch, m, n)]
         if not args.no_breakdown:

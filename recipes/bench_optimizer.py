@@ -65,8 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the extra profiled pass of ours (NS / comm / other)")
     p.add_argument("--trace", action="store_true",
-                   help="also profile 3 steps of ours with torch.profiler: kernel table (printed, and beside "
-                        "--out as .txt) and a Chrome trace (.json) per model, rank 0")
+                   help="also profile 3 steps of ours (eager, and captured as MODEL_graph) with torch.profiler: "
+                        "kernel table (printed, and beside --out as .txt) and a Chrome trace (.json) per model, "
+                        "rank 0 (recipes/stream_timeline.py reads the trace per stream)")
     p.add_argument("--before-step", default="none", choices=("none", "flush", "matmul"),
                    help="GPU work before each timed step, untimed (see before_step_load)")
     p.add_argument("--out", required=True, help="path of the JSON file to write")
@@ -294,8 +295,8 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
                 parts.setdefault(k, []).append(v)
         opt.profile = False
         row["profiled_ms"] = worst_over_ranks({k: 1e3 * statistics.median(v) for k, v in parts.items()}, ctx.device)
-    if kind == "muon" and args.trace:
-        trace_steps(step, model_name, ctx, args)
+    if kind in ("muon", "muon_graph") and args.trace:   # the captured step's trace: its kernels per stream
+        trace_steps(step, model_name if kind == "muon" else f"{model_name}_graph", ctx, args)
     del opt
     return row
 

@@ -264,12 +264,20 @@ class CapturedStep:
 
     def _capture(self) -> bool:
         """Record the step (nothing runs yet: the replay that follows is this step). False when recording failed
-        (the parameters are untouched then, so the eager step can take over)."""
+        (the parameters are untouched then, so the eager step can take over). Where the streams' priorities are
+        set (`step_streams.keeps_priorities`), the step is recorded on a stream of the main priority and the graph
+        instantiated with the priorities each kernel was recorded with (`PrioritizedGraph`)."""
+        from muon_recipes.optim import step_streams
+
         start = time.perf_counter()
-        graph = torch.cuda.CUDAGraph()
+        prioritized = step_streams.keeps_priorities()
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if prioritized else torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(priority=step_streams.main_priority()) if prioritized else None
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 self.optimizer._step_on_device(self.scalars, self.grads)
+            if prioritized:
+                graph = PrioritizedGraph(graph)
         except Exception as error:
             message = str(error).strip().splitlines()
             return self._give_up(f"capturing the step failed: {type(error).__name__}"
@@ -279,3 +287,44 @@ class CapturedStep:
         self.log(f"optimizer: step captured as one CUDA graph in {time.perf_counter() - start:.2f} s "
                  f"(capture {self.captures}, {len(self.grads)} parameters)")
         return True
+
+
+class PrioritizedGraph:
+    """A captured `torch.cuda.CUDAGraph(keep_graph=True)` instantiated with CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY:
+    each kernel runs at the priority of the stream it was recorded on, instead of all at the priority of the stream
+    the graph is replayed on (CUDA Driver API, cuGraphInstantiateWithFlags). torch instantiates without that flag,
+    so stream priorities set for a captured two-stream step (`step_streams.keeps_priorities`) would do nothing.
+
+    The torch graph is kept: it owns the recorded graph and the memory pool its kernels address."""
+
+    # CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH (as torch's own instantiation) | ..._USE_NODE_PRIORITY
+    FLAGS = 1 | 8
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph"):
+        import ctypes
+
+        self.graph = graph
+        self._driver = ctypes.CDLL("libcuda.so.1")
+        self._ctypes = ctypes
+        handle = ctypes.c_void_p()
+        self._check(self._driver.cuGraphInstantiateWithFlags(
+            ctypes.byref(handle), ctypes.c_void_p(graph.raw_cuda_graph()), ctypes.c_ulonglong(self.FLAGS)),
+            "cuGraphInstantiateWithFlags")
+        self.exec = handle
+
+    @staticmethod
+    def _check(status: int, call: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{call} returned CUDA driver error {status}")
+
+    def replay(self) -> None:
+        stream = self._ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self._check(self._driver.cuGraphLaunch(self.exec, stream), "cuGraphLaunch")
+
+    def __del__(self) -> None:
+        exec_handle, self.exec = getattr(self, "exec", None), None
+        if exec_handle is not None and exec_handle.value:
+            try:
+                self._driver.cuGraphExecDestroy(exec_handle)
+            except Exception:
+                pass   # interpreter shutdown

@@ -36,8 +36,9 @@ from typing import Hashable, Optional
 
 import torch
 
-from muon_recipes.choices import (SIDE_STREAM_PRIORITY_ENV, STEP_STREAMS, STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV,
-                                  is_stream_priority)
+from muon_recipes.choices import (MAIN_STREAM_PRIORITY_ENV, SIDE_STREAM_PRIORITY_ENV, STEP_STREAMS,
+                                  STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV, is_stream_priority)
+
 
 def mode() -> str:
     """MUON_STEP_STREAMS: auto (the captured step on a GPU), 1 (every single-process step), 0 (none); unset,
@@ -69,13 +70,33 @@ class InlineStreams:
         pass
 
 
-def side_priority() -> int:
-    """MUON_SIDE_STREAM_PRIORITY: the side stream's CUDA priority, 0 (the default streams' own, the lowest) or
-    negative (higher: the block scheduler then gives the passes over memory the SMs a product frees first)."""
-    value = os.environ.get(SIDE_STREAM_PRIORITY_ENV, "0")
+def stream_priority(name: str) -> int:
+    """A stream priority from the environment variable `name` (`choices.STREAM_PRIORITY_ENVS`): 0 (the default
+    streams' own, the lowest) or negative (higher: the block scheduler gives that stream's kernels the SMs that free
+    up first)."""
+    value = os.environ.get(name, "0")
     if not is_stream_priority(value):
-        raise ValueError(f"{SIDE_STREAM_PRIORITY_ENV}={value!r}: expected 0 or a negative integer")
+        raise ValueError(f"{name}={value!r}: expected 0 or a negative integer")
     return int(value)
+
+
+def side_priority() -> int:
+    """MUON_SIDE_STREAM_PRIORITY: the side stream's CUDA priority."""
+    return stream_priority(SIDE_STREAM_PRIORITY_ENV)
+
+
+def main_priority() -> int:
+    """MUON_MAIN_STREAM_PRIORITY: the priority of the stream the step is captured on (the main stream of its
+    schedule), for a captured step that keeps its streams' priorities (`keeps_priorities`)."""
+    return stream_priority(MAIN_STREAM_PRIORITY_ENV)
+
+
+def keeps_priorities() -> bool:
+    """Whether the captured step keeps the priorities of the streams it was recorded on (either one set).
+
+    Why: a CUDA graph runs every kernel at the priority of the stream it is replayed on, unless it is instantiated
+    with the per-node priorities its capture recorded (`cuda_graph.PrioritizedGraph`)."""
+    return side_priority() != 0 or main_priority() != 0
 
 
 class TwoStreams(InlineStreams):

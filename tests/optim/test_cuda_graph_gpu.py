@@ -145,13 +145,17 @@ def test_captured_step_equals_eager_step_on_single_gpu_fsdp2():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["graph", "device_eager"])
-def test_two_stream_step_equals_the_one_stream_step(monkeypatch, mode):
+@pytest.mark.parametrize("mode,main_priority", [("graph", "0"), ("device_eager", "0"), ("graph", "-1")])
+def test_two_stream_step_equals_the_one_stream_step(monkeypatch, mode, main_priority):
     """The captured step runs its momentum, AdamW and weight updates on a side stream beside the Newton-Schulz
     products (`step_streams.py`, on by default there from the second device step): the same numbers as the
     one-stream order bit for bit, captured and run eagerly on the two streams (a missing wait would show as a
-    race: a product reading a bucket before its momentum is written, an update reading a result too early)."""
+    race: a product reading a bucket before its momentum is written, an update reading a result too early).
+    With a main-stream priority the graph is instantiated with its kernels' own priorities (`PrioritizedGraph`)."""
     from muon_recipes.optim import step_streams
+    from muon_recipes.optim.cuda_graph import PrioritizedGraph
+
+    monkeypatch.setenv("MUON_MAIN_STREAM_PRIORITY", main_priority)
 
     chosen = []
     choose = step_streams.for_step
@@ -160,6 +164,8 @@ def test_two_stream_step_equals_the_one_stream_step(monkeypatch, mode):
     two = _run(_params(), mode)
     assert any(isinstance(s, step_streams.TwoStreams) for s in chosen), "the two-stream schedule never ran"
     assert chosen[0] is None   # the first device step times the plans on one stream
+    if mode == "graph":
+        assert isinstance(two[1]._captured.graph, PrioritizedGraph) == (main_priority != "0")
     monkeypatch.setenv("MUON_STEP_STREAMS", "0")
     one = _run(_params(), mode)
     _compare(two, one, exact=True)
