@@ -57,6 +57,8 @@ STEP_STREAMS_DEFAULT = "auto"
 SIDE_STREAM_PRIORITY_ENV = "MUON_SIDE_STREAM_PRIORITY"
 MAIN_STREAM_PRIORITY_ENV = "MUON_MAIN_STREAM_PRIORITY"
 STREAM_PRIORITY_ENVS = (SIDE_STREAM_PRIORITY_ENV, MAIN_STREAM_PRIORITY_ENV)
+# At most this many programs per SM for each pass over memory on the side stream; 0: one program per block.
+SIDE_PROGRAMS_ENV = "MUON_SIDE_PROGRAMS_PER_SM"
 
 
 def is_stream_priority(value: str) -> bool:

@@ -31,13 +31,14 @@
 #   streams against one, bit for bit); dense_1b with the side stream at a higher priority
 #   (MUON_SIDE_STREAM_PRIORITY=-1) and with the schedule in the eager step too (=1); then Newton-Schulz of the
 #   square and small-expert buckets against their floors.
-#   STAGES=timeline (about five minutes): where the captured step's time goes per CUDA stream. moe_small and dense_1b
-#   on one stream (MUON_STEP_STREAMS=0) and on two (auto), each with a torch.profiler trace of 3 captured steps read by
+#   STAGES=timeline (about nine minutes): where the captured step's time goes per CUDA stream. dense_1b and moe_small
+#   on one stream (MUON_STEP_STREAMS=0), on two (auto), and on two with the side stream's passes bounded to 2 programs
+#   per SM (MUON_SIDE_PROGRAMS_PER_SM=2), each with a torch.profiler trace of 3 captured steps read by
 #   recipes/stream_timeline.py (busy, overlap, idle, the kernels' launch resources, the same kernels side by side);
-#   dense_1b again with the main stream at a higher priority than the side stream, kept in the graph
-#   (MUON_MAIN_STREAM_PRIORITY=-1, `PrioritizedGraph`); the two-stream GPU tests (one of them prioritized); then the
-#   square and small-expert buckets' graph-replayed loops traced kernel by kernel; the GPU's clocks and power
-#   sampled throughout (smi_timeline.csv).
+#   dense_1b timed with the passes bounded to 1 program per SM, and with the main stream at a higher priority kept in
+#   the graph (MUON_MAIN_STREAM_PRIORITY=-1, `PrioritizedGraph`); the two-stream GPU tests with bounded passes (one of
+#   them prioritized); dense_1b again on one and two streams, and bounded; then the square and small-expert buckets'
+#   graph-replayed loops traced kernel by kernel; the GPU's clocks and power sampled throughout (smi_timeline.csv).
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -56,6 +57,17 @@ bench_setting() {   # variable, model, limit of the first (cold) run, then the v
     grep -E "^\| $name|Error" "$log.log" | head -4
     limit=60
   done
+}
+
+trace_setting() {   # model, label, then VAR=value settings: the captured step timed, and 3 of its steps traced
+  local name=$1 label=$2 part log
+  shift 2
+  part=$(date +%s)
+  log="$out/timeline_${name}_$label"
+  env "$@" timeout 120 python recipes/bench_optimizer.py --model "$name" --optimizers muon_graph --steps 20 \
+    --warmup 5 --no-breakdown --trace --out "$log.json" > "$log.log" 2>&1
+  echo "bench_optimizer $name $* --trace exit $? ($(( $(date +%s) - part )) s)"
+  grep -E "^\| $name|Error" "$log.log" | head -3
 }
 
 for stage in ${STAGES:-tests bench}; do
@@ -125,32 +137,32 @@ PY
       nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
         --format=csv -lms 250 > "$out/smi_timeline.csv" 2>&1 &
       smi=$!
-      for name in dense_1b moe_small; do
-        for value in 0 auto; do
-          part=$(date +%s)
-          env MUON_STEP_STREAMS=$value timeout 120 python recipes/bench_optimizer.py --model $name \
-            --optimizers muon_graph --steps 20 --warmup 5 --no-breakdown --trace \
-            --out "$out/timeline_${name}_$value.json" > "$out/timeline_${name}_$value.log" 2>&1
-          echo "bench_optimizer $name MUON_STEP_STREAMS=$value --trace exit $? ($(( $(date +%s) - part )) s)"
-          grep -E "^\| $name|Error" "$out/timeline_${name}_$value.log" | head -3
-        done
-        python recipes/stream_timeline.py --steps 3 "$out/timeline_${name}_0_trace_${name}_graph.json" \
-          "$out/timeline_${name}_auto_trace_${name}_graph.json" > "$out/timeline_$name.md" 2>&1
-        grep -E "^(##|window|stream)" "$out/timeline_$name.md"
-      done
+      trace_setting dense_1b one MUON_STEP_STREAMS=0
+      trace_setting dense_1b two MUON_STEP_STREAMS=auto
+      trace_setting dense_1b two_bounded2 MUON_STEP_STREAMS=auto MUON_SIDE_PROGRAMS_PER_SM=2
+      python recipes/stream_timeline.py --steps 3 \
+        "$out"/timeline_dense_1b_{one,two,two_bounded2}_trace_dense_1b_graph.json > "$out/timeline_dense_1b.md" 2>&1
+      grep -E "^(##|window|stream)" "$out/timeline_dense_1b.md"
+      MUON_SIDE_PROGRAMS_PER_SM=1 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
       MUON_MAIN_STREAM_PRIORITY=-1 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
-      MUON_MAIN_STREAM_PRIORITY=-1 bench_setting MUON_STEP_STREAMS moe_small 60 auto
-      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py -k two_stream \
-        > "$out/gpu_tests_timeline.log" 2>&1
-      echo "tests exit $?: $(tail -1 "$out/gpu_tests_timeline.log")"
+      trace_setting moe_small one MUON_STEP_STREAMS=0
+      trace_setting moe_small two MUON_STEP_STREAMS=auto
+      trace_setting moe_small two_bounded2 MUON_STEP_STREAMS=auto MUON_SIDE_PROGRAMS_PER_SM=2
+      python recipes/stream_timeline.py --steps 3 \
+        "$out"/timeline_moe_small_{one,two,two_bounded2}_trace_moe_small_graph.json > "$out/timeline_moe_small.md" 2>&1
+      grep -E "^(##|window|stream)" "$out/timeline_moe_small.md"
+      MUON_SIDE_PROGRAMS_PER_SM=2 timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
+        -k two_stream > "$out/gpu_tests_timeline.log" 2>&1
+      echo "tests (side passes bounded to 2 programs per SM) exit $?: $(tail -1 "$out/gpu_tests_timeline.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_timeline.log" | head -20
+      bench_setting MUON_STEP_STREAMS dense_1b 60 0 auto
+      MUON_SIDE_PROGRAMS_PER_SM=2 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
       timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller --trace \
         --shapes 32x2048x2048,128x256x1024 --out "$out/ns_timeline" > "$out/ns_timeline.log" 2>&1
       echo "bench_newton_schulz --trace exit $?"
       grep -E "floor" "$out/ns_timeline.log" | head -4
       python recipes/stream_timeline.py --steps 3 "$out"/ns_timeline/trace_*.json > "$out/ns_timeline.md" 2>&1
       grep -E "^(##|window|stream)" "$out/ns_timeline.md"
-      bench_setting MUON_STEP_STREAMS dense_1b 60 0 auto
       kill $smi ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \

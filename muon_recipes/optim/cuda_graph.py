@@ -290,8 +290,8 @@ class CapturedStep:
 
 
 class PrioritizedGraph:
-    """A captured `torch.cuda.CUDAGraph(keep_graph=True)` instantiated with CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY:
-    each kernel runs at the priority of the stream it was recorded on, instead of all at the priority of the stream
+    """A captured `torch.cuda.CUDAGraph(keep_graph=True)` instantiated with
+    CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY: each kernel runs at the priority of the stream it was recorded on, instead of all at the priority of the stream
     the graph is replayed on (CUDA Driver API, cuGraphInstantiateWithFlags). torch instantiates without that flag,
     so stream priorities set for a captured two-stream step (`step_streams.keeps_priorities`) would do nothing.
 

@@ -37,7 +37,7 @@ from typing import Hashable, Optional
 import torch
 
 from muon_recipes.choices import (MAIN_STREAM_PRIORITY_ENV, SIDE_STREAM_PRIORITY_ENV, STEP_STREAMS,
-                                  STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV, is_stream_priority)
+                                  SIDE_PROGRAMS_ENV, STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV, is_stream_priority)
 
 
 def mode() -> str:
@@ -91,6 +91,15 @@ def main_priority() -> int:
     return stream_priority(MAIN_STREAM_PRIORITY_ENV)
 
 
+def side_programs_per_sm() -> int:
+    """MUON_SIDE_PROGRAMS_PER_SM: at most this many programs per SM for each pass over memory on the side stream
+    (`fast_launch.bounded_programs`); 0 (the default): one program per block."""
+    value = os.environ.get(SIDE_PROGRAMS_ENV, "0")
+    if not value.isdigit():
+        raise ValueError(f"{SIDE_PROGRAMS_ENV}={value!r}: expected 0 or a positive integer")
+    return int(value)
+
+
 def keeps_priorities() -> bool:
     """Whether the captured step keeps the priorities of the streams it was recorded on (either one set).
 
@@ -120,8 +129,15 @@ class TwoStreams(InlineStreams):
 
     @contextmanager
     def side(self):
+        per_sm = side_programs_per_sm()
         with torch.cuda.stream(self.side_stream):
-            yield
+            if per_sm == 0:
+                yield
+            else:
+                from muon_recipes.optim.kernels.fast_launch import bounded_programs
+
+                with bounded_programs(per_sm):
+                    yield
 
     def record(self, name: Hashable) -> None:
         """An event on the current stream, after everything issued to it so far."""

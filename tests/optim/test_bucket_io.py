@@ -9,6 +9,8 @@ runs them and prints JSON:
 
 * each strided kernel against the one-pass contiguous kernel on contiguous copies of the same data, bit for
   bit, on a transposed destination, a row block of a 3-D tensor and a fused-experts view, and against float64;
+  and both kernels launched as two programs that loop over the blocks (`fast_launch.bounded_programs`) against
+  one program per block, bit for bit;
 * the toy model's three reference settings (`step_reference.SETTINGS`: split and fused QKV and gate/up, per-expert
   and fused experts, Nesterov on and off, weight decay, bf16 and fp32 buckets) stepped through the bucket path,
   against the same steps with the path off (`MUON_BUCKET_IO=0`: momentum by torch, copies into and out of the
@@ -35,6 +37,7 @@ UPDATE_ULPS = {"bfloat16": 2e-3, "float32": 1e-4}
 
 def _kernel_cases() -> list[dict]:
     from muon_recipes.optim.kernels import momentum_into, momentum_update, scaled_add_
+    from muon_recipes.optim.kernels.fast_launch import bounded_programs
 
     generator = torch.Generator().manual_seed(0)
     results = []
@@ -73,6 +76,12 @@ def _kernel_cases() -> list[dict]:
                 from_memory = view(weight_full.clone())
                 scaled_add_(from_memory, out, alpha=torch.tensor(-0.02), decay=torch.tensor(0.99))
                 exact_weight = 0.99 * weight.double() - 0.02 * out.double()
+                # The same passes as two programs in all, each looping over every other block (grid-stride).
+                bounded_out, bounded_buf = out.clone().fill_(float("nan")), view(buf_full.clone())
+                bounded_weight = view(weight_full.clone())
+                with bounded_programs(2):
+                    momentum_into(grad, bounded_buf, bounded_out, 0.9, nesterov)
+                    scaled_add_(bounded_weight, out, alpha=-0.02, decay=0.99)
                 scaled_add_(weight, out, alpha=-0.02, decay=0.99)
                 results.append({
                     "case": f"{label}/{dtype}/nesterov={nesterov}",
@@ -81,6 +90,8 @@ def _kernel_cases() -> list[dict]:
                     "buffer_equal": bool(torch.equal(buf, expected_buf)),
                     "weight_equal": bool(torch.equal(weight, expected_weight)),
                     "from_memory_equal": bool(torch.equal(from_memory, weight)),
+                    "bounded_equal": bool(torch.equal(bounded_out, out) and torch.equal(bounded_buf, buf)
+                                          and torch.equal(bounded_weight, weight)),
                     "update_error": ((out.double() - exact).norm() / exact.norm()).item(),
                     "weight_error": ((weight.double() - exact_weight).norm() / exact_weight.norm()).item(),
                     "dtype": str(dtype).removeprefix("torch."),
@@ -215,7 +226,7 @@ def test_strided_kernels_equal_the_one_pass_kernels_and_float64(child_results):
     assert len(results) == 6 * 2 * 2 and sum(r["strided"] for r in results) == 5 * 2 * 2
     tolerance = {"bfloat16": 1e-2, "float32": 1e-6}
     for r in results:
-        for flag in ("update_equal", "buffer_equal", "weight_equal", "from_memory_equal"):
+        for flag in ("update_equal", "buffer_equal", "weight_equal", "from_memory_equal", "bounded_equal"):
             assert r[flag], f"{r['case']}: {flag} is False"
         assert r["update_error"] < tolerance[r["dtype"]], r
         assert r["weight_error"] < 1e-6, r

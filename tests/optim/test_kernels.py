@@ -121,7 +121,19 @@ def _measure_divide(X, generator):
             "torch": _relative_error((raw / divisors.view(-1, 1, 1)).to(X.dtype), exact),
             # torch's one-pass form (float32 math, one rounding), as newton_schulz falls back to
             "equals_torch": bool(torch.equal(out, torch.div(raw, divisors.view(-1, 1, 1), out=torch.empty_like(raw)))),
-            "in_place_equal": _divide_in_place_equal(raw, divisors)}
+            "in_place_equal": _divide_in_place_equal(raw, divisors),
+            "bounded_equal": _divide_bounded_equal(raw, divisors, out)}
+
+
+def _divide_bounded_equal(raw, divisors, out) -> bool:
+    """The division launched as three programs that loop over every matrix's blocks
+    (`fast_launch.bounded_programs`, a pass on the side stream), equal to one program per block."""
+    from muon_recipes.optim.kernels import divide_matrices
+    from muon_recipes.optim.kernels.fast_launch import bounded_programs
+
+    with bounded_programs(3):
+        bounded = divide_matrices(raw, divisors, out=torch.full_like(out, float("nan")))
+    return bool(torch.equal(bounded, out))
 
 
 def _divide_in_place_equal(raw, divisors) -> bool:
@@ -303,7 +315,7 @@ def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name
     assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
     for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected",
                  "buffer_float32_exact", "heavy_ball_is_buffer", "out_dtype_rounds_once",
-                 "scalars_from_memory_equal", "in_place_equal"):
+                 "scalars_from_memory_equal", "in_place_equal", "bounded_equal"):
         if flag in result:
             assert result[flag], f"{kernel}: {flag} is False"
 

@@ -159,24 +159,28 @@ def test_gram_form_q_x_reads_no_tile_of_x_in_its_epilogue():
 # ------------------------------------------------------------------ elementwise passes: 16-byte vectors
 
 NUMEL = M * N   # one dense_1b MLP weight
+# Loop rounds of a pass (`fast_launch.bounded_programs`): a number Triton does not specialize on (1 would unroll the
+# loop away), so the loop is compiled as it runs on the side stream.
+ROUNDS = 3
 
 ELEMENTWISE = {
     "momentum-nesterov": (elementwise._momentum_kernel,
-                          dict(grad_ptr=FP32, buf_ptr=FP32, out_ptr=BF16, numel=NUMEL, momentum=0.95),
-                          dict(NESTEROV=True, BLOCK=elementwise._BLOCK), 0),
+                          dict(grad_ptr=FP32, buf_ptr=FP32, out_ptr=BF16, numel=NUMEL, rounds=ROUNDS, momentum=0.95),
+                          dict(NESTEROV=True, BLOCK=elementwise._BLOCK, ROUNDS=1), 0),
     "momentum-heavy-ball": (elementwise._momentum_kernel,
-                            dict(grad_ptr=FP32, buf_ptr=FP32, out_ptr=BF16, numel=NUMEL, momentum=0.95),
-                            dict(NESTEROV=False, BLOCK=elementwise._BLOCK), 0),
+                            dict(grad_ptr=FP32, buf_ptr=FP32, out_ptr=BF16, numel=NUMEL, rounds=ROUNDS, momentum=0.95),
+                            dict(NESTEROV=False, BLOCK=elementwise._BLOCK, ROUNDS=1), 0),
     "scaled_add": (elementwise._scaled_add_kernel,
-                   dict(w_ptr=FP32, o_ptr=BF16, numel=NUMEL, decay=0.999, alpha=-0.02),
-                   dict(BLOCK=elementwise._BLOCK, SCALARS_IN_MEMORY=False), 0),
+                   dict(w_ptr=FP32, o_ptr=BF16, numel=NUMEL, rounds=ROUNDS, decay=0.999, alpha=-0.02),
+                   dict(BLOCK=elementwise._BLOCK, ROUNDS=1, SCALARS_IN_MEMORY=False), 0),
     # the captured step's form: decay and alpha read from memory, two scalar loads per program
     "scaled_add-scalars-in-memory": (elementwise._scaled_add_kernel,
-                                     dict(w_ptr=FP32, o_ptr=BF16, numel=NUMEL, decay=FP32, alpha=FP32),
-                                     dict(BLOCK=elementwise._BLOCK, SCALARS_IN_MEMORY=True), 2),
+                                     dict(w_ptr=FP32, o_ptr=BF16, numel=NUMEL, rounds=ROUNDS, decay=FP32, alpha=FP32),
+                                     dict(BLOCK=elementwise._BLOCK, ROUNDS=1, SCALARS_IN_MEMORY=True), 2),
     # one scalar load per program: the matrix's divisor
-    "divide-to-fp16": (normalize._divide_kernel, dict(x_ptr=BF16, d_ptr=FP32, out_ptr=FP16, per_matrix=NUMEL),
-                       dict(BLOCK=normalize._BLOCK), 1),
+    "divide-to-fp16": (normalize._divide_kernel,
+                       dict(x_ptr=BF16, d_ptr=FP32, out_ptr=FP16, matrices=2, per_matrix=NUMEL, rounds=ROUNDS),
+                       dict(BLOCK=normalize._BLOCK, ROUNDS=1), 1),
     # a tall fp32 block (column-major view) into its bf16 bucket
     "transposed-copy": (transpose._transposed_copy_kernel,
                         dict(src_ptr=FP32, dst_ptr=BF16, R=N, C=M, src_stride_b=NUMEL, src_stride_r=1,
@@ -184,17 +188,18 @@ ELEMENTWISE = {
                         dict(TILE=transpose._TILE), 0),
     # the momentum of a tall block (a gate half, row-major fp32) written transposed into its bf16 bucket slot
     "momentum-into-transposed-slot": (elementwise._momentum_strided_kernel,
-                                      dict(grad_ptr=FP32, buf_ptr=FP32, out_ptr=BF16, R=N, C=M,
+                                      dict(grad_ptr=FP32, buf_ptr=FP32, out_ptr=BF16, B=2, R=N, C=M,
                                            grad_stride_b=NUMEL, grad_stride_r=M, grad_stride_c=1,
                                            buf_stride_b=NUMEL, buf_stride_r=M, buf_stride_c=1,
-                                           out_stride_b=NUMEL, out_stride_r=1, out_stride_c=N, momentum=0.95),
-                                      dict(NESTEROV=True, TILE=elementwise._TILE), 0),
+                                           out_stride_b=NUMEL, out_stride_r=1, out_stride_c=N, rounds=ROUNDS,
+                                           momentum=0.95),
+                                      dict(NESTEROV=True, TILE=elementwise._TILE, ROUNDS=1), 0),
     # its weight update, read back transposed from the result's slot; decay and alpha from memory
     "scaled_add-from-transposed-slot": (elementwise._scaled_add_strided_kernel,
-                                        dict(w_ptr=FP32, o_ptr=BF16, R=N, C=M, w_stride_b=NUMEL, w_stride_r=M,
+                                        dict(w_ptr=FP32, o_ptr=BF16, B=2, R=N, C=M, w_stride_b=NUMEL, w_stride_r=M,
                                              w_stride_c=1, o_stride_b=NUMEL, o_stride_r=1, o_stride_c=N,
-                                             decay=FP32, alpha=FP32),
-                                        dict(TILE=elementwise._TILE, SCALARS_IN_MEMORY=True), 2),
+                                             rounds=ROUNDS, decay=FP32, alpha=FP32),
+                                        dict(TILE=elementwise._TILE, ROUNDS=1, SCALARS_IN_MEMORY=True), 2),
 }
 
 

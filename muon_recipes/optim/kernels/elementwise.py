@@ -41,8 +41,9 @@ import triton.language as tl
 
 from muon_recipes.optim.dispatch import (KERNEL_DTYPES, interpreting, momentum_applies, scaled_add_applies,
                                          strided_applies)
-from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
-from muon_recipes.optim.kernels.tile_ops import round_to_output, strided_address, strided_tile
+from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div, programs
+from muon_recipes.optim.kernels.tile_ops import (block_of_round, pass_rounds, round_to_output, strided_address,
+                                                 tile_at)
 
 _BLOCK = 4096
 # Tile side of the strided forms (as the transposed copy's).
@@ -50,19 +51,20 @@ _TILE = 64
 
 
 @triton.jit
-def _momentum_kernel(grad_ptr, buf_ptr, out_ptr, numel, momentum,
-                     NESTEROV: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < numel
-    grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    buf = tl.load(buf_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    buf = buf * momentum + grad
-    tl.store(buf_ptr + offsets, round_to_output(buf, buf_ptr, INTERPRETED), mask=inside)
-    if NESTEROV:
-        update = grad + momentum * buf
-    else:
-        update = buf
-    tl.store(out_ptr + offsets, round_to_output(update, out_ptr, INTERPRETED), mask=inside)
+def _momentum_kernel(grad_ptr, buf_ptr, out_ptr, numel, rounds, momentum,
+                     NESTEROV: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr, INTERPRETED: tl.constexpr):
+    for round in range(0, pass_rounds(rounds, ROUNDS, INTERPRETED)):   # see `_pass_launch`
+        offsets = block_of_round(round).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        buf = tl.load(buf_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        buf = buf * momentum + grad
+        tl.store(buf_ptr + offsets, round_to_output(buf, buf_ptr, INTERPRETED), mask=inside)
+        if NESTEROV:
+            update = grad + momentum * buf
+        else:
+            update = buf
+        tl.store(out_ptr + offsets, round_to_output(update, out_ptr, INTERPRETED), mask=inside)
 
 
 _launch_momentum = FastLaunch(_momentum_kernel)
@@ -80,31 +82,33 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device) if out is None else out
     numel = grad.numel()
     if numel:
-        _launch_momentum(lambda meta: (ceil_div(numel, meta["BLOCK"]),),
-                         (grad, buf, out, numel, float(momentum)),
-                         {"NESTEROV": bool(nesterov), "BLOCK": _BLOCK, "INTERPRETED": interpreting()})
+        grid, rounds, constants = _pass_launch(ceil_div(numel, _BLOCK), grad.device)
+        _launch_momentum(grid, (grad, buf, out, numel, rounds, float(momentum)),
+                         {"NESTEROV": bool(nesterov), "BLOCK": _BLOCK, "INTERPRETED": interpreting(), **constants})
     return out
 
 
 @triton.jit
-def _momentum_strided_kernel(grad_ptr, buf_ptr, out_ptr, R, C,
+def _momentum_strided_kernel(grad_ptr, buf_ptr, out_ptr, B, R, C,
                              grad_stride_b, grad_stride_r, grad_stride_c,
                              buf_stride_b, buf_stride_r, buf_stride_c,
-                             out_stride_b, out_stride_r, out_stride_c, momentum,
-                             NESTEROV: tl.constexpr, TILE: tl.constexpr, INTERPRETED: tl.constexpr):
-    rows, cols, batch, inside = strided_tile(R, C, TILE)
-    grad_at = strided_address(grad_ptr, batch, rows, cols, grad_stride_b, grad_stride_r, grad_stride_c)
-    buf_at = strided_address(buf_ptr, batch, rows, cols, buf_stride_b, buf_stride_r, buf_stride_c)
-    grad = tl.load(grad_at, mask=inside, other=0.0).to(tl.float32)
-    buf = tl.load(buf_at, mask=inside, other=0.0).to(tl.float32)
-    buf = buf * momentum + grad
-    tl.store(buf_at, round_to_output(buf, buf_ptr, INTERPRETED), mask=inside)
-    if NESTEROV:
-        update = grad + momentum * buf
-    else:
-        update = buf
-    out_at = strided_address(out_ptr, batch, rows, cols, out_stride_b, out_stride_r, out_stride_c)
-    tl.store(out_at, round_to_output(update, out_ptr, INTERPRETED), mask=inside)
+                             out_stride_b, out_stride_r, out_stride_c, rounds, momentum,
+                             NESTEROV: tl.constexpr, TILE: tl.constexpr, ROUNDS: tl.constexpr,
+                             INTERPRETED: tl.constexpr):
+    for round in range(0, pass_rounds(rounds, ROUNDS, INTERPRETED)):
+        rows, cols, batch, inside = tile_at(block_of_round(round), B, R, C, TILE)
+        grad_at = strided_address(grad_ptr, batch, rows, cols, grad_stride_b, grad_stride_r, grad_stride_c)
+        buf_at = strided_address(buf_ptr, batch, rows, cols, buf_stride_b, buf_stride_r, buf_stride_c)
+        grad = tl.load(grad_at, mask=inside, other=0.0).to(tl.float32)
+        buf = tl.load(buf_at, mask=inside, other=0.0).to(tl.float32)
+        buf = buf * momentum + grad
+        tl.store(buf_at, round_to_output(buf, buf_ptr, INTERPRETED), mask=inside)
+        if NESTEROV:
+            update = grad + momentum * buf
+        else:
+            update = buf
+        out_at = strided_address(out_ptr, batch, rows, cols, out_stride_b, out_stride_r, out_stride_c)
+        tl.store(out_at, round_to_output(update, out_ptr, INTERPRETED), mask=inside)
 
 
 _launch_momentum_strided = FastLaunch(_momentum_strided_kernel)
@@ -114,12 +118,19 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     return t if t.ndim == 3 else t.unsqueeze(0)
 
 
-def _tile_grid(batch: torch.Tensor):
-    """Launch grid of the strided forms over a [B, R, C] view: tiles of rows, tiles of columns, matrices."""
+def _pass_launch(blocks: int, device: torch.device) -> tuple:
+    """Grid, loop rounds and ROUNDS of a pass of `blocks` blocks: one program per block, or fewer within
+    `fast_launch.bounded_programs`, each program then taking every `programs`-th block from its own in `rounds`
+    rounds (`tile_ops.pass_rounds`)."""
+    count = programs(blocks, device)
+    rounds = ceil_div(blocks, count) if count else 0
+    return (lambda meta: (count,)), rounds, {"ROUNDS": rounds if interpreting() else 1}
+
+
+def _tiles(batch: torch.Tensor) -> int:
+    """TILE x TILE tiles of a [B, R, C] view (the strided forms' blocks, `tile_ops.tile_at`)."""
     count, rows, cols = batch.shape
-    if count > 65535:
-        raise ValueError(f"{count} matrices: at most 65535 per call (the launch grid's batch axis)")
-    return lambda meta: (ceil_div(rows, meta["TILE"]), ceil_div(cols, meta["TILE"]), count)
+    return count * ceil_div(rows, _TILE) * ceil_div(cols, _TILE)
 
 
 def momentum_into(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, momentum: float,
@@ -137,47 +148,53 @@ def momentum_into(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, mome
         return momentum_update(grad, buf, momentum, nesterov, out.dtype, out=out)
     g3, b3, o3 = _as_batch(grad), _as_batch(buf), _as_batch(out)
     if g3.numel():
-        _launch_momentum_strided(_tile_grid(g3), (g3, b3, o3, g3.shape[1], g3.shape[2], *g3.stride(), *b3.stride(),
-                                                  *o3.stride(), float(momentum)),
-                                 {"NESTEROV": bool(nesterov), "TILE": _TILE, "INTERPRETED": interpreting()})
+        grid, rounds, constants = _pass_launch(_tiles(g3), grad.device)
+        _launch_momentum_strided(grid, (g3, b3, o3, *g3.shape, *g3.stride(), *b3.stride(), *o3.stride(), rounds,
+                                        float(momentum)),
+                                 {"NESTEROV": bool(nesterov), "TILE": _TILE, "INTERPRETED": interpreting(),
+                                  **constants})
     return out
 
 
 @triton.jit
-def _scaled_add_kernel(w_ptr, o_ptr, numel, decay, alpha, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
-                       SCALARS_IN_MEMORY: tl.constexpr):
+def _scaled_add_kernel(w_ptr, o_ptr, numel, rounds, decay, alpha, BLOCK: tl.constexpr, ROUNDS: tl.constexpr,
+                       INTERPRETED: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
     if SCALARS_IN_MEMORY:   # decay and alpha are pointers to float32 scalars
         decay_value = tl.load(decay)
         alpha_value = tl.load(alpha)
     else:
         decay_value = decay
         alpha_value = alpha
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < numel
-    w = tl.load(w_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    tl.store(w_ptr + offsets, round_to_output(w * decay_value + alpha_value * o, w_ptr, INTERPRETED), mask=inside)
+    for round in range(0, pass_rounds(rounds, ROUNDS, INTERPRETED)):
+        offsets = block_of_round(round).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        w = tl.load(w_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(w_ptr + offsets, round_to_output(w * decay_value + alpha_value * o, w_ptr, INTERPRETED),
+                 mask=inside)
 
 
 _launch_scaled_add = FastLaunch(_scaled_add_kernel)
 
 
 @triton.jit
-def _scaled_add_strided_kernel(w_ptr, o_ptr, R, C, w_stride_b, w_stride_r, w_stride_c,
-                               o_stride_b, o_stride_r, o_stride_c, decay, alpha,
-                               TILE: tl.constexpr, INTERPRETED: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
+def _scaled_add_strided_kernel(w_ptr, o_ptr, B, R, C, w_stride_b, w_stride_r, w_stride_c,
+                               o_stride_b, o_stride_r, o_stride_c, rounds, decay, alpha,
+                               TILE: tl.constexpr, ROUNDS: tl.constexpr, INTERPRETED: tl.constexpr,
+                               SCALARS_IN_MEMORY: tl.constexpr):
     if SCALARS_IN_MEMORY:
         decay_value = tl.load(decay)
         alpha_value = tl.load(alpha)
     else:
         decay_value = decay
         alpha_value = alpha
-    rows, cols, batch, inside = strided_tile(R, C, TILE)
-    w_at = strided_address(w_ptr, batch, rows, cols, w_stride_b, w_stride_r, w_stride_c)
-    o_at = strided_address(o_ptr, batch, rows, cols, o_stride_b, o_stride_r, o_stride_c)
-    w = tl.load(w_at, mask=inside, other=0.0).to(tl.float32)
-    o = tl.load(o_at, mask=inside, other=0.0).to(tl.float32)
-    tl.store(w_at, round_to_output(w * decay_value + alpha_value * o, w_ptr, INTERPRETED), mask=inside)
+    for round in range(0, pass_rounds(rounds, ROUNDS, INTERPRETED)):
+        rows, cols, batch, inside = tile_at(block_of_round(round), B, R, C, TILE)
+        w_at = strided_address(w_ptr, batch, rows, cols, w_stride_b, w_stride_r, w_stride_c)
+        o_at = strided_address(o_ptr, batch, rows, cols, o_stride_b, o_stride_r, o_stride_c)
+        w = tl.load(w_at, mask=inside, other=0.0).to(tl.float32)
+        o = tl.load(o_at, mask=inside, other=0.0).to(tl.float32)
+        tl.store(w_at, round_to_output(w * decay_value + alpha_value * o, w_ptr, INTERPRETED), mask=inside)
 
 
 _launch_scaled_add_strided = FastLaunch(_scaled_add_strided_kernel)
@@ -201,8 +218,8 @@ def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float | torch.Tensor,
     if scaled_add_applies(w, o):
         numel = w.numel()
         if numel:
-            _launch_scaled_add(lambda meta: (ceil_div(numel, meta["BLOCK"]),), (w, o, numel, *scalars),
-                               {"BLOCK": _BLOCK, **constants})
+            grid, rounds, loop = _pass_launch(ceil_div(numel, _BLOCK), w.device)
+            _launch_scaled_add(grid, (w, o, numel, rounds, *scalars), {"BLOCK": _BLOCK, **constants, **loop})
         return w
     if not strided_applies(w, o):
         raise ValueError(f"scaled_add_: w {w.dtype} {tuple(w.shape)} on {w.device} and o {o.dtype} "
@@ -210,6 +227,7 @@ def scaled_add_(w: torch.Tensor, o: torch.Tensor, alpha: float | torch.Tensor,
                          "(contiguous, or 2-D or 3-D views)")
     w3, o3 = _as_batch(w), _as_batch(o)
     if w3.numel():
-        _launch_scaled_add_strided(_tile_grid(w3), (w3, o3, w3.shape[1], w3.shape[2], *w3.stride(), *o3.stride(),
-                                                    *scalars), {"TILE": _TILE, **constants})
+        grid, rounds, loop = _pass_launch(_tiles(w3), w.device)
+        _launch_scaled_add_strided(grid, (w3, o3, *w3.shape, *w3.stride(), *o3.stride(), rounds, *scalars),
+                                   {"TILE": _TILE, **constants, **loop})
     return w

@@ -23,7 +23,8 @@ strides: reads and writes seven matrices past both tensors.) Under the CPU inter
 from __future__ import annotations
 
 import os
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -104,6 +105,42 @@ class FastLaunch:
         # keep the first launch's buffers alive. Every launch evaluates its own grid on it (`__call__`).
         meta = {name: value for name, value in named.items() if not isinstance(value, torch.Tensor)}
         self.entries[key] = (compiled, meta, tail, {launch_grid: compiled[launch_grid]})
+
+
+# Programs per SM a pass over memory may launch (`bounded_programs`); None: one program per block.
+_programs_per_sm: Optional[int] = None
+_sm_counts: dict = {}
+
+
+@contextmanager
+def bounded_programs(per_sm: int):
+    """Within: the passes over memory (`kernels/elementwise.py`, `kernels/normalize.py`) launch at most `per_sm`
+    programs per SM, each looping over its share of the blocks (a grid-stride loop), instead of one program per
+    block. Off the GPU the bound is `per_sm` programs in all.
+
+    Why: beside a persistent product (one program per SM for the whole kernel) a pass with thousands of programs
+    fills every SM it can, and when the product ends, the next product's programs find their SMs taken until the
+    pass drains; a pass of a few programs per SM stays beside the products instead (`step_streams.py`)."""
+    global _programs_per_sm
+    if per_sm < 1:
+        raise ValueError(f"bounded_programs: per_sm={per_sm}, expected at least 1")
+    outer, _programs_per_sm = _programs_per_sm, per_sm
+    try:
+        yield
+    finally:
+        _programs_per_sm = outer
+
+
+def programs(blocks: int, device: torch.device) -> int:
+    """How many programs a pass of `blocks` blocks launches on `device` (see `bounded_programs`)."""
+    if _programs_per_sm is None:
+        return blocks
+    if device.type != "cuda":
+        return min(blocks, _programs_per_sm)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return min(blocks, _programs_per_sm * _sm_counts[index])
 
 
 def ceil_div(a: int, b: int) -> int:

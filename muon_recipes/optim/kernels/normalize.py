@@ -15,25 +15,30 @@ import triton
 import triton.language as tl
 
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, interpreting
-from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div
-from muon_recipes.optim.kernels.tile_ops import round_to_output
+from muon_recipes.optim.kernels.fast_launch import FastLaunch, ceil_div, programs
+from muon_recipes.optim.kernels.tile_ops import block_of_round, pass_rounds, round_to_output
 
 # Elements per program: 16 KB of bf16, enough in flight per SM to saturate HBM with 4 warps.
 _BLOCK = 8192
 
 
 @triton.jit
-def _divide_kernel(x_ptr, d_ptr, out_ptr, per_matrix, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
-    chunk = tl.program_id(0)
-    matrix = tl.program_id(1).to(tl.int64)
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < per_matrix
-    base = matrix * per_matrix
-    x = tl.load(x_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32)
-    divisor = tl.load(d_ptr + matrix)
-    # div_rn takes two tensors of one shape: broadcast the matrix's divisor over the block first.
-    quotient = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * divisor)
-    tl.store(out_ptr + base + offsets, round_to_output(quotient, out_ptr, INTERPRETED), mask=inside)
+def _divide_kernel(x_ptr, d_ptr, out_ptr, matrices, per_matrix, rounds, BLOCK: tl.constexpr, ROUNDS: tl.constexpr,
+                   INTERPRETED: tl.constexpr):
+    chunks = tl.cdiv(per_matrix, BLOCK)
+    # Block b is chunk b % chunks of matrix b // chunks; a program takes its own block, and within
+    # `fast_launch.bounded_programs` every `num_programs`-th after it.
+    for round in range(0, pass_rounds(rounds, ROUNDS, INTERPRETED)):
+        block = block_of_round(round).to(tl.int64)
+        matrix = block // chunks
+        offsets = (block % chunks) * BLOCK + tl.arange(0, BLOCK)
+        inside = (offsets < per_matrix) & (matrix < matrices)
+        base = matrix * per_matrix
+        x = tl.load(x_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32)
+        divisor = tl.load(d_ptr + matrix, mask=matrix < matrices, other=1.0)
+        # div_rn takes two tensors of one shape: broadcast the matrix's divisor over the block first.
+        quotient = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * divisor)
+        tl.store(out_ptr + base + offsets, round_to_output(quotient, out_ptr, INTERPRETED), mask=inside)
 
 
 _launch_divide = FastLaunch(_divide_kernel)
@@ -53,14 +58,15 @@ def divide_matrices(x: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor |
     if divisors.numel() != batch or divisors.dtype != torch.float32 or divisors.device != x.device:
         raise ValueError(f"divisors: expected {batch} float32 values on {x.device}, got {divisors.numel()} "
                          f"{divisors.dtype} on {divisors.device}")
-    if batch > 65535:
-        raise ValueError(f"x.shape[0]={batch}: at most 65535 matrices per call (the launch grid's batch axis)")
     out = torch.empty_like(x) if out is None else out
     if out.shape != x.shape or not out.is_contiguous() or out.dtype not in KERNEL_DTYPES:
         raise ValueError(f"out: expected a contiguous bf16, fp16 or fp32 tensor of shape {tuple(x.shape)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
     per_matrix = x.shape[1] * x.shape[2]
     if x.numel():
-        _launch_divide(lambda meta: (ceil_div(per_matrix, meta["BLOCK"]), batch),
-                       (x, divisors.contiguous(), out, per_matrix), {"BLOCK": _BLOCK, "INTERPRETED": interpreting()})
+        blocks = batch * ceil_div(per_matrix, _BLOCK)
+        count = programs(blocks, x.device)
+        rounds = ceil_div(blocks, count)
+        _launch_divide(lambda meta: (count,), (x, divisors.contiguous(), out, batch, per_matrix, rounds),
+                       {"BLOCK": _BLOCK, "ROUNDS": rounds if interpreting() else 1, "INTERPRETED": interpreting()})
     return out

@@ -61,6 +61,36 @@ def strided_tile(R, C, TILE: tl.constexpr):
 
 
 @triton.jit
+def pass_rounds(rounds, ROUNDS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Trip count of a pass's loop over its blocks (`fast_launch.bounded_programs`): `rounds` at run time; under
+    the interpreter, whose loops take Python numbers only, the same number as a constexpr (as `reduction_tiles`)."""
+    if INTERPRETED:
+        return ROUNDS
+    else:
+        return rounds
+
+
+@triton.jit
+def block_of_round(round):
+    """The block this program takes in loop round `round`: its own first, then every `num_programs`-th after."""
+    return tl.program_id(0) + round * tl.num_programs(0)
+
+
+@triton.jit
+def tile_at(tile, B, R, C, TILE: tl.constexpr):
+    """Tile number `tile` of a batch of B [R, C] views (row tiles fastest, then column tiles, then matrices: the
+    order of `strided_tile`'s three-dimensional grid): its row and column indices and matrix index in 64-bit, and
+    the mask of the elements inside the matrix (none past the last matrix). For a pass that loops over tiles."""
+    tile = tile.to(tl.int64)
+    row_tiles = tl.cdiv(R, TILE)
+    col_tiles = tl.cdiv(C, TILE)
+    rows = (tile % row_tiles) * TILE + tl.arange(0, TILE)
+    cols = ((tile // row_tiles) % col_tiles) * TILE + tl.arange(0, TILE)
+    batch = tile // (row_tiles * col_tiles)
+    return rows, cols, batch, (rows[:, None] < R) & (cols[None, :] < C) & (batch < B)
+
+
+@triton.jit
 def strided_address(ptr, batch, rows, cols, stride_b, stride_r, stride_c):
     """Pointers to the elements (batch, rows, cols) of a view with these strides, as a [rows, cols] tile."""
     return ptr + batch * stride_b + rows[:, None] * stride_r + cols[None, :] * stride_c
