@@ -151,3 +151,34 @@ def test_ceil_div_matches_triton_cdiv():
     for a in (0, 1, 63, 64, 65, 1023, 1024, 1025, 5632, 14336 * 4096):
         for b in (1, 16, 32, 64, 128, 256):
             assert ceil_div(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_bounded_programs_caps_a_pass_and_restores_the_outer_bound():
+    """A pass's launch: one program per block, or within `bounded_programs(k)` at most k programs in all off the
+    GPU (k per SM on one); nested bounds restore the outer one; a bound under 1 is refused."""
+    from muon_recipes.optim.kernels.fast_launch import bounded_programs, programs
+
+    cpu = torch.device("cpu")
+    assert programs(1000, cpu) == 1000
+    with bounded_programs(3):
+        assert programs(1000, cpu) == 3 and programs(2, cpu) == 2
+        with bounded_programs(5):
+            assert programs(1000, cpu) == 5
+        assert programs(1000, cpu) == 3
+    assert programs(1000, cpu) == 1000
+    with pytest.raises(ValueError, match=r"bounded_programs: per_sm=0, expected at least 1"):
+        with bounded_programs(0):
+            pass
+
+
+def test_a_bounded_normalization_loops_over_every_block(monkeypatch):
+    """Within the bound the division launches 2 programs for 5 matrices of 2 blocks each: 5 rounds per program."""
+    from muon_recipes.optim.kernels.fast_launch import bounded_programs
+
+    launcher, kernel = recording(normalize._divide_kernel)
+    monkeypatch.setattr(normalize, "_launch_divide", launcher)
+    x = torch.ones(5, 128, 96)   # 12288 elements per matrix: two blocks of 8192
+    with bounded_programs(2):
+        normalize.divide_matrices(x, torch.ones(5), out=torch.empty_like(x))
+    normalize.divide_matrices(x, torch.ones(5), out=torch.empty_like(x))
+    assert [grid for _, grid in kernel.launches] == [(2, 1, 1), (10, 1, 1)]
