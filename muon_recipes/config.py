@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, CUDA_GRAPH_MODES, EXPERT_MODES,
-                                  LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES, STREAM_PRIORITY_ENVS,
-                                  SPLIT_MODES, STEP_STREAMS, STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV,
+                                  LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES, SIDE_PROGRAMS_ENV,
+                                  SPLIT_MODES, STEP_STREAMS, STREAM_PRIORITY_ENVS,
+                                  STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV,
                                   TILE_SEARCH_DEFAULT, TILE_SEARCH_ENV, TILE_SEARCHES, is_stream_priority)
 
 
@@ -619,6 +620,9 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
         priority = os.environ.get(name, "0")
         if not is_stream_priority(priority):
             raise ConfigError(name, priority, "must be 0 or a negative integer (a CUDA stream priority)")
+    per_sm = os.environ.get(SIDE_PROGRAMS_ENV, "0")
+    if not per_sm.isdigit():
+        raise ConfigError(SIDE_PROGRAMS_ENV, per_sm, "must be 0 (one program per block) or a positive integer")
     validate_split_policy(cfg.model, cfg.optim)
     validate_data(cfg.data)
     if cfg.data.tokenizer == "bpe":

@@ -137,6 +137,12 @@ def test_where_the_schedule_applies(monkeypatch):
     assert not step_streams.keeps_priorities()
     monkeypatch.setenv("MUON_MAIN_STREAM_PRIORITY", "-2")
     assert step_streams.main_priority() == -2 and step_streams.keeps_priorities()
+    assert step_streams.side_programs_per_sm() == 0
+    monkeypatch.setenv("MUON_SIDE_PROGRAMS_PER_SM", "2")
+    assert step_streams.side_programs_per_sm() == 2
+    monkeypatch.setenv("MUON_SIDE_PROGRAMS_PER_SM", "two")
+    with pytest.raises(ValueError, match=r"MUON_SIDE_PROGRAMS_PER_SM='two': expected 0 or a positive integer"):
+        step_streams.side_programs_per_sm()
     monkeypatch.setenv("MUON_MAIN_STREAM_PRIORITY", "1")
     with pytest.raises(ValueError, match=r"MUON_MAIN_STREAM_PRIORITY='1': expected 0 or a negative"):
         step_streams.main_priority()
@@ -146,7 +152,8 @@ def test_where_the_schedule_applies(monkeypatch):
     ("MUON_STEP_STREAMS", "yes", "must be one of auto, 0, 1"),
     ("MUON_SIDE_STREAM_PRIORITY", "2", "must be 0 or a negative integer"),
     ("MUON_SIDE_STREAM_PRIORITY", "high", "must be 0 or a negative integer"),
-    ("MUON_MAIN_STREAM_PRIORITY", "-x", "must be 0 or a negative integer")])
+    ("MUON_MAIN_STREAM_PRIORITY", "-x", "must be 0 or a negative integer"),
+    ("MUON_SIDE_PROGRAMS_PER_SM", "-1", "must be 0 \\(one program per block\\) or a positive integer")])
 def test_a_runs_bad_stream_setting_is_refused_before_it_starts(monkeypatch, variable, value, message):
     """A run's config validation (before any process group or GPU) checks both variables, as it checks
     MUON_NS_AUTOTUNE: one line naming the variable, the value and what is valid."""
