@@ -298,8 +298,9 @@ def main() -> None:
     parser.add_argument("--band-matrices", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", action="store_true",
-                        help="also profile 3 graph replays of ours (and of the Gram form) per shape: a Chrome trace "
-                             "per shape in --out, for recipes/stream_timeline.py --steps 3")
+                        help="also profile 3 graph replays of ours (and of the Gram form) per shape, on the timed "
+                             "plan and on the Triton kernels only: Chrome traces in --out, for "
+                             "recipes/stream_timeline.py --steps 3")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_newton_schulz: needs a CUDA device")
@@ -342,6 +343,10 @@ def main() -> None:
         row["ours"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=False))
         row["ours_graph"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=True))
         row["ours_all_triton"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, kernels="triton"))
+        # The graph replays every product's kernel back to back, without the host: a plan timed product by product
+        # (each launched alone) need not be the fastest loop there.
+        row["ours_graph_all_triton"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=True,
+                                                                            kernels="triton"))
         restarts = gram_restarts(args.steps)
         X_half = X.to(torch.float16) if m < n else None
         if X_half is not None:
@@ -349,12 +354,15 @@ def main() -> None:
                                                                       cuda_graph=False))
             row["ours_gram_graph"] = time_ms(lambda: gram_iterations_triton(X_half, timed_coefficients, restarts,
                                                                             cuda_graph=True))
+            row["ours_gram_graph_all_triton"] = time_ms(lambda: gram_iterations_triton(
+                X_half, timed_coefficients, restarts, cuda_graph=True, kernels="triton"))
         if args.trace:
-            trace_calls(args.out / f"trace_{label}.json", lambda: ns_iterations_triton(X, timed_coefficients,
-                                                                                       cuda_graph=True))
-            if X_half is not None:
-                trace_calls(args.out / f"trace_{label}_gram.json", lambda: gram_iterations_triton(
-                    X_half, timed_coefficients, restarts, cuda_graph=True))
+            for kernels in ("auto", "triton"):
+                trace_calls(args.out / f"trace_{label}_{kernels}.json", lambda: ns_iterations_triton(
+                    X, timed_coefficients, cuda_graph=True, kernels=kernels))
+                if X_half is not None:
+                    trace_calls(args.out / f"trace_{label}_gram_{kernels}.json", lambda: gram_iterations_triton(
+                        X_half, timed_coefficients, restarts, cuda_graph=True, kernels=kernels))
         row["launch_us"] = host_launch_microseconds(lambda: ns_iterations_triton(X, timed_coefficients))
         row["plan"] = [vars(plan) for key, plan in _plans.items() if tuple(key[1:4]) == (batch, m, n)]
         if not args.no_breakdown:
@@ -378,6 +386,8 @@ def main() -> None:
               f"{row['torch_baddbmm']['median_ms']:.3f} | compile "
               f"{row.get('torch_compile', {}).get('median_ms', float('nan')):.3f} | ours {row['ours']['median_ms']:.3f}"
               f" | graph {row['ours_graph']['median_ms']:.3f} | all-triton {row['ours_all_triton']['median_ms']:.3f}"
+              f" | graph all-triton {row['ours_graph_all_triton']['median_ms']:.3f}"
+              f" | gram graph all-triton {row.get('ours_gram_graph_all_triton', {}).get('median_ms', float('nan')):.3f}"
               f" | {best / floor:.2f}x floor | gram "
               f"{'-' if gram_best is None else f'{gram_best:.3f} ({gram_best / floor:.2f}x floor)'} | host {row['launch_us']:.0f} us/call | plan {row['plan']} | "
               f"{time.time() - t0:.0f}s",

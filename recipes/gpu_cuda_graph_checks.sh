@@ -39,6 +39,10 @@
 #   the graph (MUON_MAIN_STREAM_PRIORITY=-1, `PrioritizedGraph`); the two-stream GPU tests with bounded passes (one of
 #   them prioritized); dense_1b again on one and two streams, and bounded; then the square and small-expert buckets'
 #   graph-replayed loops traced kernel by kernel; the GPU's clocks and power sampled throughout (smi_timeline.csv).
+#   STAGES=clocks (about three minutes): the square and small-expert buckets' loops timed and traced on the timed plan
+#   and on the Triton kernels only, then dense_1b's captured step on one and two streams traced, the kernels side by
+#   side; the GPU's clocks, power and throttle reasons sampled every 100 ms (smi_clocks.csv), each run's start and end
+#   printed: whether a sustained loop runs at the clocks of a short one.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -163,6 +167,26 @@ PY
       grep -E "floor" "$out/ns_timeline.log" | head -4
       python recipes/stream_timeline.py --steps 3 "$out"/ns_timeline/trace_*.json > "$out/ns_timeline.md" 2>&1
       grep -E "^(##|window|stream)" "$out/ns_timeline.md"
+      kill $smi ;;
+    clocks)
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv -lms 100 > "$out/smi_clocks.csv" 2>&1 &
+      smi=$!
+      echo "ns start $(date +%T.%N)"
+      timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller --trace \
+        --shapes 128x256x1024,32x2048x2048 --out "$out/ns_clocks" > "$out/ns_clocks.log" 2>&1
+      echo "bench_newton_schulz --trace exit $? (end $(date +%T.%N))"
+      grep -E "floor" "$out/ns_clocks.log" | head -4
+      python recipes/stream_timeline.py --steps 3 "$out"/ns_clocks/trace_*.json > "$out/ns_clocks.md" 2>&1
+      grep -E "^(##|window|stream)" "$out/ns_clocks.md"
+      for setting in one:0 two:auto; do
+        echo "dense_1b ${setting%%:*} start $(date +%T.%N)"
+        trace_setting dense_1b "${setting%%:*}" MUON_STEP_STREAMS="${setting##*:}"
+        echo "dense_1b ${setting%%:*} end $(date +%T.%N)"
+      done
+      python recipes/stream_timeline.py --steps 3 --top 25 \
+        "$out"/timeline_dense_1b_{one,two}_trace_dense_1b_graph.json > "$out/timeline_dense_1b.md" 2>&1
+      sed -n '/the same kernels/,$p' "$out/timeline_dense_1b.md"
       kill $smi ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
