@@ -187,7 +187,12 @@ PY
       python recipes/stream_timeline.py --steps 3 --top 25 \
         "$out"/timeline_dense_1b_{one,two}_trace_dense_1b_graph.json > "$out/timeline_dense_1b.md" 2>&1
       sed -n '/the same kernels/,$p' "$out/timeline_dense_1b.md"
-      kill $smi ;;
+      kill $smi
+      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py \
+        -k "plan or cuda_graph or gram or momentum or scaled_add or divide or normalization" \
+        > "$out/gpu_tests_clocks.log" 2>&1
+      echo "tests exit $?: $(tail -1 "$out/gpu_tests_clocks.log")"
+      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_clocks.log" | head -20 ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1
