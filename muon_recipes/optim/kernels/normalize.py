@@ -32,10 +32,10 @@ def _divide_kernel(x_ptr, d_ptr, out_ptr, matrices, per_matrix, rounds, BLOCK: t
         block = block_of_round(round).to(tl.int64)
         matrix = block // chunks
         offsets = (block % chunks) * BLOCK + tl.arange(0, BLOCK)
-        inside = (offsets < per_matrix) & (matrix < matrices)
+        inside = offsets < tl.where(matrix < matrices, per_matrix, 0)   # none in a block past the last matrix
         base = matrix * per_matrix
         x = tl.load(x_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32)
-        divisor = tl.load(d_ptr + matrix, mask=matrix < matrices, other=1.0)
+        divisor = tl.load(d_ptr + tl.minimum(matrix, matrices - 1))
         # div_rn takes two tensors of one shape: broadcast the matrix's divisor over the block first.
         quotient = tl.math.div_rn(x, tl.full(x.shape, 1.0, tl.float32) * divisor)
         tl.store(out_ptr + base + offsets, round_to_output(quotient, out_ptr, INTERPRETED), mask=inside)

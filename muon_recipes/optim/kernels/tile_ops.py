@@ -87,7 +87,7 @@ def tile_at(tile, B, R, C, TILE: tl.constexpr):
     rows = (tile % row_tiles) * TILE + tl.arange(0, TILE)
     cols = ((tile // row_tiles) % col_tiles) * TILE + tl.arange(0, TILE)
     batch = tile // (row_tiles * col_tiles)
-    return rows, cols, batch, (rows[:, None] < R) & (cols[None, :] < C) & (batch < B)
+    return rows, cols, batch, (rows[:, None] < tl.where(batch < B, R, 0)) & (cols[None, :] < C)
 
 
 @triton.jit
