@@ -39,10 +39,10 @@
 #   the graph (MUON_MAIN_STREAM_PRIORITY=-1, `PrioritizedGraph`); the two-stream GPU tests with bounded passes (one of
 #   them prioritized); dense_1b again on one and two streams, and bounded; then the square and small-expert buckets'
 #   graph-replayed loops traced kernel by kernel; the GPU's clocks and power sampled throughout (smi_timeline.csv).
-#   STAGES=clocks (about three minutes): the square and small-expert buckets' loops timed and traced on the timed plan
-#   and on the Triton kernels only, then dense_1b's captured step on one and two streams traced, the kernels side by
-#   side; the GPU's clocks, power and throttle reasons sampled every 100 ms (smi_clocks.csv), each run's start and end
-#   printed: whether a sustained loop runs at the clocks of a short one.
+#   STAGES=clocks (about four minutes): the small-expert and square buckets' loops timed and traced on the timed plan
+#   and on the Triton kernels only, the GPU tests of the loops, plans and passes, then dense_1b's captured step on one
+#   and two streams traced, the kernels side by side; the GPU's clocks, power and throttle reasons sampled every
+#   100 ms (smi_clocks.csv), each run's start and end printed: whether a sustained loop runs at a short one's clocks.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -72,6 +72,15 @@ trace_setting() {   # model, label, then VAR=value settings: the captured step t
     --warmup 5 --no-breakdown --trace --out "$log.json" > "$log.log" 2>&1
   echo "bench_optimizer $name $* --trace exit $? ($(( $(date +%s) - part )) s)"
   grep -E "^\| $name|Error" "$log.log" | head -3
+}
+
+trace_loops() {   # label, shapes: the buckets' loops timed (plan and Triton-only, graph-replayed) and traced
+  timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller --trace \
+    --shapes "$2" --out "$out/$1" > "$out/$1.log" 2>&1
+  echo "bench_newton_schulz --trace exit $?"
+  grep -E "floor" "$out/$1.log" | head -4
+  python recipes/stream_timeline.py --steps 3 "$out/$1"/trace_*.json > "$out/$1.md" 2>&1
+  grep -E "^(##|window|stream)" "$out/$1.md"
 }
 
 for stage in ${STAGES:-tests bench}; do
@@ -141,44 +150,38 @@ PY
       nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
         --format=csv -lms 250 > "$out/smi_timeline.csv" 2>&1 &
       smi=$!
-      trace_setting dense_1b one MUON_STEP_STREAMS=0
-      trace_setting dense_1b two MUON_STEP_STREAMS=auto
-      trace_setting dense_1b two_bounded2 MUON_STEP_STREAMS=auto MUON_SIDE_PROGRAMS_PER_SM=2
-      python recipes/stream_timeline.py --steps 3 \
-        "$out"/timeline_dense_1b_{one,two,two_bounded2}_trace_dense_1b_graph.json > "$out/timeline_dense_1b.md" 2>&1
-      grep -E "^(##|window|stream)" "$out/timeline_dense_1b.md"
-      MUON_SIDE_PROGRAMS_PER_SM=1 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
-      MUON_MAIN_STREAM_PRIORITY=-1 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
-      trace_setting moe_small one MUON_STEP_STREAMS=0
-      trace_setting moe_small two MUON_STEP_STREAMS=auto
-      trace_setting moe_small two_bounded2 MUON_STEP_STREAMS=auto MUON_SIDE_PROGRAMS_PER_SM=2
-      python recipes/stream_timeline.py --steps 3 \
-        "$out"/timeline_moe_small_{one,two,two_bounded2}_trace_moe_small_graph.json > "$out/timeline_moe_small.md" 2>&1
-      grep -E "^(##|window|stream)" "$out/timeline_moe_small.md"
+      for name in dense_1b moe_small; do
+        trace_setting $name one MUON_STEP_STREAMS=0
+        trace_setting $name two MUON_STEP_STREAMS=auto
+        trace_setting $name two_bounded2 MUON_STEP_STREAMS=auto MUON_SIDE_PROGRAMS_PER_SM=2
+        python recipes/stream_timeline.py --steps 3 \
+          "$out"/timeline_${name}_{one,two,two_bounded2}_trace_${name}_graph.json > "$out/timeline_$name.md" 2>&1
+        grep -E "^(##|window|stream)" "$out/timeline_$name.md"
+        if [ $name = dense_1b ]; then
+          MUON_SIDE_PROGRAMS_PER_SM=1 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
+          MUON_MAIN_STREAM_PRIORITY=-1 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
+        fi
+      done
       MUON_SIDE_PROGRAMS_PER_SM=2 timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_cuda_graph_gpu.py \
         -k two_stream > "$out/gpu_tests_timeline.log" 2>&1
       echo "tests (side passes bounded to 2 programs per SM) exit $?: $(tail -1 "$out/gpu_tests_timeline.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_timeline.log" | head -20
       bench_setting MUON_STEP_STREAMS dense_1b 60 0 auto
       MUON_SIDE_PROGRAMS_PER_SM=2 bench_setting MUON_STEP_STREAMS dense_1b 60 auto
-      timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller --trace \
-        --shapes 32x2048x2048,128x256x1024 --out "$out/ns_timeline" > "$out/ns_timeline.log" 2>&1
-      echo "bench_newton_schulz --trace exit $?"
-      grep -E "floor" "$out/ns_timeline.log" | head -4
-      python recipes/stream_timeline.py --steps 3 "$out"/ns_timeline/trace_*.json > "$out/ns_timeline.md" 2>&1
-      grep -E "^(##|window|stream)" "$out/ns_timeline.md"
+      trace_loops ns_timeline 32x2048x2048,128x256x1024
       kill $smi ;;
     clocks)
       nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
         --format=csv -lms 100 > "$out/smi_clocks.csv" 2>&1 &
       smi=$!
       echo "ns start $(date +%T.%N)"
-      timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller --trace \
-        --shapes 128x256x1024,32x2048x2048 --out "$out/ns_clocks" > "$out/ns_clocks.log" 2>&1
-      echo "bench_newton_schulz --trace exit $? (end $(date +%T.%N))"
-      grep -E "floor" "$out/ns_clocks.log" | head -4
-      python recipes/stream_timeline.py --steps 3 "$out"/ns_clocks/trace_*.json > "$out/ns_clocks.md" 2>&1
-      grep -E "^(##|window|stream)" "$out/ns_clocks.md"
+      trace_loops ns_clocks 128x256x1024,32x2048x2048
+      echo "ns end $(date +%T.%N)"
+      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py \
+        -k "plan or cuda_graph or gram or momentum or scaled_add or divide or normalization" \
+        > "$out/gpu_tests_clocks.log" 2>&1
+      echo "tests exit $?: $(tail -1 "$out/gpu_tests_clocks.log")"
+      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_clocks.log" | head -20
       for setting in one:0 two:auto; do
         echo "dense_1b ${setting%%:*} start $(date +%T.%N)"
         trace_setting dense_1b "${setting%%:*}" MUON_STEP_STREAMS="${setting##*:}"
@@ -187,12 +190,7 @@ PY
       python recipes/stream_timeline.py --steps 3 --top 25 \
         "$out"/timeline_dense_1b_{one,two}_trace_dense_1b_graph.json > "$out/timeline_dense_1b.md" 2>&1
       sed -n '/the same kernels/,$p' "$out/timeline_dense_1b.md"
-      kill $smi
-      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py \
-        -k "plan or cuda_graph or gram or momentum or scaled_add or divide or normalization" \
-        > "$out/gpu_tests_clocks.log" 2>&1
-      echo "tests exit $?: $(tail -1 "$out/gpu_tests_clocks.log")"
-      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_clocks.log" | head -20 ;;
+      kill $smi ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1
