@@ -215,7 +215,7 @@ _persistent_error: str | None = None
 
 
 def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
-              out_dtype: torch.dtype | None = None, loop_on=None) -> Plan:
+              out_dtype: torch.dtype | None = None) -> Plan:
     if kernels == "triton" or not X.is_cuda:
         return ALL_TRITON
     key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram, out_dtype)
@@ -223,38 +223,8 @@ def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             return ALL_TRITON   # cannot time inside a capture; the graph runner plans before capturing
-        plan = _measure_plan(X, coeffs[0], gram, out_dtype)
-        if loop_on is not None and X.shape[1] < LOOP_CHECK_MAX_SIDE and plan != ALL_TRITON:
-            plan = _faster_loop(X, loop_on, plan)
-        _plans[key] = plan
+        plan = _plans[key] = _measure_plan(X, coeffs[0], gram, out_dtype)
     return plan
-
-
-# Below this many rows the plan's per-product choice is checked against the Triton kernels' whole loop
-# (`_faster_loop`); from it each product runs long enough that what lies between products does not matter.
-LOOP_CHECK_MAX_SIDE = PERSISTENT_MIN_SIDE
-
-
-def _faster_loop(X: torch.Tensor, loop_on, plan: Plan) -> Plan:
-    """`plan` or `ALL_TRITON`, whichever runs the whole loop faster as a captured graph replays it.
-
-    Why: the plan times each product alone, launched from the host. On small matrices that timing includes the
-    host's launch, which a captured step does not pay, and leaves out the GPU's time between two products: a
-    replayed graph of the small-expert bucket 128 x 256 x 1024 on the plan's cuBLAS products spent 0.22 ms of
-    its 0.59 ms between its 20 kernels (docs/benchmarks.md, "Between the products")."""
-    def replay_ms(candidate: Plan) -> float:
-        runner = _CapturedNewtonSchulz(X, loop_on(candidate))
-        try:
-            return _median_ms(runner.graph.replay)
-        finally:
-            del runner
-    try:
-        return ALL_TRITON if replay_ms(ALL_TRITON) < replay_ms(plan) else plan
-    except Exception as error:   # noqa: BLE001 - a check only: the timed plan stands
-        warnings.warn(f"Newton-Schulz: the whole-loop check of {tuple(X.shape)} failed ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0][:200] if str(error) else ''}); keeping the per-product plan",
-                      RuntimeWarning, stacklevel=2)
-        return plan
 
 
 def _precompile(X: torch.Tensor, loop_on: Callable[[Plan], Callable[[torch.Tensor], torch.Tensor]],
@@ -428,7 +398,7 @@ def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torc
         return X.to(out_dtype or X.dtype, copy=True)
     loop_on = _loop_on(coeffs, restarts, out_dtype)
     _precompile(X, loop_on, (coeffs, restarts, out_dtype))
-    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None, out_dtype=out_dtype, loop_on=loop_on)
+    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None, out_dtype=out_dtype)
     loop = loop_on(plan)
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
