@@ -277,3 +277,5 @@ PY
   esac
   echo "== $stage: $(( $(date +%s) - start )) s"
 done
+# Everything in one archive beside OUT_DIR: a machine that returns a limited number of files returns this one.
+tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && echo "archive: $out.tgz"
