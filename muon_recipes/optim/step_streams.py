@@ -5,7 +5,15 @@ weight update and AdamW are bound by memory bandwidth. On one stream each waits 
 H200, docs/benchmarks.md, "Where dense_1b's 43.9 ms goes") the products took 32 ms of the step and those passes
 about 6.6 ms. A product
 leaves each SM room for another kernel's threads (one persistent program per SM, no more than half the register
-file), and its operands come mostly from L2, so a bandwidth-bound pass can run beside it.
+file), and its operands come mostly from L2, so a bandwidth-bound pass can run beside it. Measured (docs/benchmarks.md,
+"The two streams on a timeline"): on dense_1b the passes do run beside the products for 8 ms of a 40 ms step, but the
+kernels then take 5 ms longer in all, so the step gains 0.5-1 ms; moe_small gains 0.1-0.3 ms.
+
+Settings (all checked with a run's config): `MUON_SIDE_PROGRAMS_PER_SM=k` launches the side stream's passes as k
+programs per SM, each looping over its blocks (`fast_launch.bounded_programs`), so that no pass fills an SM a product
+is waiting for; `MUON_SIDE_STREAM_PRIORITY` and `MUON_MAIN_STREAM_PRIORITY` set the two streams' priorities, which a
+captured step keeps (`cuda_graph.PrioritizedGraph`). Neither changed dense_1b's step measurably; both are off by
+default.
 
 The schedule (`Muon._two_stream_step`), with the buckets in `BucketLayout.order()`:
 
