@@ -22,7 +22,10 @@ same layout as training), gives every parameter a random gradient, and times `op
 
 Timing: `--warmup` untimed steps (compilation, autotuning, plan building), then `--steps` steps each
 bracketed by CUDA events (wall clock on CPU) after a device synchronize; the table shows the median and the
-10th/90th percentiles, the maximum over ranks (the step is as slow as its slowest rank). Prints a markdown
+10th/90th percentiles, the maximum over ranks (the step is as slow as its slowest rank). Beside them: the host's
+time in `step()` (median), and on a GPU the same number of steps launched back to back with no synchronize
+between them, per step: the GPU's time per step once the host's launches overlap the previous step, as they do
+in training (a synchronized step starts with the GPU idle, waiting for the first launch). Prints a markdown
 table and writes everything to `--out` (JSON).
 """
 
@@ -198,20 +201,24 @@ def before_step_load(kind: str, device):
     return products
 
 
-def time_steps(step, device, warmup: int, steps: int, before=lambda: None) -> list[float]:
-    """Seconds per step: CUDA events on GPUs (device synchronized before each step), wall clock on CPU; `before`
-    runs before each timed step, outside the timing (`before_step_load`)."""
+def time_steps(step, device, warmup: int, steps: int, before=lambda: None) -> tuple[list[float], list[float]]:
+    """(seconds per step, host seconds per step). Each step after a device synchronize, bracketed by CUDA events
+    on GPUs (wall clock on CPU); `before` runs before each timed step, outside the timing (`before_step_load`).
+    The host seconds are the time `step()` takes to return: on a GPU, the launches (and a graph's), which the
+    GPU waits for here because it starts idle, but which a training loop hides behind the backward."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         step()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         before()
         if cuda:
             torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             step()
+            host.append(time.perf_counter() - t0)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
@@ -219,7 +226,24 @@ def time_steps(step, device, warmup: int, steps: int, before=lambda: None) -> li
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    return times
+            host.append(times[-1])
+    return times, host
+
+
+def time_back_to_back(step, device, steps: int) -> float | None:
+    """Seconds per step of `steps` steps launched one after another with no synchronize between them (GPU only):
+    the host launches the next step while the GPU runs this one, as in training, so this is the GPU's time per
+    step without the launch latency a synchronized step starts with."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
 
 
 def worst_over_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -270,11 +294,15 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
 
         warmup = max(warmup, WARMUP_STEPS + 2)   # eager warm-up steps, the capture, one replay: none of it timed
     try:
-        times = time_steps(step, ctx.device, warmup, args.steps, before_step_load(args.before_step, ctx.device))
+        times, host = time_steps(step, ctx.device, warmup, args.steps, before_step_load(args.before_step, ctx.device))
+        back_to_back = time_back_to_back(step, ctx.device, args.steps) if args.before_step == "none" else None
     except Exception as e:
         return {"optimizer": kind, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
-    stats = worst_over_ranks({"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * percentile(times, 0.1),
-                              "p90_ms": 1e3 * percentile(times, 0.9)}, ctx.device)
+    stats = {"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * percentile(times, 0.1),
+             "p90_ms": 1e3 * percentile(times, 0.9), "host_ms": 1e3 * statistics.median(host)}
+    if back_to_back is not None:
+        stats["back_to_back_ms"] = 1e3 * back_to_back
+    stats = worst_over_ranks(stats, ctx.device)
     row = {"optimizer": kind, **stats}
     if kind.startswith("muon"):
         from muon_recipes.optim import describe_param_groups
@@ -307,19 +335,21 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
 def markdown(report: dict) -> str:
     lines = [f"device: {report['device']} x {report['world_size']} ({report['mesh']}), torch {report['torch']}, "
              f"{report['date']}", "",
-             "| model | optimizer | median ms | p10 | p90 | NS ms | comm ms | other ms | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| model | optimizer | median ms | p10 | p90 | host ms | back-to-back ms | NS ms | comm ms | other ms "
+             "| note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     label = lambda kind: f"{kind} ({LABELS[kind]})"  # noqa: E731
     for model in report["models"]:
         for r in model["results"]:
             if "skipped" in r:
-                lines.append(f"| {model['model']} | {label(r['optimizer'])} | | | | | | | n/a: {r['skipped']} |")
+                lines.append(f"| {model['model']} | {label(r['optimizer'])} | | | | | | | | | n/a: {r['skipped']} |")
                 continue
             prof = r.get("profiled_ms", {})
             cells = [f"{prof[k]:.2f}" if k in prof else "" for k in ("ns", "comm", "other")]
             note = f"profiled total {prof['total']:.2f} ms" if "total" in prof else ""
+            back_to_back = f"{r['back_to_back_ms']:.2f}" if "back_to_back_ms" in r else ""
             lines.append(f"| {model['model']} | {label(r['optimizer'])} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | "
-                         f"{r['p90_ms']:.2f} | {' | '.join(cells)} | {note} |")
+                         f"{r['p90_ms']:.2f} | {r['host_ms']:.2f} | {back_to_back} | {' | '.join(cells)} | {note} |")
     return "\n".join(lines)
 
 

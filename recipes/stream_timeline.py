@@ -8,7 +8,7 @@ more than they save. A kernel table (`bench_optimizer.py --trace`) sums kernel t
 timeline can. For each trace this prints:
 
 * the window (first kernel start to last kernel end), divided by `--steps` when the trace holds several steps;
-* per stream: kernels, busy time (the union of its kernels' intervals), and its kernels grouped by name, with
+* per stream: kernels (memsets and copies count as kernels, under their own names), busy time (the union of its kernels' intervals), and its kernels grouped by name, with
   the launch shape and the resources the profiler records (grid, block, registers per thread, shared memory):
   whether a second kernel can be resident on an SM beside them;
 * the time two or more streams are busy at once (overlap), and the time no stream is (idle);
@@ -27,11 +27,14 @@ from collections import defaultdict
 from pathlib import Path
 
 SHORT_GAP_US = 20.0
+# What occupies a stream: kernels, and the memsets and copies a library may put between them (a split-K GEMM's
+# zeroed workspace is a memset node in a graph). Left out, they would read as gaps between kernels.
+GPU_WORK = ("kernel", "gpu_memset", "gpu_memcpy")
 
 
 def kernels(trace: dict) -> list[dict]:
-    """The trace's GPU kernel events (category "kernel"), each with ts and dur in us."""
-    return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    """The trace's GPU work events (kernels, memsets, copies), each with ts and dur in us."""
+    return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in GPU_WORK]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

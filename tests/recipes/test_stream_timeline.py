@@ -22,7 +22,8 @@ def write_trace(path: Path) -> Path:
         kernel("product", 7, 0, 100, grid=[132, 1, 1], block=[256, 1, 1], **{"registers per thread": 168,
                                                                             "shared memory": 163840}),
         kernel("product", 7, 100, 200),
-        kernel("update", 7, 210, 300),          # a 10 us gap after the products
+        kernel("update", 7, 210, 295),          # a 10 us gap after the products
+        dict(kernel("Memset (Device)", 7, 295, 300), cat="gpu_memset"),   # GPU work too, not a gap
         kernel("momentum", 9, 50, 150),         # beside the products for 100 us
         kernel("momentum", 9, 400, 500),        # alone, after 100 us with nothing running
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 900, "pid": 1, "tid": 1},   # not a kernel
@@ -38,11 +39,11 @@ def test_busy_overlap_idle_and_gaps_per_stream(tmp_path, capsys):
     # window 0-500 us; busy [0, 200], [210, 300] and [400, 500]; both streams at once [50, 150]; idle [200, 210]
     # and [300, 400]
     assert "window 0.500 ms per step; busy 0.390, two or more streams at once 0.100, idle 0.110 ms" in out
-    assert "stream 7: 3 kernels per step, busy 0.290 ms per step; gaps between its kernels 0.010 ms short" in out
+    assert "stream 7: 4 kernels per step, busy 0.290 ms per step; gaps between its kernels 0.010 ms short" in out
     assert "stream 9: 2 kernels per step, busy 0.200 ms per step; gaps between its kernels 0.000 ms short (< 20 us) " \
            "+ 0.250 ms long" in out
     assert "grid [132, 1, 1], block [256, 1, 1], 168 regs, 160 KB smem" in out
-    assert totals == {7: {"product": 200.0, "update": 90.0}, 9: {"momentum": 200.0}}
+    assert totals == {7: {"product": 200.0, "update": 85.0, "Memset (Device)": 5.0}, 9: {"momentum": 200.0}}
 
 
 def test_per_step_times_and_the_side_by_side_table(tmp_path, capsys):
