@@ -556,7 +556,7 @@ def test_persistent_plan_replays_from_a_cuda_graph():
 
     if not persistent.available():
         pytest.skip("needs a GPU with TMA (sm90+) and Triton with tensor descriptors")
-    every = Plan("persistent", "persistent", "persistent", "persistent")
+    every = Plan(*["persistent"] * 5)
     X = _normalized(4, 1024, 2048, torch.bfloat16, seed=14)
     eager = _iterate(X, (KELLER,) * 3, every)
     static = X.clone()

@@ -88,7 +88,7 @@ def _child() -> None:
         # whose iterates stay bounded).
         coefficients = (KELLER, KELLER)
         X = X / X.float().norm(dim=(-2, -1), keepdim=True).to(dtype)
-        every = Plan("persistent", "persistent", "persistent", "persistent")
+        every = Plan(*["persistent"] * 5)
         standard = _iterate(X, coefficients, every)
         gram = _iterate_gram(X, coefficients, every, (1,), torch.bfloat16)
         results.append({"case": f"iterations-{dtype_name}-{batch}x{m}x{k}", "dtype": dtype_name, "error": 0.0,

@@ -16,8 +16,8 @@ halved work is cheap (see docs/benchmarks.md). `kernels="triton"` always uses th
 The Gram form (`gram_iterations_triton`; the algorithm and its sources are in `newton_schulz.py`) iterates on
 m x m polynomials of R = X X^T instead of on X. Its products are X X^T (for R, at the start and after each
 restart), b R + c R R (the same symmetric kernels), Z Q + a Q for commuting symmetric Z, Q (the symmetric
-kernel with two operands, `commuting_product`, run where the plan runs the polynomial), and Q X (the update
-kernel with a = 0, run where the plan runs the update).
+kernel with two operands, `commuting_product`, timed on its own: `Plan.commuting`), and Q X (the update kernel
+with a = 0, run where the plan runs the update).
 
 The first call of a shape compiles the tile candidates of all its Triton products at once, in parallel, before
 any of them is timed (`_precompile`, `tile_search.compile_candidates`): a shape's searches then only time.
@@ -54,6 +54,7 @@ class Plan:
     polynomial: str = "triton"
     update: str = "triton"
     final: str = "triton"
+    commuting: str = "triton"   # the Gram form's Z Q + a Q products of two m x m matrices
 
 
 ALL_TRITON = Plan()
@@ -149,38 +150,64 @@ def _check_coefficients(coefficients: Sequence) -> tuple[tuple[float, float, flo
     return coeffs
 
 
-def _median_ms(fn: Callable[[], None], repeats: int = 5) -> float:
+def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) -> float:
+    """GPU milliseconds per call of `fn`: the median over `repeats` replays of a CUDA graph of `per_replay` calls.
+
+    Why a graph: the optimizer's step runs captured (`optim.cuda_graph`), where a kernel follows the previous one
+    within microseconds. Timed from the host instead, a product of 20 us waits for its own launch (the Triton
+    launcher's is longer than cuBLAS's), and the plan picked cuBLAS for every product of 128 x 256 x 1024,
+    whose loop then ran 0.72 ms in a graph against 0.63 all-Triton (one H100, docs/benchmarks.md). Where the
+    calls cannot be captured, each call is timed between two events instead."""
     fn()   # compiles and autotunes on the first call of a Triton kernel
+    torch.cuda.synchronize()
+    run, calls = fn, 1
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    try:   # (not `torch.cuda.graph`, which collects garbage and empties the cache on entry: dozens of times a step)
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                for _ in range(per_replay):
+                    fn()
+            finally:
+                graph.capture_end()
+        graph.replay()
+        run, calls = graph.replay, per_replay
+    except RuntimeError:   # not capturable here: time the calls as launched
+        torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(repeats)]
     for start, end in events:
         start.record()
-        fn()
+        run()
         end.record()
     torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2]
+    return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2] / calls
 
 
 def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
                   out_dtype: torch.dtype | None = None) -> Plan:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
-    kernel on this shape; keep the fastest of each. The Gram form's products of X are Q X, without the a X term
-    (a = 0): that is the update it times. Its last Q X (`Plan.final`) is timed as it runs: into `out_dtype`, and
+    kernel on this shape (`_median_ms`: in a replayed CUDA graph); keep the fastest of each. The Gram form's
+    products of X are Q X, without the a X term (a = 0): that is the update it times; its Z Q + a Q products of
+    two m x m matrices are timed on their own (`Plan.commuting`), since unlike the polynomial they run on two
+    operands. Its last Q X (`Plan.final`) is timed as it runs: into `out_dtype`, and
     for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the product by 5%
     and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into the buckets".)"""
     a, b, c = coefficient
+    a_commuting = a
     if gram:
         a = 0.0
     out_dtype = out_dtype or X.dtype
     A = torch.empty((X.shape[0], X.shape[1], X.shape[1]), dtype=X.dtype, device=X.device)
-    B, out = torch.empty_like(A), torch.empty_like(X)
+    B, C, out = torch.empty_like(A), torch.empty_like(A), torch.empty_like(X)
     _gram_triton(X, A)   # a realistic A (symmetric, the spectrum of X X^T) for the next products
     products = [("gram", _GRAM, lambda f: f(X, A), persistent_offered("symmetric", X)),
                 ("polynomial", _POLYNOMIAL, lambda f: f(A, B, b, c), persistent_offered("symmetric", A)),
                 ("update", _UPDATE, lambda f: f(X, B, a, out), persistent_offered("update", X))]
     if gram:
         final_out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
-        products.append(("final", _FINAL, lambda f: f(X, B, final_out), persistent_offered("update", X)))
+        products += [("final", _FINAL, lambda f: f(X, B, final_out), persistent_offered("update", X)),
+                     ("commuting", _COMMUTING, lambda f: f(B, A, a_commuting, C), persistent_offered("symmetric", A))]
     choices = {}
     for product, table, run, offered in products:
         times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items() if name != "persistent"}
@@ -191,6 +218,7 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
                 _persistent_failed(product, X, error)
         choices[product] = min(times, key=times.get)
     choices.setdefault("final", choices["update"])
+    choices.setdefault("commuting", choices["polynomial"])   # (the standard form has none)
     return Plan(**choices)
 
 
@@ -289,10 +317,15 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
                   restarts: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
     """The Gram form on the plan's kernels: the same recurrences as `newton_schulz.gram_iterations_torch`.
 
+    The a Q terms stay in the products' fp32 epilogues. Folding them into P = Z + a I first would make every
+    m x m product plain (no copy of Q before cuBLAS's, no tile of Q read in the Triton kernels'), but it
+    rounds P's diagonal, as large as a (8.2 in polar_express's first step), to float16: tried, the Gram form's
+    error in float16 went from 0.013 to 0.024 and from 0.057 to 0.140 on test_gram_newton_schulz.py's matrices.
+
     The last product, Q X, is written in `out_dtype` by the Triton kernels (one rounding, no cast pass)."""
     batch, m, n = X.shape
     gram, polynomial, update = _GRAM[plan.gram], _POLYNOMIAL[plan.polynomial], _UPDATE[plan.update]
-    commuting = _COMMUTING[plan.polynomial]
+    commuting = _COMMUTING[plan.commuting]
     R, Z, RZ, Q, Q_next = (torch.empty((batch, m, m), dtype=X.dtype, device=X.device) for _ in range(5))
     restarted = [torch.empty_like(X), torch.empty_like(X) if len(restarts) > 1 else None]
     current = X
