@@ -12,7 +12,9 @@ timeline can. For each trace this prints:
   the launch shape and the resources the profiler records (grid, block, registers per thread, shared memory):
   whether a second kernel can be resident on an SM beside them;
 * the time two or more streams are busy at once (overlap), and the time no stream is (idle);
-* the main stream's idle time split into gaps shorter and longer than 20 us (launch gaps against waits).
+* the main stream's idle time split into gaps shorter and longer than 20 us (launch gaps against waits);
+* per kernel name, the calls that ran alone against those that ran at least half beside another stream's
+  work, and the mean duration of each: what the overlap costs the kernels it overlaps.
 
 Given two or more traces, the per-name totals of the same kernels are set side by side, e.g. one stream
 (`MUON_STEP_STREAMS=0`) against two (`auto`): how much longer the products run beside the passes.
@@ -108,6 +110,7 @@ def summarize(path: Path, steps: int, top: int) -> dict:
     print(f"\n## {path.name}: {len(events)} kernels on {len(per_stream)} stream(s)")
     print(f"window {window / steps / 1e3:.3f} ms per step; busy {busy_any / steps / 1e3:.3f}, two or more streams "
           f"at once {overlap / steps / 1e3:.3f}, idle {(window - busy_any) / steps / 1e3:.3f} ms per step")
+    alone_and_beside(events, steps, top)
     totals: dict = {}
     for stream, es in sorted(per_stream.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
         busy = union_length(intervals[stream])
@@ -127,6 +130,35 @@ def summarize(path: Path, steps: int, top: int) -> dict:
             print(f"| {sum(e['dur'] for e in group) / steps / 1e3:.3f} | {len(group) // steps} | {name[:80]} | "
                   f"{resources(group[0])} |")
     return totals
+
+
+def alone_and_beside(events: list[dict], steps: int, top: int) -> None:
+    """Per kernel name: its calls that ran alone against those that another stream's work overlapped for at
+    least half of their time, with the mean duration of each. A kernel that takes longer beside another stream
+    shares its SMs or the memory with it (on one H100, a persistent product ran 2.5x longer while the side
+    stream's passes ran beside it, docs/benchmarks.md)."""
+    by_stream: dict = defaultdict(list)
+    for e in events:
+        by_stream[e.get("args", {}).get("stream", e.get("tid"))].append((e["ts"], e["ts"] + e["dur"]))
+    if len(by_stream) < 2:
+        return
+    others = {stream: merge([iv for s, ivs in by_stream.items() if s != stream for iv in ivs]) for stream in by_stream}
+    groups: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for e in events:
+        start, end = e["ts"], e["ts"] + e["dur"]
+        spans = others[e.get("args", {}).get("stream", e.get("tid"))]
+        shared = sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans if a < end and b > start)
+        groups[e["name"]][1 if e["dur"] > 0 and shared >= 0.5 * e["dur"] else 0].append(e["dur"])
+    mixed = [(name, alone, beside) for name, (alone, beside) in groups.items() if beside]
+    if not mixed:
+        return
+    mixed.sort(key=lambda row: -sum(row[2]))
+    mean = lambda values: f"{sum(values) / len(values) / 1e3:.3f}" if values else "-"  # noqa: E731
+    print("\n| kernel | calls alone per step | mean ms alone | calls beside another stream per step | mean ms beside |"
+          "\n|---|---:|---:|---:|---:|")
+    for name, alone, beside in mixed[:top]:
+        print(f"| {name[:70]} | {round(len(alone) / steps, 1):g} | {mean(alone)} | {round(len(beside) / steps, 1):g} | "
+              f"{mean(beside)} |")
 
 
 def side_by_side(names: list[str], all_totals: list[dict], top: int) -> None:

@@ -43,6 +43,10 @@ def test_busy_overlap_idle_and_gaps_per_stream(tmp_path, capsys):
     assert "stream 9: 2 kernels per step, busy 0.200 ms per step; gaps between its kernels 0.000 ms short (< 20 us) " \
            "+ 0.250 ms long" in out
     assert "grid [132, 1, 1], block [256, 1, 1], 168 regs, 160 KB smem" in out
+    # Alone or beside: both products are half overlapped by the first momentum; the second momentum runs alone.
+    assert "| product | 0 | - | 2 | 0.100 |" in out
+    assert "| momentum | 1 | 0.100 | 1 | 0.100 |" in out
+    assert "| update | 1 |" not in out   # never beside another stream: not in that table
     assert totals == {7: {"product": 200.0, "update": 85.0, "Memset (Device)": 5.0}, 9: {"momentum": 200.0}}
 
 
