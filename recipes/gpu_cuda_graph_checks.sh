@@ -205,7 +205,7 @@ PY
       echo "bench_newton_schulz exit $?"
       grep -E "floor|Error" "$out/ns_plans.log" | head -8
       bench_setting MUON_STEP_STREAMS moe_small 90 0 auto
-      bench_setting MUON_STEP_STREAMS dense_1b 90 0 auto 0 ;;
+      bench_setting MUON_STEP_STREAMS dense_1b 90 0 auto ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1
