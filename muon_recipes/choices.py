@@ -45,6 +45,12 @@ CORPUS_SCOPES = ("stdlib", "site-packages")
 TILE_SEARCHES = ("bounded", "full", "heuristic")
 TILE_SEARCH_ENV = "MUON_NS_AUTOTUNE"
 TILE_SEARCH_DEFAULT = "bounded"   # as fast as "full" on moe_small's buckets at half its cold start (docs/benchmarks.md)
+# How the Newton-Schulz plan times each product's implementations on a shape's first call (kernels/iterations.py),
+# read from PLAN_TIMING_ENV: each call launched from the host between two events, or replayed from a CUDA graph as
+# the captured step runs them. "launch" stays the default until the graph-timed plans are measured on a GPU.
+PLAN_TIMINGS = ("launch", "graph")
+PLAN_TIMING_ENV = "MUON_NS_PLAN_TIMING"
+PLAN_TIMING_DEFAULT = "launch"
 # Where a single-process Muon step runs its passes over memory on a second CUDA stream (optim/step_streams.py), read
 # from STEP_STREAMS_ENV: the captured step on a GPU, none, or every single-process step.
 STEP_STREAMS = ("auto", "0", "1")

@@ -43,11 +43,11 @@
 #   and on the Triton kernels only, the GPU tests of the loops, plans and passes, then dense_1b's captured step on one
 #   and two streams traced, the kernels side by side; the GPU's clocks, power and throttle reasons sampled every
 #   100 ms (smi_clocks.csv), each run's start and end printed: whether a sustained loop runs at a short one's clocks.
-#   STAGES=plans (about seven minutes): the Newton-Schulz plans timed in replayed CUDA graphs (`iterations._median_ms`)
-#   with the Gram form's Z Q + a Q products timed on their own (`Plan.commuting`): the issue's small-expert and
-#   square buckets and moe_small's expert bucket against their floors (burst and sustained) with the plan each got,
-#   the GPU tests of the loops, plans and captured steps, then the whole captured step of moe_small and dense_1b on
-#   one stream and on two.
+#   STAGES=plans (about eight minutes): the Newton-Schulz plans timed from the host (MUON_NS_PLAN_TIMING=launch, the
+#   default) and in replayed CUDA graphs (=graph), with the Gram form's Z Q + a Q products timed on their own
+#   (`Plan.commuting`): the issue's small-expert and square buckets and moe_small's expert bucket against their floors
+#   (burst and sustained) with the plan each got, the GPU tests of the loops, plans (both timings) and captured
+#   steps, then the whole captured step of moe_small and dense_1b on plans of each timing.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -197,16 +197,19 @@ PY
       sed -n '/the same kernels/,$p' "$out/timeline_dense_1b.md"
       kill $smi ;;
     plans)
-      timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller \
-        --shapes 128x256x1024,189x512x768,32x2048x2048 --out "$out/ns_plans" > "$out/ns_plans.log" 2>&1
-      echo "bench_newton_schulz exit $?"
-      grep -E "floor|peak|Error" "$out/ns_plans.log" | head -8
+      for timing in launch graph; do
+        MUON_NS_PLAN_TIMING=$timing timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown \
+          --schedules keller --shapes 128x256x1024,189x512x768,32x2048x2048 --out "$out/ns_plans_$timing" \
+          > "$out/ns_plans_$timing.log" 2>&1
+        echo "bench_newton_schulz MUON_NS_PLAN_TIMING=$timing exit $?"
+        grep -E "floor|peak|Error" "$out/ns_plans_$timing.log" | head -8
+      done
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py tests/optim/test_cuda_graph_gpu.py \
         -k "plan or cuda_graph or gram or captured" > "$out/gpu_tests_plans.log" 2>&1
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_plans.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_plans.log" | head -20
-      bench_setting MUON_STEP_STREAMS moe_small 90 0 auto
-      bench_setting MUON_STEP_STREAMS dense_1b 90 0 auto ;;
+      bench_setting MUON_NS_PLAN_TIMING moe_small 90 launch graph
+      bench_setting MUON_NS_PLAN_TIMING dense_1b 90 launch graph ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1

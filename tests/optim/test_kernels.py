@@ -393,3 +393,16 @@ def test_autotuning_disk_cache_is_on_by_default(monkeypatch):
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ([str(supported)] * 2)
+
+
+def test_plan_timing_setting(monkeypatch):
+    """MUON_NS_PLAN_TIMING picks how plans time their products; a bad value is a one-line error naming it."""
+    from muon_recipes.optim.kernels.iterations import plan_timing
+
+    monkeypatch.delenv("MUON_NS_PLAN_TIMING", raising=False)
+    assert plan_timing() == "launch"
+    monkeypatch.setenv("MUON_NS_PLAN_TIMING", "graph")
+    assert plan_timing() == "graph"
+    monkeypatch.setenv("MUON_NS_PLAN_TIMING", "replay")
+    with pytest.raises(ValueError, match=r"MUON_NS_PLAN_TIMING='replay': must be one of launch, graph"):
+        plan_timing()

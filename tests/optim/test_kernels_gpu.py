@@ -147,16 +147,25 @@ def test_fast_launch_matches_ordinary_launch():
     assert _relative_error(fast, exact) <= 1.25 * _relative_error(second @ second.mT, exact) + 1e-6
 
 
-def test_auto_plan_runs_every_product_correctly():
-    """kernels="auto" may put any product on cuBLAS; the iteration must still match float64."""
-    from muon_recipes.optim.kernels import ns_iterations_triton
+@pytest.mark.parametrize("timing", ["launch", "graph"])
+def test_auto_plan_runs_every_product_correctly(timing, monkeypatch):
+    """kernels="auto" may put any product on cuBLAS, whichever way the plan timed them (MUON_NS_PLAN_TIMING);
+    the standard and the Gram iterations must still match float64."""
+    from muon_recipes.optim.kernels import gram_iterations_triton, ns_iterations_triton
     from muon_recipes.optim.kernels.iterations import _plans
+    from muon_recipes.optim.newton_schulz import gram_iterations_torch
 
+    monkeypatch.setenv("MUON_NS_PLAN_TIMING", timing)
+    _plans.clear()
     X = _normalized(64, 128, 512, torch.bfloat16, seed=7)
     ours = ns_iterations_triton(X, [KELLER] * 2, kernels="auto")
     assert any(key[1:4] == (64, 128, 512) for key in _plans)
     exact = _torch_iterations(X.double(), [KELLER] * 2)
     assert _relative_error(ours, exact) <= 1.25 * _relative_error(_torch_iterations(X, [KELLER] * 2), exact) + 1e-3
+    gram = gram_iterations_triton(X.half(), [KELLER] * 3, (2,), kernels="auto")
+    gram_exact = _torch_iterations(X.double(), [KELLER] * 3)
+    torch_gram = gram_iterations_torch(X.half(), [KELLER] * 3, (2,))
+    assert _relative_error(gram, gram_exact) <= 1.25 * _relative_error(torch_gram, gram_exact) + 1e-3
 
 
 @pytest.mark.parametrize("shape", [(48, 2048, 5632), (3, 17, 45)], ids=lambda s: "x".join(map(str, s)))

@@ -153,7 +153,8 @@ def test_where_the_schedule_applies(monkeypatch):
     ("MUON_SIDE_STREAM_PRIORITY", "2", "must be 0 or a negative integer"),
     ("MUON_SIDE_STREAM_PRIORITY", "high", "must be 0 or a negative integer"),
     ("MUON_MAIN_STREAM_PRIORITY", "-x", "must be 0 or a negative integer"),
-    ("MUON_SIDE_PROGRAMS_PER_SM", "-1", "must be 0 \\(one program per block\\) or a positive integer")])
+    ("MUON_SIDE_PROGRAMS_PER_SM", "-1", "must be 0 \\(one program per block\\) or a positive integer"),
+    ("MUON_NS_PLAN_TIMING", "cuda_graph", "must be one of launch, graph")])
 def test_a_runs_bad_stream_setting_is_refused_before_it_starts(monkeypatch, variable, value, message):
     """A run's config validation (before any process group or GPU) checks both variables, as it checks
     MUON_NS_AUTOTUNE: one line naming the variable, the value and what is valid."""

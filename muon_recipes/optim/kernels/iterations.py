@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from muon_recipes.choices import ITERATION_KERNELS
+from muon_recipes.choices import ITERATION_KERNELS, PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV, PLAN_TIMINGS
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, PERSISTENT_MIN_SIDE, interpreting
 from muon_recipes.optim.kernels import persistent, tile_search
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
@@ -150,30 +150,40 @@ def _check_coefficients(coefficients: Sequence) -> tuple[tuple[float, float, flo
     return coeffs
 
 
-def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) -> float:
-    """GPU milliseconds per call of `fn`: the median over `repeats` replays of a CUDA graph of `per_replay` calls.
+def plan_timing() -> str:
+    """How plans time their products: `PLAN_TIMING_ENV` ("launch" or "graph", see `_median_ms`)."""
+    value = os.environ.get(PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT)
+    if value not in PLAN_TIMINGS:
+        raise ValueError(f"{PLAN_TIMING_ENV}={value!r}: must be one of {', '.join(PLAN_TIMINGS)}")
+    return value
 
-    Why a graph: the optimizer's step runs captured (`optim.cuda_graph`), where a kernel follows the previous one
-    within microseconds. Timed from the host instead, a product of 20 us waits for its own launch (the Triton
-    launcher's is longer than cuBLAS's), and the plan picked cuBLAS for every product of 128 x 256 x 1024,
-    whose loop then ran 0.72 ms in a graph against 0.63 all-Triton (one H100, docs/benchmarks.md). Where the
-    calls cannot be captured, each call is timed between two events instead."""
+
+def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) -> float:
+    """GPU milliseconds per call of `fn`, the median of `repeats` timings.
+
+    `MUON_NS_PLAN_TIMING=launch` (the default) times each call launched from the host between two events.
+    `=graph` captures `per_replay` calls in a CUDA graph and times its replays: what the captured step runs, each
+    kernel right after the previous one. Timed from the host, a product of 20 us waits for its own launch (the
+    Triton launcher's is longer than cuBLAS's): the plan put every product of 128 x 256 x 1024 on cuBLAS, whose
+    Gram loop then ran 0.703 ms from a graph against 0.639 all-Triton (one H100, docs/benchmarks.md, "Clocks and
+    power"). Where the calls cannot be captured, they are timed as launched."""
     fn()   # compiles and autotunes on the first call of a Triton kernel
-    torch.cuda.synchronize()
     run, calls = fn, 1
-    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    try:   # (not `torch.cuda.graph`, which collects garbage and empties the cache on entry: dozens of times a step)
-        with torch.cuda.stream(side):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                for _ in range(per_replay):
-                    fn()
-            finally:
-                graph.capture_end()
-        graph.replay()
-        run, calls = graph.replay, per_replay
-    except RuntimeError:   # not capturable here: time the calls as launched
+    if plan_timing() == "graph":
         torch.cuda.synchronize()
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        try:   # (not `torch.cuda.graph`, which collects garbage and empties the cache on entry: dozens of times a step)
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    for _ in range(per_replay):
+                        fn()
+                finally:
+                    graph.capture_end()
+            graph.replay()
+            run, calls = graph.replay, per_replay
+        except Exception:   # noqa: BLE001 - not capturable here: time the calls as launched
+            torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(repeats)]
     for start, end in events:
@@ -187,7 +197,7 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) ->
 def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
                   out_dtype: torch.dtype | None = None) -> Plan:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
-    kernel on this shape (`_median_ms`: in a replayed CUDA graph); keep the fastest of each. The Gram form's
+    kernel on this shape (`_median_ms`); keep the fastest of each. The Gram form's
     products of X are Q X, without the a X term (a = 0): that is the update it times; its Z Q + a Q products of
     two m x m matrices are timed on their own (`Plan.commuting`), since unlike the polynomial they run on two
     operands. Its last Q X (`Plan.final`) is timed as it runs: into `out_dtype`, and
