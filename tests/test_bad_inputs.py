@@ -230,13 +230,14 @@ def test_bad_config_value(tmp_path, monkeypatch, overrides, world, fragments):
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_tile_search_mode_in_the_environment(tmp_path, monkeypatch):
-    """MUON_NS_AUTOTUNE is read by the kernels at their first search, on the GPU, long after start-up: checked with
-    the config, before anything starts."""
-    monkeypatch.setenv("MUON_NS_AUTOTUNE", "fast")
+@pytest.mark.parametrize("variable, value, valid", [("MUON_NS_AUTOTUNE", "fast", "bounded, full, heuristic"),
+                                                    ("MUON_NS_PLAN_TIMING", "replay", "launch, graph")])
+def test_bad_kernel_setting_in_the_environment(tmp_path, monkeypatch, variable, value, valid):
+    """MUON_NS_AUTOTUNE and MUON_NS_PLAN_TIMING are read by the kernels at their first search or plan, on the GPU,
+    long after start-up: checked with the config, before anything starts."""
+    monkeypatch.setenv(variable, value)
     code, err = run_in_process([f"run_dir={tmp_path / 'run'}"])
-    assert_one_line(code, err, "error: invalid config: MUON_NS_AUTOTUNE='fast': must be one of bounded, full, "
-                               "heuristic")
+    assert_one_line(code, err, f"error: invalid config: {variable}='{value}': must be one of {valid}")
     assert not (tmp_path / "run").exists()
 
 
