@@ -266,17 +266,14 @@ def persistent_breakdown(X, A, B, coefficient, gram_flops, poly_flops, update_fl
     return result
 
 
-def trace_calls(path: Path, fn, calls: int = 3) -> None:
-    """`calls` calls of `fn` (already warm) under torch.profiler, as a Chrome trace at `path`: the loop's kernels
-    one by one and the gaps between them (what the sum of its products, timed alone, leaves out)."""
-    from torch.profiler import ProfilerActivity, profile
+def trace_calls(path: Path, fn, call_ms: float, calls: int = 3) -> None:
+    """`calls` calls of `fn` (already warm, `call_ms` each) under torch.profiler after a second of the same calls
+    (`stream_timeline.record_steady`), as a Chrome trace at `path`: the loop's kernels one by one and the gaps
+    between them (what the sum of its products, timed alone, leaves out)."""
+    from stream_timeline import record_steady
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    prof.export_chrome_trace(str(path))
+    record_steady(fn, calls, call_ms / 1e3, cuda=True).export_chrome_trace(str(path))
 
 
 def plot(rows: list[dict], device: str, path: Path) -> None:
@@ -316,7 +313,8 @@ def main() -> None:
     parser.add_argument("--band-matrices", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", action="store_true",
-                        help="also profile 3 graph replays of ours (and of the Gram form) per shape, on the timed "
+                        help="also profile 3 graph replays of ours (and of the Gram form) per shape, after a second of "
+                             "unrecorded ones, on the timed "
                              "plan and on the Triton kernels only: Chrome traces in --out, for "
                              "recipes/stream_timeline.py --steps 3")
     args = parser.parse_args()
@@ -380,10 +378,11 @@ def main() -> None:
         if args.trace:
             for kernels in ("auto", "triton"):
                 trace_calls(args.out / f"trace_{label}_{kernels}.json", lambda: ns_iterations_triton(
-                    X, timed_coefficients, cuda_graph=True, kernels=kernels))
+                    X, timed_coefficients, cuda_graph=True, kernels=kernels), row["ours_graph"]["median_ms"])
                 if X_half is not None:
                     trace_calls(args.out / f"trace_{label}_gram_{kernels}.json", lambda: gram_iterations_triton(
-                        X_half, timed_coefficients, restarts, cuda_graph=True, kernels=kernels))
+                        X_half, timed_coefficients, restarts, cuda_graph=True, kernels=kernels),
+                        row["ours_gram_graph"]["median_ms"])
         row["launch_us"] = host_launch_microseconds(lambda: ns_iterations_triton(X, timed_coefficients))
         row["plan"] = [vars(plan) for key, plan in _plans.items() if tuple(key[1:4]) == (batch, m, n)]
         if not args.no_breakdown:

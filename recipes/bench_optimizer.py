@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the extra profiled pass of ours (NS / comm / other)")
     p.add_argument("--trace", action="store_true",
-                   help="also profile 3 steps of ours (eager, and captured as MODEL_graph) with torch.profiler: "
+                   help="also profile 3 steps of ours (eager, and captured as MODEL_graph) with torch.profiler, after a "
+                        "second of unrecorded steps: "
                         "kernel table (printed, and beside --out as .txt) and a Chrome trace (.json) per model, "
                         "rank 0 (recipes/stream_timeline.py reads the trace per stream)")
     p.add_argument("--before-step", default="none", choices=("none", "flush", "matmul"),
@@ -260,16 +261,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def trace_steps(step, model_name: str, ctx, args, steps: int = 3) -> None:
-    """Which kernels a step spends its time in: torch.profiler over `steps` steps, rank 0 writes the table."""
-    from torch.profiler import ProfilerActivity, profile
+def trace_steps(step, model_name: str, ctx, args, step_ms: float, steps: int = 3) -> None:
+    """Which kernels a step spends its time in: torch.profiler over `steps` steps after a second of steps
+    (`stream_timeline.record_steady`, `step_ms` each: the same on every rank, so all run the same steps); rank 0
+    writes the table."""
+    from stream_timeline import record_steady
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
+    prof = record_steady(step, steps, step_ms / 1e3, cuda=ctx.device.type == "cuda")
     if not ctx.is_main:
         return
     sort_by = "self_cuda_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total"
@@ -324,7 +322,7 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
         opt.profile = False
         row["profiled_ms"] = worst_over_ranks({k: 1e3 * statistics.median(v) for k, v in parts.items()}, ctx.device)
     if kind in ("muon", "muon_graph") and args.trace:   # the captured step's trace: its kernels per stream
-        trace_steps(step, model_name if kind == "muon" else f"{model_name}_graph", ctx, args)
+        trace_steps(step, model_name if kind == "muon" else f"{model_name}_graph", ctx, args, row["median_ms"])
     del opt
     return row
 

@@ -18,15 +18,46 @@ timeline can. For each trace this prints:
 
 Given two or more traces, the per-name totals of the same kernels are set side by side, e.g. one stream
 (`MUON_STEP_STREAMS=0`) against two (`auto`): how much longer the products run beside the passes.
+
+The benchmarks record their traces with `record_steady`, which runs about a second of the same calls under the
+profiler before the recorded ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+# Seconds of unrecorded calls before the recorded ones (`record_steady`).
+STEADY_S = 1.0
+
+
+def record_steady(fn, calls: int, call_s: float, cuda: bool, warm_s: float = STEADY_S):
+    """torch.profiler over `calls` calls of `fn`, after enough unrecorded calls (at `call_s` seconds each, at
+    least one) to fill `warm_s` seconds; returns the profiler, whose trace and tables hold the recorded calls only.
+
+    Why: the profiler's start-up leaves the GPU idle for a moment, and calls right after an idle GPU run at its
+    burst clock. A timed loop runs long enough to bring the board to its power limit, where the clock drops (one
+    H100: 1,260-1,700 MHz instead of 1,980 through dense_1b's step, docs/benchmarks.md, "Clocks and power"). Three
+    calls traced straight after the start-up read 37.8 ms of dense_1b's step where the timed median was
+    39.8-40.4 ms (one H200); traced after a second of the same calls, they run at the timed loop's clock."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    import torch
+
+    warm = max(1, math.ceil(warm_s / max(call_s, 1e-6)))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=warm, active=calls, repeat=1)) as prof:
+        for _ in range(warm + calls):
+            fn()
+            prof.step()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
 
 SHORT_GAP_US = 20.0
 # What occupies a stream: kernels, and the memsets and copies a library may put between them (a split-K GEMM's

@@ -70,3 +70,22 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     trace = write_trace(tmp_path / "t.json")
     assert st.main([str(trace), "--steps", "0"]) == 2
     assert "--steps=0: must be at least 1" in capsys.readouterr().err
+
+
+def test_record_steady_records_only_the_calls_after_the_warm_ones(tmp_path):
+    """A second of calls (here four of 0.25 s, by the estimate given) runs under the profiler first; the trace
+    holds the three calls after them and nothing of the warm ones."""
+    import torch
+
+    calls = []
+
+    def call():
+        calls.append(len(calls))
+        torch.mm(torch.ones(8, 8), torch.ones(8, 8))
+
+    prof = st.record_steady(call, calls=3, call_s=0.25, cuda=False)
+    prof.export_chrome_trace(str(tmp_path / "steady.json"))
+    events = json.loads((tmp_path / "steady.json").read_text())["traceEvents"]
+    steps = sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#"))
+    assert len(calls) == 7 and steps == ["ProfilerStep#4", "ProfilerStep#5", "ProfilerStep#6"], (len(calls), steps)
+    assert sum(e.get("name") == "aten::mm" for e in events) == 3
