@@ -140,7 +140,7 @@ def measure_peak_tflops(size: int = 8192, sustain_s: float = 0.0) -> float:
 
     Without `sustain_s` this is a burst at the clock the GPU starts from. A loop timed over many repeats runs
     long enough to bring the board to its power limit, where the SM clock drops (one H100: 680-710 W, the
-    700 W cap, and 1,260-1,700 MHz instead of 1,980 through dense_1b's step and the 32 x 2048 x 2048 loop,
+    700 W cap, and 1,245-1,700 MHz instead of 1,980 through dense_1b's step and the 32 x 2048 x 2048 loop,
     docs/benchmarks.md, "Clocks and power"); the sustained rate is the floor such a loop can be held to."""
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)

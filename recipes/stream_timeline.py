@@ -42,7 +42,7 @@ def record_steady(fn, calls: int, call_s: float, cuda: bool, warm_s: float = STE
 
     Why: the profiler's start-up leaves the GPU idle for a moment, and calls right after an idle GPU run at its
     burst clock. A timed loop runs long enough to bring the board to its power limit, where the clock drops (one
-    H100: 1,260-1,700 MHz instead of 1,980 through dense_1b's step, docs/benchmarks.md, "Clocks and power"). Three
+    H100: 1,245-1,700 MHz instead of 1,980 through dense_1b's step, docs/benchmarks.md, "Clocks and power"). Three
     calls traced straight after the start-up read 37.8 ms of dense_1b's step where the timed median was
     39.8-40.4 ms (one H200); traced after a second of the same calls, they run at the timed loop's clock."""
     from torch.profiler import ProfilerActivity, profile, schedule
