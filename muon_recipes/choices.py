@@ -6,6 +6,8 @@ tuples, so a value the config accepts can never fail later inside the optimizer,
 entry of each tuple is not special; defaults live with the code that uses them.
 """
 
+import os
+
 # Which update a param group gets (`Muon` param groups, `optim.algorithm`).
 ALGORITHMS = ("muon", "adamw")
 # Newton-Schulz coefficient schedules (newton_schulz.py): Keller Jordan's quintic, or Polar Express.
@@ -71,3 +73,12 @@ def is_stream_priority(value: str) -> bool:
     """Whether `value` (a STREAM_PRIORITY_ENVS value) is 0 or a negative integer."""
     value = value.strip()
     return value == "0" or (value.startswith("-") and value[1:].isdigit())
+
+
+def env_choice(name: str, default: str, choices: tuple) -> str:
+    """The environment variable `name` (`default` when unset), checked against `choices`: where the optimizer,
+    used without a run's config validation, reads a closed-choice setting."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+    return value

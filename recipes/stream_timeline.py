@@ -8,8 +8,8 @@ more than they save. A kernel table (`bench_optimizer.py --trace`) sums kernel t
 timeline can. For each trace this prints:
 
 * the window (first kernel start to last kernel end), divided by `--steps` when the trace holds several steps;
-* per stream: kernels (memsets and copies count as kernels, under their own names), busy time (the union of its kernels' intervals), and its kernels grouped by name, with
-  the launch shape and the resources the profiler records (grid, block, registers per thread, shared memory):
+* per stream: kernels (memsets and copies count as kernels, under their own names), busy time (the union of its
+  kernels' intervals), and its kernels grouped by name, with the launch shape and the resources the profiler records (grid, block, registers per thread, shared memory):
   whether a second kernel can be resident on an SM beside them;
 * the time two or more streams are busy at once (overlap), and the time no stream is (idle);
 * the main stream's idle time split into gaps shorter and longer than 20 us (launch gaps against waits);
@@ -32,6 +32,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+SHORT_GAP_US = 20.0
+# What occupies a stream: kernels, and the memsets and copies a library may put between them (a split-K GEMM's
+# zeroed workspace is a memset node in a graph). Left out, they would read as gaps between kernels.
+GPU_WORK = ("kernel", "gpu_memset", "gpu_memcpy")
 # Seconds of unrecorded calls before the recorded ones (`record_steady`).
 STEADY_S = 1.0
 
@@ -45,9 +49,8 @@ def record_steady(fn, calls: int, call_s: float, cuda: bool, warm_s: float = STE
     H100: 1,245-1,700 MHz instead of 1,980 through dense_1b's step, docs/benchmarks.md, "Clocks and power"). Three
     calls traced straight after the start-up read 37.8 ms of dense_1b's step where the timed median was
     39.8-40.4 ms (one H200); traced after a second of the same calls, they run at the timed loop's clock."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
     import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     warm = max(1, math.ceil(warm_s / max(call_s, 1e-6)))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -59,15 +62,15 @@ def record_steady(fn, calls: int, call_s: float, cuda: bool, warm_s: float = STE
             torch.cuda.synchronize()
     return prof
 
-SHORT_GAP_US = 20.0
-# What occupies a stream: kernels, and the memsets and copies a library may put between them (a split-K GEMM's
-# zeroed workspace is a memset node in a graph). Left out, they would read as gaps between kernels.
-GPU_WORK = ("kernel", "gpu_memset", "gpu_memcpy")
-
 
 def kernels(trace: dict) -> list[dict]:
     """The trace's GPU work events (kernels, memsets, copies), each with ts and dur in us."""
     return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in GPU_WORK]
+
+
+def stream_of(event: dict):
+    """The CUDA stream of a GPU event: its args' "stream", else its thread id."""
+    return event.get("args", {}).get("stream", event.get("tid"))
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -131,7 +134,7 @@ def summarize(path: Path, steps: int, top: int) -> dict:
         return {}
     per_stream: dict[int, list[dict]] = defaultdict(list)
     for e in events:
-        per_stream[e.get("args", {}).get("stream", e.get("tid"))].append(e)
+        per_stream[stream_of(e)].append(e)
     intervals = {s: [(e["ts"], e["ts"] + e["dur"]) for e in es] for s, es in per_stream.items()}
     begin = min(e["ts"] for e in events)
     end = max(e["ts"] + e["dur"] for e in events)
@@ -141,7 +144,7 @@ def summarize(path: Path, steps: int, top: int) -> dict:
     print(f"\n## {path.name}: {len(events)} kernels on {len(per_stream)} stream(s)")
     print(f"window {window / steps / 1e3:.3f} ms per step; busy {busy_any / steps / 1e3:.3f}, two or more streams "
           f"at once {overlap / steps / 1e3:.3f}, idle {(window - busy_any) / steps / 1e3:.3f} ms per step")
-    alone_and_beside(events, steps, top)
+    alone_and_beside(events, intervals, steps, top)
     totals: dict = {}
     for stream, es in sorted(per_stream.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
         busy = union_length(intervals[stream])
@@ -163,21 +166,18 @@ def summarize(path: Path, steps: int, top: int) -> dict:
     return totals
 
 
-def alone_and_beside(events: list[dict], steps: int, top: int) -> None:
+def alone_and_beside(events: list[dict], intervals: dict, steps: int, top: int) -> None:
     """Per kernel name: its calls that ran alone against those that another stream's work overlapped for at
     least half of their time, with the mean duration of each. A kernel that takes longer beside another stream
     shares its SMs or the memory with it (on one H100, a persistent product ran 2.5x longer while the side
-    stream's passes ran beside it, docs/benchmarks.md)."""
-    by_stream: dict = defaultdict(list)
-    for e in events:
-        by_stream[e.get("args", {}).get("stream", e.get("tid"))].append((e["ts"], e["ts"] + e["dur"]))
-    if len(by_stream) < 2:
+    stream's passes ran beside it, docs/benchmarks.md). `intervals`: each stream's (start, end) intervals."""
+    if len(intervals) < 2:
         return
-    others = {stream: merge([iv for s, ivs in by_stream.items() if s != stream for iv in ivs]) for stream in by_stream}
+    others = {stream: merge([iv for s, ivs in intervals.items() if s != stream for iv in ivs]) for stream in intervals}
     groups: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for e in events:
         start, end = e["ts"], e["ts"] + e["dur"]
-        spans = others[e.get("args", {}).get("stream", e.get("tid"))]
+        spans = others[stream_of(e)]
         shared = sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans if a < end and b > start)
         groups[e["name"]][1 if e["dur"] > 0 and shared >= 0.5 * e["dur"] else 0].append(e["dur"])
     mixed = [(name, alone, beside) for name, (alone, beside) in groups.items() if beside]

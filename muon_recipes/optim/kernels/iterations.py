@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from muon_recipes.choices import ITERATION_KERNELS, PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV, PLAN_TIMINGS
+from muon_recipes.choices import ITERATION_KERNELS, PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV, PLAN_TIMINGS, env_choice
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, PERSISTENT_MIN_SIDE, interpreting
 from muon_recipes.optim.kernels import persistent, tile_search
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
@@ -152,10 +152,7 @@ def _check_coefficients(coefficients: Sequence) -> tuple[tuple[float, float, flo
 
 def plan_timing() -> str:
     """How plans time their products: `PLAN_TIMING_ENV` ("launch" or "graph", see `_median_ms`)."""
-    value = os.environ.get(PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT)
-    if value not in PLAN_TIMINGS:
-        raise ValueError(f"{PLAN_TIMING_ENV}={value!r}: must be one of {', '.join(PLAN_TIMINGS)}")
-    return value
+    return env_choice(PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT, PLAN_TIMINGS)
 
 
 def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) -> float:
@@ -197,14 +194,12 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) ->
 def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
                   out_dtype: torch.dtype | None = None) -> Plan:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
-    kernel on this shape (`_median_ms`); keep the fastest of each. The Gram form's
-    products of X are Q X, without the a X term (a = 0): that is the update it times; its Z Q + a Q products of
-    two m x m matrices are timed on their own (`Plan.commuting`), since unlike the polynomial they run on two
-    operands. Its last Q X (`Plan.final`) is timed as it runs: into `out_dtype`, and
-    for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the product by 5%
+    kernel on this shape (`_median_ms`); keep the fastest of each. The Gram form's products of X are Q X, without
+    the a X term (a = 0): that is the update it times; its Z Q + a Q products of two m x m matrices are timed on
+    their own (`Plan.commuting`), since unlike the polynomial they run on two operands. Its last Q X
+    (`Plan.final`) is timed as it runs: into `out_dtype`, and for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the product by 5%
     and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into the buckets".)"""
     a, b, c = coefficient
-    a_commuting = a
     if gram:
         a = 0.0
     out_dtype = out_dtype or X.dtype
@@ -217,7 +212,8 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
     if gram:
         final_out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
         products += [("final", _FINAL, lambda f: f(X, B, final_out), persistent_offered("update", X)),
-                     ("commuting", _COMMUTING, lambda f: f(B, A, a_commuting, C), persistent_offered("symmetric", A))]
+                     ("commuting", _COMMUTING, lambda f: f(B, A, coefficient[0], C),
+                      persistent_offered("symmetric", A))]
     choices = {}
     for product, table, run, offered in products:
         times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items() if name != "persistent"}

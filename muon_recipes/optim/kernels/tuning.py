@@ -27,7 +27,7 @@ import os
 import torch
 import triton
 
-from muon_recipes.choices import TILE_SEARCH_DEFAULT, TILE_SEARCH_ENV, TILE_SEARCHES
+from muon_recipes.choices import TILE_SEARCH_DEFAULT, TILE_SEARCH_ENV, TILE_SEARCHES, env_choice
 from muon_recipes.optim.dispatch import interpreting
 from muon_recipes.optim.kernels.tile_model import Product, estimated_ns
 
@@ -167,10 +167,7 @@ def tile_search_mode() -> str:
 
     `config.validate` checks the same variable before a run starts; this check serves the optimizer used alone.
     """
-    mode = os.environ.get(TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT)
-    if mode not in TILE_SEARCHES:
-        raise ValueError(f"{TILE_SEARCH_ENV}={mode!r}: must be one of {', '.join(TILE_SEARCHES)}")
-    return mode
+    return env_choice(TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT, TILE_SEARCHES)
 
 
 def problem_of(named_args: dict, **kwargs) -> Product:
