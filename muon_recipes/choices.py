@@ -53,6 +53,11 @@ TILE_SEARCH_DEFAULT = "bounded"   # as fast as "full" on moe_small's buckets at 
 PLAN_TIMINGS = ("launch", "graph")
 PLAN_TIMING_ENV = "MUON_NS_PLAN_TIMING"
 PLAN_TIMING_DEFAULT = "launch"
+# Whether the Newton-Schulz plans are kept on disk for the next process (kernels/plan_store.py), read from
+# PLAN_CACHE_ENV: "1" every process of the machine runs the first one's plan, "0" each process times its own.
+PLAN_CACHES = ("1", "0")
+PLAN_CACHE_ENV = "MUON_NS_PLAN_CACHE"
+PLAN_CACHE_DEFAULT = "1"
 # Where a single-process Muon step runs its passes over memory on a second CUDA stream (optim/step_streams.py), read
 # from STEP_STREAMS_ENV: the captured step on a GPU, none, or every single-process step.
 STEP_STREAMS = ("auto", "0", "1")

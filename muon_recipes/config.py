@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, CUDA_GRAPH_MODES, EXPERT_MODES,
-                                  LR_SCHEDULES, METHODS, NS_DTYPES, PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV,
+                                  LR_SCHEDULES, METHODS, NS_DTYPES, PLAN_CACHE_DEFAULT, PLAN_CACHE_ENV, PLAN_CACHES,
+                                  PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV,
                                   PLAN_TIMINGS, ROLES, SCHEDULES, SIDE_PROGRAMS_ENV,
                                   SPLIT_MODES, STEP_STREAMS, STREAM_PRIORITY_ENVS,
                                   STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV,
@@ -617,6 +618,8 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     _choice(TILE_SEARCH_ENV, os.environ.get(TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT), TILE_SEARCHES)
     # ... and how their plans time the products (kernels/iterations.py).
     _choice(PLAN_TIMING_ENV, os.environ.get(PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT), PLAN_TIMINGS)
+    # ... and whether those plans are kept on disk for the next process (kernels/plan_store.py).
+    _choice(PLAN_CACHE_ENV, os.environ.get(PLAN_CACHE_ENV, PLAN_CACHE_DEFAULT), PLAN_CACHES)
     # ... and whether the optimizer step runs its passes over memory on a second CUDA stream (optim/step_streams.py).
     _choice(STEP_STREAMS_ENV, os.environ.get(STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT), STEP_STREAMS)
     for name in STREAM_PRIORITY_ENVS:

@@ -326,7 +326,7 @@ def main() -> None:
     from muon_recipes.optim.dispatch import prefer_triton
     from muon_recipes.optim.kernels import clear_cuda_graphs, gram_iterations_triton, ns_iterations_triton
     from muon_recipes.optim.newton_schulz import gram_restarts
-    from muon_recipes.optim.kernels.iterations import _plans
+    from muon_recipes.optim.kernels.iterations import plans_held
     import triton
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +384,8 @@ def main() -> None:
                         X_half, timed_coefficients, restarts, cuda_graph=True, kernels=kernels),
                         row["ours_gram_graph"]["median_ms"])
         row["launch_us"] = host_launch_microseconds(lambda: ns_iterations_triton(X, timed_coefficients))
-        row["plan"] = [vars(plan) for key, plan in _plans.items() if tuple(key[1:4]) == (batch, m, n)]
+        row["plan"] = [{k: v for k, v in plan.items() if k not in ("shape", "dtype", "form")}
+                       for plan in plans_held() if plan["shape"] == [batch, m, n]]
         if not args.no_breakdown:
             row["breakdown"] = kernel_breakdown(X, timed_coefficients)
             if X_half is not None:

@@ -312,6 +312,13 @@ def bench_one(kind: str, model, optim_cfg, ctx, args, model_name: str = "") -> d
         row["captured"] = captured is not None and captured.graph is not None
         if kind == "muon_graph" and not row["captured"]:   # never report an eager step under the graph's name
             return {"optimizer": kind, "skipped": f"the step was not captured ({opt._graph_blocked})"}
+        from muon_recipes.optim.dispatch import triton_available
+
+        if ctx.device.type == "cuda" and triton_available():   # the products each bucket shape of the process ran on
+            from muon_recipes.optim.kernels import plan_store
+            from muon_recipes.optim.kernels.iterations import plans_held
+
+            row["plans"], row["plan_counts"] = plans_held(), vars(plan_store.snapshot())
     if kind.startswith("muon") and args.breakdown and hasattr(opt, "last_step_timings"):
         opt.profile = True
         parts: dict[str, list[float]] = {}

@@ -48,6 +48,12 @@
 #   (`Plan.commuting`): the issue's small-expert and square buckets and moe_small's expert bucket against their floors
 #   (burst and sustained) with the plan each got, the GPU tests of the loops, plans (both timings) and captured
 #   steps, then the whole captured step of moe_small and dense_1b on plans of each timing.
+#   STAGES=plan_store (about five minutes): the plans timed in turns (`iterations.interleaved_medians`) and kept on disk
+#   (`plan_store.py`). The GPU tests of the plans; then moe_small's and dense_1b's captured step, three processes
+#   per plan timing (launch, graph) each timing its own plans (MUON_NS_PLAN_CACHE=0), each run's plans printed
+#   (T Triton, P persistent, C cuBLAS per product: X X^T, polynomial, update, final Q X, Z Q + a Q): whether processes
+#   still choose differently, and what each plan costs; then three processes with the plans kept on disk, the first
+#   timing and storing them, the next two reading them.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -66,6 +72,33 @@ bench_setting() {   # variable, model, limit of the first (cold) run, then the v
     grep -E "^\| $name|Error" "$log.log" | head -4
     limit=60
   done
+}
+
+bench_plans() {   # model, label, then VAR=value settings: the captured step timed, the plans it ran printed
+  local name=$1 label=$2 part log
+  shift 2
+  part=$(date +%s)
+  log="$out/plans_${name}_$label"
+  env "$@" timeout 120 python recipes/bench_optimizer.py --model "$name" --optimizers muon_graph --steps 20 \
+    --warmup 5 --no-breakdown --out "$log.json" > "$log.log" 2>&1
+  echo "bench_optimizer $name $* exit $? ($(( $(date +%s) - part )) s)"
+  grep -E "Error" "$log.log" | head -3
+  python - "$log.json" <<'PY'
+import json, sys
+
+try:
+    row = json.load(open(sys.argv[1]))["models"][0]["results"][0]
+except (OSError, ValueError, KeyError, IndexError) as error:
+    sys.exit(f"  no report ({type(error).__name__}: {error})")
+letters = {"triton": "T", "persistent": "P", "cublas": "C"}
+plans = " ".join("x".join(map(str, p["shape"])) + ("g" if p["form"] == "gram" else "") + "="
+                 + "".join(letters[p[k]] for k in ("gram", "polynomial", "update", "final", "commuting"))
+                 for p in row.get("plans", []))
+counts = row.get("plan_counts", {})
+print(f"  {row.get('median_ms', float('nan')):.2f} ms (p10 {row.get('p10_ms', float('nan')):.2f}, "
+      f"p90 {row.get('p90_ms', float('nan')):.2f}) {row.get('skipped', '')} | plans timed {counts.get('timed')}, "
+      f"read {counts.get('read')} | {plans}")
+PY
 }
 
 trace_setting() {   # model, label, then VAR=value settings: the captured step timed, and 3 of its steps traced
@@ -210,6 +243,24 @@ PY
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_plans.log" | head -20
       bench_setting MUON_NS_PLAN_TIMING moe_small 90 launch graph
       bench_setting MUON_NS_PLAN_TIMING dense_1b 90 launch graph ;;
+    plan_store)
+      timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k "plan" \
+        > "$out/gpu_tests_plan_store.log" 2>&1
+      echo "tests exit $?: $(tail -1 "$out/gpu_tests_plan_store.log")"
+      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_plan_store.log" | head -20
+      for name in moe_small dense_1b; do
+        for timing in launch graph; do
+          for run in 1 2 3; do
+            bench_plans $name "${timing}_$run" MUON_NS_PLAN_TIMING=$timing MUON_NS_PLAN_CACHE=0
+          done
+        done
+      done
+      plans="${TRITON_CACHE_DIR:-$HOME/.triton/cache}/muon_ns_plans"
+      rm -rf "$plans"   # the first run times and keeps its plans, the next two read them
+      for run in 1 2 3; do
+        bench_plans dense_1b "kept_$run" MUON_NS_PLAN_CACHE=1
+      done
+      echo "plans kept: $(ls "$plans" | wc -l)"; cp -r "$plans" "$out/" ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1

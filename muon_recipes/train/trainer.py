@@ -265,17 +265,22 @@ class Trainer:
     def _first_optimizer_step(self) -> None:
         """The process's first optimizer step, timed and said in one line: on a GPU it chooses the Newton-Schulz
         kernels' tiles for every new problem shape (compiling and timing a bounded set of candidates, or reading
-        earlier choices from Triton's disk cache), which can take seconds before any training is seen; the line
-        says how many choices were searched or read, how many binaries were built, and the seconds of each part."""
+        earlier choices from Triton's disk cache) and times each shape's plan of products (or reads an earlier
+        process's, `plan_store`), which can take seconds before any training is seen; the line says how many choices
+        were searched or read, how many binaries were built, the seconds of each part, and how many plans were
+        timed or read."""
         self.first_optimizer_step = False
-        tile_search = _tile_search() if self.ctx.device.type == "cuda" else None
-        before = tile_search.progress() if tile_search else None
+        accounting = _kernel_choices() if self.ctx.device.type == "cuda" else None
+        if accounting:
+            tile_search, plan_store = accounting
+            tiles_before, plans_before = tile_search.progress(), plan_store.snapshot()
         watch = Stopwatch(self.ctx.device)
         self.optimizer.step()
         seconds = watch.lap()
-        if tile_search and self.ctx.is_main:
+        if accounting and self.ctx.is_main:
             print(f"optimizer: first step {seconds:.2f} s; Newton-Schulz kernel tiles: "
-                  f"{tile_search.describe(before, tile_search.progress())}", flush=True)
+                  f"{tile_search.describe(tiles_before, tile_search.progress())}; "
+                  f"{plan_store.describe(plans_before, plan_store.snapshot())}", flush=True)
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         t = self.cfg.train
@@ -458,16 +463,16 @@ class Trainer:
         self.checkpointer.save(self.step, self.model, self.optimizer, extras, rank_extras, self.config_dict)
 
 
-def _tile_search():
-    """The Newton-Schulz kernels' tile-search accounting (`optim/kernels/tile_search.py`), or None where Triton
-    is not in use."""
+def _kernel_choices():
+    """The Newton-Schulz kernels' accounting of their tile searches and plans (`optim/kernels/tile_search.py`,
+    `plan_store.py`), or None where Triton is not in use."""
     from muon_recipes.optim.dispatch import triton_available
 
     if not triton_available():
         return None
-    from muon_recipes.optim.kernels import tile_search
+    from muon_recipes.optim.kernels import plan_store, tile_search
 
-    return tile_search
+    return tile_search, plan_store
 
 
 def _progress_bar(total: int, initial: int):

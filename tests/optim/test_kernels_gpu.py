@@ -156,6 +156,7 @@ def test_auto_plan_runs_every_product_correctly(timing, monkeypatch):
     from muon_recipes.optim.newton_schulz import gram_iterations_torch
 
     monkeypatch.setenv("MUON_NS_PLAN_TIMING", timing)
+    monkeypatch.setenv("MUON_NS_PLAN_CACHE", "0")   # timed here, not read from an earlier run
     _plans.clear()
     X = _normalized(64, 128, 512, torch.bfloat16, seed=7)
     ours = ns_iterations_triton(X, [KELLER] * 2, kernels="auto")
@@ -166,6 +167,28 @@ def test_auto_plan_runs_every_product_correctly(timing, monkeypatch):
     gram_exact = _torch_iterations(X.double(), [KELLER] * 3)
     torch_gram = gram_iterations_torch(X.half(), [KELLER] * 3, (2,))
     assert _relative_error(gram, gram_exact) <= 1.25 * _relative_error(torch_gram, gram_exact) + 1e-3
+
+
+def test_plans_are_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+    """A plan timed in one process is stored; the next process (here: the same one, its plans dropped) reads it
+    instead of timing, runs the same products, and gets the same result bit for bit."""
+    from muon_recipes.optim.kernels import ns_iterations_triton, plan_store
+    from muon_recipes.optim.kernels.iterations import _plans
+
+    monkeypatch.setattr(plan_store, "directory", lambda: tmp_path)
+    monkeypatch.setenv("MUON_NS_PLAN_CACHE", "1")
+    _plans.clear()
+    X = _normalized(64, 128, 512, torch.bfloat16, seed=8)
+    before = plan_store.snapshot()
+    first = ns_iterations_triton(X, [KELLER] * 2, kernels="auto")
+    assert (plan_store.STATS.timed, plan_store.STATS.read) == (before.timed + 1, before.read)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    timed = dict(_plans)
+    _plans.clear()
+    second = ns_iterations_triton(X, [KELLER] * 2, kernels="auto")
+    assert (plan_store.STATS.timed, plan_store.STATS.read) == (before.timed + 1, before.read + 1)
+    assert _plans == timed
+    assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("shape", [(48, 2048, 5632), (3, 17, 45)], ids=lambda s: "x".join(map(str, s)))

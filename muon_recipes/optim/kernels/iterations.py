@@ -30,7 +30,9 @@ choice) and replays it, which leaves one graph launch, one copy in and one copy 
 
 from __future__ import annotations
 
+import functools
 import os
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -39,7 +41,7 @@ import torch
 
 from muon_recipes.choices import ITERATION_KERNELS, PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV, PLAN_TIMINGS, env_choice
 from muon_recipes.optim.dispatch import KERNEL_DTYPES, PERSISTENT_MIN_SIDE, interpreting
-from muon_recipes.optim.kernels import persistent, tile_search
+from muon_recipes.optim.kernels import persistent, plan_store, tile_search
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision
 from muon_recipes.optim.kernels.update import launch_update, launch_update_cublas
@@ -58,6 +60,7 @@ class Plan:
 
 
 ALL_TRITON = Plan()
+PRODUCTS = tuple(vars(ALL_TRITON))
 
 # (device, batch, m, n, dtype, precision, Gram form?, result dtype) -> Plan, measured once per process.
 _plans: dict[tuple, Plan] = {}
@@ -155,8 +158,8 @@ def plan_timing() -> str:
     return env_choice(PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT, PLAN_TIMINGS)
 
 
-def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) -> float:
-    """GPU milliseconds per call of `fn`, the median of `repeats` timings.
+def _prepared(fn: Callable[[], None], per_replay: int = 4) -> tuple[Callable[[], None], int]:
+    """`fn` made ready to be timed: (what one timing runs, calls of `fn` it makes).
 
     `MUON_NS_PLAN_TIMING=launch` (the default) times each call launched from the host between two events.
     `=graph` captures `per_replay` calls in a CUDA graph and times its replays: what the captured step runs, each
@@ -165,7 +168,6 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) ->
     Gram loop then ran 0.703 ms from a graph against 0.639 all-Triton (one H100, docs/benchmarks.md, "Clocks and
     power"). Where the calls cannot be captured, they are timed as launched."""
     fn()   # compiles and autotunes on the first call of a Triton kernel
-    run, calls = fn, 1
     if plan_timing() == "graph":
         torch.cuda.synchronize()
         graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
@@ -178,27 +180,51 @@ def _median_ms(fn: Callable[[], None], repeats: int = 5, per_replay: int = 4) ->
                 finally:
                     graph.capture_end()
             graph.replay()
-            run, calls = graph.replay, per_replay
+            return graph.replay, per_replay
         except Exception:   # noqa: BLE001 - not capturable here: time the calls as launched
             torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(repeats)]
-    for start, end in events:
+    return fn, 1
+
+
+def _gpu_sampler(run: Callable[[], None], calls: int) -> Callable[[], Callable[[], float]]:
+    """A sampler for `interleaved_medians`: records one timing of `run` between two CUDA events, read as ms per call
+    once the GPU has got there."""
+    def sample() -> Callable[[], float]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
         end.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in events)[repeats // 2] / calls
+        return lambda: (end.synchronize(), start.elapsed_time(end) / calls)[1]
+    return sample
+
+
+def interleaved_medians(samplers: dict[str, Callable[[], Callable[[], float]]], rounds: int = 6) -> dict[str, float]:
+    """The median of `rounds` timings of each candidate, taken in turns: each round times every candidate once, in
+    the order of `samplers` and, every other round, in the reverse order. A sampler starts one timing and returns
+    the function that reads it, called once every timing has been started (no wait for the GPU between two).
+
+    Timed one after another, the candidates would see different clocks: the GPU's clock falls as a power-capped
+    run goes on (1,980 to about 1,510 MHz within a second on an H100, docs/benchmarks.md, "Clocks and power"),
+    which favours whichever is timed first by more than two close implementations differ. In turns, a drift in
+    time costs each candidate the same."""
+    readers: dict[str, list[Callable[[], float]]] = {name: [] for name in samplers}
+    order = list(samplers)
+    for round_ in range(rounds):
+        for name in (order if round_ % 2 == 0 else order[::-1]):
+            readers[name].append(samplers[name]())
+    return {name: statistics.median(read() for read in reads) for name, reads in readers.items()}
 
 
 def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
-                  out_dtype: torch.dtype | None = None) -> Plan:
+                  out_dtype: torch.dtype | None = None) -> tuple[Plan, dict[str, dict[str, float]]]:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
-    kernel on this shape (`_median_ms`); keep the fastest of each. The Gram form's products of X are Q X, without
-    the a X term (a = 0): that is the update it times; its Z Q + a Q products of two m x m matrices are timed on
-    their own (`Plan.commuting`), since unlike the polynomial they run on two operands. Its last Q X
-    (`Plan.final`) is timed as it runs: into `out_dtype`, and for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the product by 5%
-    and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into the buckets".)"""
+    kernel on this shape (`_prepared`, `interleaved_medians`); keep the fastest of each. Returns the plan and
+    {product: {implementation: ms}}. The Gram form's products of X are Q X, without the a X term (a = 0): that is
+    the update it times; its Z Q + a Q products of two m x m matrices are timed on their own (`Plan.commuting`),
+    since unlike the polynomial they run on two operands. Its last Q X (`Plan.final`) is timed as it runs: into
+    `out_dtype`, and for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the
+    product by 5% and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into
+    the buckets".)"""
     a, b, c = coefficient
     if gram:
         a = 0.0
@@ -214,18 +240,23 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
         products += [("final", _FINAL, lambda f: f(X, B, final_out), persistent_offered("update", X)),
                      ("commuting", _COMMUTING, lambda f: f(B, A, coefficient[0], C),
                       persistent_offered("symmetric", A))]
-    choices = {}
+    choices, times = {}, {}
     for product, table, run, offered in products:
-        times = {name: _median_ms(lambda: run(fn)) for name, fn in table.items() if name != "persistent"}
-        if offered:
+        samplers = {}
+        for name, fn in table.items():
+            if name == "persistent" and not offered:
+                continue
             try:
-                times["persistent"] = _median_ms(lambda: run(table["persistent"]))
+                samplers[name] = _gpu_sampler(*_prepared(functools.partial(run, fn)))
             except Exception as error:   # noqa: BLE001 - e.g. a Triton that cannot build it: the others remain
+                if name != "persistent":
+                    raise
                 _persistent_failed(product, X, error)
-        choices[product] = min(times, key=times.get)
+        times[product] = interleaved_medians(samplers)
+        choices[product] = min(times[product], key=times[product].get)
     choices.setdefault("final", choices["update"])
     choices.setdefault("commuting", choices["polynomial"])   # (the standard form has none)
-    return Plan(**choices)
+    return Plan(**choices), times
 
 
 def _persistent_failed(product: str, X: torch.Tensor, error: Exception) -> None:
@@ -250,6 +281,8 @@ _persistent_error: str | None = None
 
 def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
               out_dtype: torch.dtype | None = None) -> Plan:
+    """The plan of X's shape: held by this process, else kept on disk by an earlier one (`plan_store`), else timed
+    here on the first coefficients (`_measure_plan`) and kept."""
     if kernels == "triton" or not X.is_cuda:
         return ALL_TRITON
     key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram, out_dtype)
@@ -257,8 +290,23 @@ def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             return ALL_TRITON   # cannot time inside a capture; the graph runner plans before capturing
-        plan = _plans[key] = _measure_plan(X, coeffs[0], gram, out_dtype)
+        stored_key = plan_store.key_for(X, key[1:], plan_timing())
+        stored = plan_store.load(stored_key, PRODUCTS)
+        if stored is not None and (_persistent_error is None or "persistent" not in stored.values()):
+            plan = Plan(**stored)
+        else:
+            plan, times = _measure_plan(X, coeffs[0], gram, out_dtype)
+            plan_store.STATS.timed += 1
+            plan_store.store(stored_key, vars(plan), times)
+        _plans[key] = plan
     return plan
+
+
+def plans_held() -> list[dict]:
+    """This process's plans, for reports: each shape, dtype, form ("standard" or "gram") and the implementation of
+    each product."""
+    return [{"shape": list(key[1:4]), "dtype": str(key[4]).removeprefix("torch."),
+             "form": "gram" if key[6] else "standard", **vars(plan)} for key, plan in _plans.items()]
 
 
 def _precompile(X: torch.Tensor, loop_on: Callable[[Plan], Callable[[torch.Tensor], torch.Tensor]],
