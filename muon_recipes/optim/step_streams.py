@@ -45,17 +45,15 @@ from typing import Hashable, Optional
 import torch
 
 from muon_recipes.choices import (MAIN_STREAM_PRIORITY_ENV, SIDE_STREAM_PRIORITY_ENV, STEP_STREAMS,
-                                  SIDE_PROGRAMS_ENV, STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV, is_stream_priority)
+                                  SIDE_PROGRAMS_ENV, STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV, env_choice,
+                                  is_stream_priority)
 
 
 def mode() -> str:
     """MUON_STEP_STREAMS: auto (the captured step on a GPU), 1 (every single-process step), 0 (none); unset,
     `STEP_STREAMS_DEFAULT`. (A run's config validation checks it before anything starts; this is the check of a
     direct `Muon` user.)"""
-    value = os.environ.get(STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT)
-    if value not in STEP_STREAMS:
-        raise ValueError(f"{STEP_STREAMS_ENV}={value!r}: expected one of {', '.join(STEP_STREAMS)}")
-    return value
+    return env_choice(STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT, STEP_STREAMS)
 
 
 class InlineStreams:

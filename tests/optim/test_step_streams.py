@@ -124,7 +124,7 @@ def test_where_the_schedule_applies(monkeypatch):
     monkeypatch.setenv("MUON_STEP_STREAMS", "0")
     assert step_streams.for_step(cpu, captured=True, plans_timed=True) is None
     monkeypatch.setenv("MUON_STEP_STREAMS", "yes")
-    with pytest.raises(ValueError, match=r"MUON_STEP_STREAMS='yes': expected one of auto, 0, 1"):
+    with pytest.raises(ValueError, match=r"MUON_STEP_STREAMS='yes': must be one of auto, 0, 1"):
         step_streams.mode()
     for bad in ("1", "high"):
         monkeypatch.setenv("MUON_SIDE_STREAM_PRIORITY", bad)
