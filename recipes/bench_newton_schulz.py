@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -122,6 +121,19 @@ def time_ms(fn, *, min_repeats: int = 5, max_repeats: int = 200, budget_s: float
     torch.cuda.synchronize()
     times = sorted(b.elapsed_time(f) for b, f in events)
     return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1], "repeats": repeats}
+
+
+def captured_ms(fn) -> dict:
+    """`time_ms` of fn's kernels captured once in a CUDA graph and replayed: the loop as the captured optimizer step
+    runs it, inside the step's graph on the step's own buffers. (`cuda_graph=True` is a runner for eager callers,
+    which also copies X into its graph and the result out: 0.09 ms of the small-expert bucket's 0.7 ms on an
+    H100, docs/benchmarks.md, "Clocks and power".)"""
+    fn()   # plans, tiles and compilation outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay)
 
 
 def host_launch_microseconds(fn, calls: int = 50) -> float:
@@ -366,6 +378,7 @@ def main() -> None:
         # (each launched alone) need not be the fastest loop there.
         row["ours_graph_all_triton"] = time_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=True,
                                                                             kernels="triton"))
+        row["ours_in_step"] = captured_ms(lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=False))
         restarts = gram_restarts(args.steps)
         X_half = X.to(torch.float16) if m < n else None
         if X_half is not None:
@@ -375,6 +388,8 @@ def main() -> None:
                                                                             cuda_graph=True))
             row["ours_gram_graph_all_triton"] = time_ms(lambda: gram_iterations_triton(
                 X_half, timed_coefficients, restarts, cuda_graph=True, kernels="triton"))
+            row["ours_gram_in_step"] = captured_ms(lambda: gram_iterations_triton(
+                X_half, timed_coefficients, restarts, cuda_graph=False, out_dtype=torch.bfloat16))
         if args.trace:
             for kernels in ("auto", "triton"):
                 trace_calls(args.out / f"trace_{label}_{kernels}.json", lambda: ns_iterations_triton(
@@ -403,6 +418,7 @@ def main() -> None:
         best = min(row["ours"]["median_ms"], row["ours_graph"]["median_ms"])
         gram_best = (min(row["ours_gram"]["median_ms"], row["ours_gram_graph"]["median_ms"])
                      if "ours_gram" in row else None)
+        in_step = min(row[k]["median_ms"] for k in ("ours_in_step", "ours_gram_in_step") if k in row)
         print(f"{label}: floor {floor:.3f} ms | eager {row['torch_eager']['median_ms']:.3f} | baddbmm "
               f"{row['torch_baddbmm']['median_ms']:.3f} | compile "
               f"{row.get('torch_compile', {}).get('median_ms', float('nan')):.3f} | ours {row['ours']['median_ms']:.3f}"
@@ -410,7 +426,9 @@ def main() -> None:
               f" | graph all-triton {row['ours_graph_all_triton']['median_ms']:.3f}"
               f" | gram graph all-triton {row.get('ours_gram_graph_all_triton', {}).get('median_ms', float('nan')):.3f}"
               f" | {best / floor:.2f}x floor ({best / row['sustained_floor_ms']:.2f}x sustained) | gram "
-              f"{'-' if gram_best is None else f'{gram_best:.3f} ({gram_best / floor:.2f}x floor)'} | host {row['launch_us']:.0f} us/call | plan {row['plan']} | "
+              f"{'-' if gram_best is None else f'{gram_best:.3f} ({gram_best / floor:.2f}x floor)'}"
+              f" | in a captured step {in_step:.3f} ({in_step / floor:.2f}x floor)"
+              f" | host {row['launch_us']:.0f} us/call | plan {row['plan']} | "
               f"{time.time() - t0:.0f}s",
               flush=True)
         for key in ("breakdown", "breakdown_float16"):
@@ -430,7 +448,7 @@ def main() -> None:
             "command": " ".join(["python"] + sys.argv), "rows": rows,
         }
         (args.out / "results.json").write_text(json.dumps(result, indent=1))   # after every shape
-        del X, X_half
+        X = X_half = None   # (freed before the next shape)
         clear_cuda_graphs()
         torch.cuda.empty_cache()
 

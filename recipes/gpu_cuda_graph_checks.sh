@@ -53,7 +53,8 @@
 #   per plan timing (launch, graph) each timing its own plans (MUON_NS_PLAN_CACHE=0), each run's plans printed
 #   (T Triton, P persistent, C cuBLAS per product: X X^T, polynomial, update, final Q X, Z Q + a Q): whether processes
 #   still choose differently, and what each plan costs; then three processes with the plans kept on disk, the first
-#   timing and storing them, the next two reading them.
+#   timing and storing them, the next two reading them; then the issue's buckets with each loop also timed as the
+#   captured step runs it (`bench_newton_schulz.captured_ms`: no runner copying X in and the result out).
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -260,7 +261,11 @@ PY
       for run in 1 2 3; do
         bench_plans dense_1b "kept_$run" MUON_NS_PLAN_CACHE=1
       done
-      echo "plans kept: $(ls "$plans" | wc -l)"; cp -r "$plans" "$out/" ;;
+      echo "plans kept: $(ls "$plans" | wc -l)"; cp -r "$plans" "$out/"
+      timeout 150 python recipes/bench_newton_schulz.py --no-compile --no-breakdown --schedules keller \
+        --shapes 128x256x1024,189x512x768,32x2048x2048 --out "$out/ns_in_step" > "$out/ns_in_step.log" 2>&1
+      echo "bench_newton_schulz exit $?"
+      grep -E "floor|peak|Error" "$out/ns_in_step.log" | head -8 ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1
