@@ -49,10 +49,12 @@ TILE_SEARCH_ENV = "MUON_NS_AUTOTUNE"
 TILE_SEARCH_DEFAULT = "bounded"   # as fast as "full" on moe_small's buckets at half its cold start (docs/benchmarks.md)
 # How the Newton-Schulz plan times each product's implementations on a shape's first call (kernels/iterations.py),
 # read from PLAN_TIMING_ENV: each call launched from the host between two events, or replayed from a CUDA graph as
-# the captured step runs them. "launch" stays the default until the graph-timed plans are measured on a GPU.
+# the captured step runs them. "graph" by default: on one H100 three processes timing their own plans chose the same
+# plans under "graph" and two different ones under "launch", with equal or shorter steps (docs/benchmarks.md, "The
+# plans timed in turns and kept on disk").
 PLAN_TIMINGS = ("launch", "graph")
 PLAN_TIMING_ENV = "MUON_NS_PLAN_TIMING"
-PLAN_TIMING_DEFAULT = "launch"
+PLAN_TIMING_DEFAULT = "graph"
 # Whether the Newton-Schulz plans are kept on disk for the next process (kernels/plan_store.py), read from
 # PLAN_CACHE_ENV: "1" every process of the machine runs the first one's plan, "0" each process times its own.
 PLAN_CACHES = ("1", "0")

@@ -55,6 +55,8 @@
 #   still choose differently, and what each plan costs; then three processes with the plans kept on disk, the first
 #   timing and storing them, the next two reading them; then the buckets with each loop also timed as the
 #   captured step runs it (`bench_newton_schulz.captured_ms`: no runner copying X in and the result out).
+#   STAGES=plan_default (about three minutes): the same buckets on the default plan timing, timed afresh, then moe_small
+#   and dense_1b twice each with the plans kept on disk (the first run times and stores them, the second reads them).
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -266,6 +268,18 @@ PY
         --shapes 128x256x1024,189x512x768,32x2048x2048 --out "$out/ns_in_step" > "$out/ns_in_step.log" 2>&1
       echo "bench_newton_schulz exit $?"
       grep -E "floor|peak|Error" "$out/ns_in_step.log" | head -8 ;;
+    plan_default)
+      timeout 150 env MUON_NS_PLAN_CACHE=0 python recipes/bench_newton_schulz.py --no-compile --no-breakdown \
+        --schedules keller --shapes 128x256x1024,189x512x768,32x2048x2048 --out "$out/ns_default" \
+        > "$out/ns_default.log" 2>&1
+      echo "bench_newton_schulz exit $?"
+      grep -E "floor|peak|Error" "$out/ns_default.log" | head -8
+      rm -rf "${TRITON_CACHE_DIR:-$HOME/.triton/cache}/muon_ns_plans"
+      for name in moe_small dense_1b; do
+        for run in 1 2; do
+          bench_plans $name "default_$run"
+        done
+      done ;;
     persistent)
       timeout 150 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k persistent \
         > "$out/gpu_tests_persistent.log" 2>&1

@@ -400,9 +400,9 @@ def test_plan_timing_setting(monkeypatch):
     from muon_recipes.optim.kernels.iterations import plan_timing
 
     monkeypatch.delenv("MUON_NS_PLAN_TIMING", raising=False)
-    assert plan_timing() == "launch"
-    monkeypatch.setenv("MUON_NS_PLAN_TIMING", "graph")
     assert plan_timing() == "graph"
+    monkeypatch.setenv("MUON_NS_PLAN_TIMING", "launch")
+    assert plan_timing() == "launch"
     monkeypatch.setenv("MUON_NS_PLAN_TIMING", "replay")
     with pytest.raises(ValueError, match=r"MUON_NS_PLAN_TIMING='replay': must be one of launch, graph"):
         plan_timing()

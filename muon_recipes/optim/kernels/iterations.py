@@ -154,16 +154,16 @@ def _check_coefficients(coefficients: Sequence) -> tuple[tuple[float, float, flo
 
 
 def plan_timing() -> str:
-    """How plans time their products: `PLAN_TIMING_ENV` ("launch" or "graph", see `_median_ms`)."""
+    """How plans time their products: `PLAN_TIMING_ENV` ("graph" or "launch", see `_prepared`)."""
     return env_choice(PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT, PLAN_TIMINGS)
 
 
 def _prepared(fn: Callable[[], None], per_replay: int = 4) -> tuple[Callable[[], None], int]:
     """`fn` made ready to be timed: (what one timing runs, calls of `fn` it makes).
 
-    `MUON_NS_PLAN_TIMING=launch` (the default) times each call launched from the host between two events.
-    `=graph` captures `per_replay` calls in a CUDA graph and times its replays: what the captured step runs, each
-    kernel right after the previous one. Timed from the host, a product of 20 us waits for its own launch (the
+    `MUON_NS_PLAN_TIMING=graph` (the default) captures `per_replay` calls in a CUDA graph and times its replays:
+    what the captured step runs, each kernel right after the previous one. `=launch` times each call launched from
+    the host between two events. Timed from the host, a product of 20 us waits for its own launch (the
     Triton launcher's is longer than cuBLAS's): the plan put every product of 128 x 256 x 1024 on cuBLAS, whose
     Gram loop then ran 0.703 ms from a graph against 0.639 all-Triton (one H100, docs/benchmarks.md, "Clocks and
     power"). Where the calls cannot be captured, they are timed as launched."""
