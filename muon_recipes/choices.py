@@ -67,6 +67,12 @@ STEP_STREAMS_ENV = "MUON_STEP_STREAMS"
 # moe_small's captured step 3.68-3.93 ms against 3.98-4.03 on one stream, dense_1b's within its noise (one H200,
 # docs/benchmarks.md, "The passes over memory beside the products"); the GPU test of two streams against one passed.
 STEP_STREAMS_DEFAULT = "auto"
+# The closed-choice settings above that the kernels and the optimizer read from the environment (`env_choice`), long
+# after start-up, as (variable, default, choices): a run's config validation checks each before anything starts.
+ENV_CHOICES = ((TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT, TILE_SEARCHES),
+               (PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT, PLAN_TIMINGS),
+               (PLAN_CACHE_ENV, PLAN_CACHE_DEFAULT, PLAN_CACHES),
+               (STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT, STEP_STREAMS))
 # The CUDA priorities of the side stream and of the stream the step is captured on: 0 (the default streams' own, the
 # lowest) or a negative integer (higher). Either one set makes the captured graph keep them (optim/cuda_graph.py).
 SIDE_STREAM_PRIORITY_ENV = "MUON_SIDE_STREAM_PRIORITY"

@@ -12,13 +12,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, CUDA_GRAPH_MODES, EXPERT_MODES,
-                                  LR_SCHEDULES, METHODS, NS_DTYPES, PLAN_CACHE_DEFAULT, PLAN_CACHE_ENV, PLAN_CACHES,
-                                  PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV,
-                                  PLAN_TIMINGS, ROLES, SCHEDULES, SIDE_PROGRAMS_ENV,
-                                  SPLIT_MODES, STEP_STREAMS, STREAM_PRIORITY_ENVS,
-                                  STEP_STREAMS_DEFAULT, STEP_STREAMS_ENV,
-                                  TILE_SEARCH_DEFAULT, TILE_SEARCH_ENV, TILE_SEARCHES, is_stream_priority)
+from muon_recipes.choices import (ADJUST_LR, ALGORITHMS, BACKENDS, CORPUS_SCOPES, CUDA_GRAPH_MODES, ENV_CHOICES,
+                                  EXPERT_MODES, LR_SCHEDULES, METHODS, NS_DTYPES, ROLES, SCHEDULES,
+                                  SIDE_PROGRAMS_ENV, SPLIT_MODES, STREAM_PRIORITY_ENVS, is_stream_priority)
 
 
 class ConfigError(ValueError):
@@ -614,14 +610,10 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int]:
         raise ConfigError("seed", cfg.seed, f"must be an integer in [0, {MAX_SEED}] (numpy's seed range)")
     validate_model(cfg.model)
     validate_optim(cfg.optim)
-    # Not a config key but part of the run's setup: how the Newton-Schulz kernels search their tiles.
-    _choice(TILE_SEARCH_ENV, os.environ.get(TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT), TILE_SEARCHES)
-    # ... and how their plans time the products (kernels/iterations.py).
-    _choice(PLAN_TIMING_ENV, os.environ.get(PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT), PLAN_TIMINGS)
-    # ... and whether those plans are kept on disk for the next process (kernels/plan_store.py).
-    _choice(PLAN_CACHE_ENV, os.environ.get(PLAN_CACHE_ENV, PLAN_CACHE_DEFAULT), PLAN_CACHES)
-    # ... and whether the optimizer step runs its passes over memory on a second CUDA stream (optim/step_streams.py).
-    _choice(STEP_STREAMS_ENV, os.environ.get(STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT), STEP_STREAMS)
+    # Not config keys but part of the run's setup: how the Newton-Schulz kernels search their tiles and time and keep
+    # their plans, whether the step runs its passes on a second CUDA stream (choices.ENV_CHOICES).
+    for name, default, valid in ENV_CHOICES:
+        _choice(name, os.environ.get(name, default), valid)
     for name in STREAM_PRIORITY_ENVS:
         priority = os.environ.get(name, "0")
         if not is_stream_priority(priority):

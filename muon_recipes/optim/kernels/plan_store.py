@@ -101,9 +101,11 @@ def load(key: dict, products: tuple[str, ...]) -> dict[str, str] | None:
 
 
 def store(key: dict, plan: dict[str, str], times_ms: dict[str, dict[str, float]]) -> None:
-    """Keep `plan` (with the times it was chosen on, for whoever reads the file) for the next process. A directory
-    that cannot be written costs the next process a timing, not this run: a warning, once."""
+    """A plan timed in this process: counted in `STATS.timed` (as `load` counts the plans it reads) and kept for the
+    next process, with the times it was chosen on. A directory that cannot be written costs the next process a
+    timing, not this run: a warning, once."""
     global _write_failed
+    STATS.timed += 1
     if not enabled():
         return
     path, temporary = _path(key), None
