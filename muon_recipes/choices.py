@@ -60,6 +60,13 @@ PLAN_TIMING_DEFAULT = "graph"
 PLAN_CACHES = ("1", "0")
 PLAN_CACHE_ENV = "MUON_NS_PLAN_CACHE"
 PLAN_CACHE_DEFAULT = "1"
+# Into how many pieces a Newton-Schulz bucket's batch is cut, each run on its own CUDA stream beside the others
+# (kernels/iterations.py, `Plan.pieces`), read from NS_PIECES_ENV: "auto" the plan times the counts that
+# `iterations.piece_counts` offers and keeps the fastest; a number runs every bucket in that many pieces (before-and-
+# after timings, ablations).
+NS_PIECES = ("auto", "1", "2", "4")
+NS_PIECES_ENV = "MUON_NS_PIECES"
+NS_PIECES_DEFAULT = "auto"
 # Where a single-process Muon step runs its passes over memory on a second CUDA stream (optim/step_streams.py), read
 # from STEP_STREAMS_ENV: the captured step on a GPU, none, or every single-process step.
 STEP_STREAMS = ("auto", "0", "1")
@@ -72,6 +79,7 @@ STEP_STREAMS_DEFAULT = "auto"
 ENV_CHOICES = ((TILE_SEARCH_ENV, TILE_SEARCH_DEFAULT, TILE_SEARCHES),
                (PLAN_TIMING_ENV, PLAN_TIMING_DEFAULT, PLAN_TIMINGS),
                (PLAN_CACHE_ENV, PLAN_CACHE_DEFAULT, PLAN_CACHES),
+               (NS_PIECES_ENV, NS_PIECES_DEFAULT, NS_PIECES),
                (STEP_STREAMS_ENV, STEP_STREAMS_DEFAULT, STEP_STREAMS))
 # The CUDA priorities of the side stream and of the stream the step is captured on: 0 (the default streams' own, the
 # lowest) or a negative integer (higher). Either one set makes the captured graph keep them (optim/cuda_graph.py).

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -134,27 +135,6 @@ def captured_ms(fn) -> dict:
     with torch.cuda.graph(graph):
         fn()
     return time_ms(graph.replay)
-
-
-def in_parts(loop, X: torch.Tensor, parts: int, streams: int = 1):
-    """`loop` on X's batch cut into `parts` contiguous pieces, one after another (or taken in turns by `streams`
-    CUDA streams): each piece is planned on its own shape. A whole bucket's m x m matrices (16.8 MB each at
-    128 x 256 x 256 in float16, three per product) overflow the 50 MB L2 of an H100 or H200, so its m x m products
-    run from HBM; a piece's fit."""
-    size = -(-X.shape[0] // parts)
-    pieces = [X[start:start + size] for start in range(0, X.shape[0], size)]
-    if streams == 1:
-        return [loop(piece) for piece in pieces]
-    main, side = torch.cuda.current_stream(), [torch.cuda.Stream() for _ in range(streams)]
-    results = []
-    for stream in side:
-        stream.wait_stream(main)
-    for index, piece in enumerate(pieces):
-        with torch.cuda.stream(side[index % streams]):
-            results.append(loop(piece))
-    for stream in side:
-        main.wait_stream(stream)
-    return results
 
 
 def host_launch_microseconds(fn, calls: int = 50) -> float:
@@ -350,9 +330,9 @@ def main() -> None:
                              "unrecorded ones, on the timed "
                              "plan and on the Triton kernels only: Chrome traces in --out, for "
                              "recipes/stream_timeline.py --steps 3")
-    parser.add_argument("--parts", default="",
-                        help="comma-separated part counts: each loop also timed in a captured step with the batch "
-                             "cut into that many pieces, one after another and on two streams (`in_parts`)")
+    parser.add_argument("--pieces", default="",
+                        help="comma-separated counts of pieces: each loop also timed in a captured step with its batch "
+                             "cut into that many pieces, each on its own CUDA stream (MUON_NS_PIECES=N)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_newton_schulz: needs a CUDA device")
@@ -414,22 +394,21 @@ def main() -> None:
                 X_half, timed_coefficients, restarts, cuda_graph=True, kernels="triton"))
             row["ours_gram_in_step"] = captured_ms(lambda: gram_iterations_triton(
                 X_half, timed_coefficients, restarts, cuda_graph=False, out_dtype=torch.bfloat16))
-        for parts in (int(p) for p in args.parts.split(",") if p.strip()):
-            for streams in (1, 2):
-                suffix = f"_parts{parts}" + ("_2streams" if streams > 1 else "")
-                row["ours_in_step" + suffix] = captured_ms(lambda: in_parts(
-                    lambda piece: ns_iterations_triton(piece, timed_coefficients, cuda_graph=False), X, parts,
-                    streams))
+        for pieces in (p.strip() for p in args.pieces.split(",") if p.strip()):
+            os.environ["MUON_NS_PIECES"] = pieces
+            try:
+                row[f"ours_in_step_pieces{pieces}"] = captured_ms(
+                    lambda: ns_iterations_triton(X, timed_coefficients, cuda_graph=False))
                 if X_half is not None:
-                    row["ours_gram_in_step" + suffix] = captured_ms(lambda: in_parts(
-                        lambda piece: gram_iterations_triton(piece, timed_coefficients, restarts, cuda_graph=False,
-                                                             out_dtype=torch.bfloat16), X_half, parts, streams))
-                print(f"{label} in {parts} parts{' on 2 streams' if streams > 1 else ''}, in a captured step: "
-                      f"standard {row['ours_in_step' + suffix]['median_ms']:.3f} ms (whole "
-                      f"{row['ours_in_step']['median_ms']:.3f})" + (
-                          f", Gram {row['ours_gram_in_step' + suffix]['median_ms']:.3f} ms (whole "
-                          f"{row['ours_gram_in_step']['median_ms']:.3f})" if X_half is not None else ""),
-                      flush=True)
+                    row[f"ours_gram_in_step_pieces{pieces}"] = captured_ms(lambda: gram_iterations_triton(
+                        X_half, timed_coefficients, restarts, cuda_graph=False, out_dtype=torch.bfloat16))
+            finally:
+                del os.environ["MUON_NS_PIECES"]
+            print(f"{label} in {pieces} pieces, in a captured step: standard "
+                  f"{row[f'ours_in_step_pieces{pieces}']['median_ms']:.3f} ms (plan "
+                  f"{row['ours_in_step']['median_ms']:.3f})" + (
+                      f", Gram {row[f'ours_gram_in_step_pieces{pieces}']['median_ms']:.3f} ms (plan "
+                      f"{row['ours_gram_in_step']['median_ms']:.3f})" if X_half is not None else ""), flush=True)
         if args.trace:
             for kernels in ("auto", "triton"):
                 trace_calls(args.out / f"trace_{label}_{kernels}.json", lambda: ns_iterations_triton(

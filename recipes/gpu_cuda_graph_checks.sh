@@ -57,6 +57,10 @@
 #   captured step runs it (`bench_newton_schulz.captured_ms`: no runner copying X in and the result out).
 #   STAGES=plan_default (about three minutes): the same buckets on the default plan timing, timed afresh, then moe_small
 #   and dense_1b twice each with the plans kept on disk (the first run times and stores them, the second reads them).
+#   STAGES=pieces (about four minutes): a bucket in pieces, each on its own CUDA stream (`iterations.Plan.pieces`). The
+#   GPU tests of the pieces and plans; the small-expert, moe_small expert and 64 x 768 x 2048 buckets timed afresh in
+#   a captured step whole and in 2 and 4 pieces, with the pieces the plan chose (/N after the plan's letters); then
+#   moe_small's and dense_1b's captured step with MUON_NS_PIECES=1 and with the plan's pieces, twice each, in turns.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -96,6 +100,7 @@ except (OSError, ValueError, KeyError, IndexError) as error:
 letters = {"triton": "T", "persistent": "P", "cublas": "C"}
 plans = " ".join("x".join(map(str, p["shape"])) + ("g" if p["form"] == "gram" else "") + "="
                  + "".join(letters[p[k]] for k in ("gram", "polynomial", "update", "final", "commuting"))
+                 + (f"/{p['pieces']}" if p.get("pieces", 1) > 1 else "")
                  for p in row.get("plans", []))
 counts = row.get("plan_counts", {})
 print(f"  {row.get('median_ms', float('nan')):.2f} ms (p10 {row.get('p10_ms', float('nan')):.2f}, "
@@ -278,6 +283,23 @@ PY
       for name in moe_small dense_1b; do
         for run in 1 2; do
           bench_plans $name "default_$run"
+        done
+      done ;;
+    pieces)
+      timeout 200 python -m pytest -q -m gpu --tb=short tests/optim/test_kernels_gpu.py -k "pieces or plan" \
+        > "$out/gpu_tests_pieces.log" 2>&1
+      echo "tests exit $?: $(tail -1 "$out/gpu_tests_pieces.log")"
+      grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_pieces.log" | head -20
+      timeout 200 env MUON_NS_PLAN_CACHE=0 python recipes/bench_newton_schulz.py --no-compile --no-breakdown \
+        --schedules keller --pieces 1,2,4 --shapes 128x256x1024,189x512x768,64x768x2048 --out "$out/ns_pieces" \
+        > "$out/ns_pieces.log" 2>&1
+      echo "bench_newton_schulz exit $?"
+      grep -E "peak|pieces|floor|Error" "$out/ns_pieces.log" | cut -c1-400 | head -20
+      rm -rf "${TRITON_CACHE_DIR:-$HOME/.triton/cache}/muon_ns_plans"
+      for run in 1 2; do
+        for name in moe_small dense_1b; do
+          bench_plans $name "plan_$run"
+          bench_plans $name "whole_$run" MUON_NS_PIECES=1
         done
       done ;;
     persistent)

@@ -232,10 +232,11 @@ def test_bad_config_value(tmp_path, monkeypatch, overrides, world, fragments):
 
 @pytest.mark.parametrize("variable, value, valid", [("MUON_NS_AUTOTUNE", "fast", "bounded, full, heuristic"),
                                                     ("MUON_NS_PLAN_TIMING", "replay", "launch, graph"),
-                                                    ("MUON_NS_PLAN_CACHE", "yes", "1, 0")])
+                                                    ("MUON_NS_PLAN_CACHE", "yes", "1, 0"),
+                                                    ("MUON_NS_PIECES", "3", "auto, 1, 2, 4")])
 def test_bad_kernel_setting_in_the_environment(tmp_path, monkeypatch, variable, value, valid):
-    """MUON_NS_AUTOTUNE, MUON_NS_PLAN_TIMING and MUON_NS_PLAN_CACHE are read by the kernels at their first search or
-    plan, on the GPU, long after start-up: checked with the config, before anything starts."""
+    """MUON_NS_AUTOTUNE, MUON_NS_PLAN_TIMING, MUON_NS_PLAN_CACHE and MUON_NS_PIECES are read by the kernels at their
+    first search or plan, on the GPU, long after start-up: checked with the config, before anything starts."""
     monkeypatch.setenv(variable, value)
     code, err = run_in_process([f"run_dir={tmp_path / 'run'}"])
     assert_one_line(code, err, f"error: invalid config: {variable}='{value}': must be one of {valid}")

@@ -42,6 +42,9 @@ SCALED_ADD_MIN_NUMEL = 1 << 22
 # shape that offers them compiles them (not ahead, in parallel, as the pointer kernels' tiles are): with 512,
 # moe_small's cold first optimizer step took 10.9 s against 6.5 s (docs/benchmarks.md, thresholds table).
 PERSISTENT_MIN_SIDE = 1024
+# A bucket of matrices with fewer rows than PERSISTENT_MIN_SIDE may run in pieces of at least this many matrices, each
+# on its own CUDA stream (`iterations.piece_counts`): its products are too short to fill the GPU on their own.
+PIECE_MIN_BATCH = 8
 
 
 @functools.lru_cache(maxsize=None)

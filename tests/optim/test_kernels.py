@@ -199,7 +199,22 @@ def _measure_gram_iterations(X, generator):
             "torch": _relative_error(gram_iterations_torch(X, THREE_STEPS, GRAM_RESTARTS), exact),
             "input_untouched": bool(torch.equal(X, before)),
             "dtype_kept": ours.dtype == X.dtype and ours.shape == X.shape,
-            "out_dtype_rounds_once": direct.dtype == torch.bfloat16 and _relative_error(direct, ours) <= 2.0 ** -9}
+            "out_dtype_rounds_once": direct.dtype == torch.bfloat16 and _relative_error(direct, ours) <= 2.0 ** -9,
+            "pieces_equal": _in_pieces_equal(lambda: gram_iterations_triton(X, THREE_STEPS, GRAM_RESTARTS,
+                                                                            out_dtype=torch.bfloat16), direct)}
+
+
+def _in_pieces_equal(run, whole: torch.Tensor) -> bool:
+    """`run` with its batch cut into 2 and into 4 pieces (MUON_NS_PIECES; batches of 3 leave a ragged last piece)
+    equals the loop on the whole batch bit for bit: each matrix takes the same products."""
+    results = []
+    for pieces in ("2", "4"):
+        os.environ["MUON_NS_PIECES"] = pieces
+        try:
+            results.append(run())
+        finally:
+            del os.environ["MUON_NS_PIECES"]
+    return all(r.dtype == whole.dtype and torch.equal(r, whole) for r in results)
 
 
 def _measure_iterations(X, generator):
@@ -210,7 +225,8 @@ def _measure_iterations(X, generator):
     exact = _torch_iterations(X.double(), TWO_STEPS)
     return {"ours": _relative_error(ours, exact), "torch": _relative_error(_torch_iterations(X, TWO_STEPS), exact),
             "input_untouched": bool(torch.equal(X, before)),
-            "dtype_kept": ours.dtype == X.dtype and ours.shape == X.shape}
+            "dtype_kept": ours.dtype == X.dtype and ours.shape == X.shape,
+            "pieces_equal": _in_pieces_equal(lambda: ns_iterations_triton(X, TWO_STEPS), ours)}
 
 
 def _measure_momentum(X, generator):
@@ -315,7 +331,7 @@ def test_kernel_matches_float64_and_torch(interpreter_results, shape, dtype_name
     assert result["ours"] <= 1.25 * result["torch"] + 1e-6, result
     for flag in ("symmetric", "input_untouched", "dtype_kept", "equals_torch", "layouts_as_expected",
                  "buffer_float32_exact", "heavy_ball_is_buffer", "out_dtype_rounds_once",
-                 "scalars_from_memory_equal", "in_place_equal", "bounded_equal"):
+                 "scalars_from_memory_equal", "in_place_equal", "bounded_equal", "pieces_equal"):
         if flag in result:
             assert result[flag], f"{kernel}: {flag} is False"
 
@@ -406,3 +422,27 @@ def test_plan_timing_setting(monkeypatch):
     monkeypatch.setenv("MUON_NS_PLAN_TIMING", "replay")
     with pytest.raises(ValueError, match=r"MUON_NS_PLAN_TIMING='replay': must be one of launch, graph"):
         plan_timing()
+
+
+def test_pieces_setting_and_the_counts_a_plan_times(monkeypatch):
+    """MUON_NS_PIECES: "auto" leaves the count to the plan, a number forces it, anything else is a one-line error.
+    The plan times pieces only for buckets of matrices under the persistent kernel's rows, in pieces of at least
+    PIECE_MIN_BATCH matrices."""
+    from muon_recipes.optim.dispatch import PERSISTENT_MIN_SIDE, PIECE_MIN_BATCH
+    from muon_recipes.optim.kernels.iterations import piece_counts, pieces_setting
+
+    monkeypatch.delenv("MUON_NS_PIECES", raising=False)
+    assert pieces_setting() is None
+    monkeypatch.setenv("MUON_NS_PIECES", "2")
+    assert pieces_setting() == 2
+    monkeypatch.setenv("MUON_NS_PIECES", "3")
+    with pytest.raises(ValueError, match=r"MUON_NS_PIECES='3': must be one of auto, 1, 2, 4"):
+        pieces_setting()
+
+    def batch(b, m):
+        return torch.empty(b, m, 2 * m, device="meta")
+    small = PERSISTENT_MIN_SIDE // 4
+    assert piece_counts(batch(4 * PIECE_MIN_BATCH, small)) == (1, 2, 4)
+    assert piece_counts(batch(4 * PIECE_MIN_BATCH - 1, small)) == (1, 2)
+    assert piece_counts(batch(2 * PIECE_MIN_BATCH - 1, small)) == (1,)
+    assert piece_counts(batch(64, PERSISTENT_MIN_SIDE)) == (1,)

@@ -12,7 +12,8 @@ import pytest
 from muon_recipes.optim.kernels import plan_store
 from muon_recipes.optim.kernels.iterations import PRODUCTS, interleaved_medians
 
-PLAN = {"gram": "cublas", "polynomial": "persistent", "update": "triton", "final": "triton", "commuting": "triton"}
+PLAN = {"gram": "cublas", "polynomial": "persistent", "update": "triton", "final": "triton", "commuting": "triton",
+        "pieces": 2}
 TIMES = {"gram": {"triton": 0.31, "cublas": 0.29}}
 
 
@@ -47,8 +48,13 @@ def test_a_stored_plan_is_read_back_under_its_own_key_only(store_in):
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"key": _key(), "plan": {**PLAN, "gram": "cutlass"}}),
                                      json.dumps({"key": _key(), "plan": {"gram": "cublas"}}),
+                                     json.dumps({"key": _key(), "plan": {k: v for k, v in PLAN.items()
+                                                                         if k != "pieces"}}),
+                                     json.dumps({"key": _key(), "plan": {**PLAN, "pieces": 0}}),
+                                     json.dumps({"key": _key(), "plan": {**PLAN, "pieces": "2"}}),
                                      json.dumps({"key": _key(sources="other"), "plan": PLAN}), "[]"],
-                         ids=["torn", "unknown implementation", "missing products", "another key", "not a record"])
+                         ids=["torn", "unknown implementation", "missing products", "no pieces", "zero pieces", "pieces not a count",
+                              "another key", "not a record"])
 def test_a_file_that_is_not_a_plan_of_its_key_is_timed_again_and_replaced(store_in, content):
     plan_store.store(_key(), PLAN, TIMES)
     path = next(store_in.iterdir())

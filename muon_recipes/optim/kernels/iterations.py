@@ -19,6 +19,18 @@ restart), b R + c R R (the same symmetric kernels), Z Q + a Q for commuting symm
 kernel with two operands, `commuting_product`, timed on its own: `Plan.commuting`), and Q X (the update kernel
 with a = 0, run where the plan runs the update).
 
+A bucket of many small matrices (fewer rows than `dispatch.PERSISTENT_MIN_SIDE`) may run in pieces: its batch cut
+into 2 or 4 contiguous pieces, each piece's loop on its own CUDA stream, side by side (`Plan.pieces`,
+`_in_pieces`). Each product of such a bucket is a few tiles per matrix with short reductions: it does not fill
+the GPU to its end, and the next product, which needs its result, cannot start before it ends. Two independent
+loops fill each other's gaps. On one H100 the small-expert bucket (128 x 256 x 1024, Gram form, captured) ran
+0.449 ms in two pieces on two streams against 0.532 whole, 64 x 768 x 2048 2.49 against 2.74; the same pieces one
+after another on one stream gained nothing (docs/benchmarks.md, "A bucket in pieces"). The plan times the counts
+that `piece_counts` offers, after the products, as whole loops, and keeps the fastest; `MUON_NS_PIECES=N` runs
+every bucket in N pieces instead. Every matrix takes the same products either way; only the tiles a piece's own
+tile search picks (the batch is part of its key) or the kernel cuBLAS picks for a smaller batch can round
+differently (with the same tiles the results are equal bit for bit: the interpreter tests).
+
 The first call of a shape compiles the tile candidates of all its Triton products at once, in parallel, before
 any of them is timed (`_precompile`, `tile_search.compile_candidates`): a shape's searches then only time.
 
@@ -34,13 +46,14 @@ import functools
 import os
 import statistics
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 
-from muon_recipes.choices import ITERATION_KERNELS, PLAN_TIMING_DEFAULT, PLAN_TIMING_ENV, PLAN_TIMINGS, env_choice
-from muon_recipes.optim.dispatch import KERNEL_DTYPES, PERSISTENT_MIN_SIDE, interpreting
+from muon_recipes.choices import (ITERATION_KERNELS, NS_PIECES, NS_PIECES_DEFAULT, NS_PIECES_ENV, PLAN_TIMING_DEFAULT,
+                                  PLAN_TIMING_ENV, PLAN_TIMINGS, env_choice)
+from muon_recipes.optim.dispatch import KERNEL_DTYPES, PERSISTENT_MIN_SIDE, PIECE_MIN_BATCH, interpreting
 from muon_recipes.optim.kernels import persistent, plan_store, tile_search
 from muon_recipes.optim.kernels.symmetric import launch_symmetric_matmul
 from muon_recipes.optim.kernels.tuning import input_precision
@@ -51,16 +64,20 @@ from muon_recipes.optim.kernels.update import launch_update, launch_update_cubla
 class Plan:
     """Which implementation runs each product of an iteration: "triton" (the pointer kernels), "persistent"
     (`persistent.py`) or "cublas". `final` is the Gram form's last product, Q X written in the result's dtype:
-    the Triton kernels round straight into it, cuBLAS writes X's dtype (float16) and a cast pass follows."""
+    the Triton kernels round straight into it, cuBLAS writes X's dtype (float16) and a cast pass follows.
+    `pieces`: into how many pieces the batch is cut, each run on its own CUDA stream (`_in_pieces`)."""
     gram: str = "triton"
     polynomial: str = "triton"
     update: str = "triton"
     final: str = "triton"
     commuting: str = "triton"   # the Gram form's Z Q + a Q products of two m x m matrices
+    pieces: int = 1
 
 
 ALL_TRITON = Plan()
-PRODUCTS = tuple(vars(ALL_TRITON))
+PRODUCTS = ("gram", "polynomial", "update", "final", "commuting")
+# The piece counts a plan may time (`piece_counts`).
+PIECE_COUNTS = (1, 2, 4)
 
 # (device, batch, m, n, dtype, precision, Gram form?, result dtype) -> Plan, measured once per process.
 _plans: dict[tuple, Plan] = {}
@@ -220,7 +237,7 @@ def interleaved_medians(samplers: dict[str, Callable[[], Callable[[], float]]], 
 
 
 def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
-                  out_dtype: torch.dtype | None = None) -> tuple[Plan, dict[str, dict[str, float]]]:
+                  out_dtype: torch.dtype | None = None, loop_on=None) -> tuple[Plan, dict[str, dict[str, float]]]:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
     kernel on this shape (`_prepared`, `interleaved_medians`); keep the fastest of each. Returns the plan and
     {product: {implementation: ms}}. The Gram form's products of X are Q X, without the a X term (a = 0): that is
@@ -228,7 +245,8 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
     since unlike the polynomial they run on two operands. Its last Q X (`Plan.final`) is timed as it runs: into
     `out_dtype`, and for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the
     product by 5% and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into
-    the buckets".)"""
+    the buckets".) Then, with `loop_on` (plan -> loop) and more than one count in `piece_counts`, the whole loop on
+    the chosen products is timed in each count of pieces (`pieces` in the times)."""
     a, b, c = coefficient
     if gram:
         a = 0.0
@@ -260,7 +278,72 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
         choices[product] = min(times[product], key=times[product].get)
     choices.setdefault("final", choices["update"])
     choices.setdefault("commuting", choices["polynomial"])   # (the standard form has none)
-    return Plan(**choices), times
+    plan = Plan(**choices)
+    counts = piece_counts(X)
+    if loop_on is not None and len(counts) > 1:
+        del A, B, C, out   # (the loops allocate their own)
+        times["pieces"] = interleaved_medians({
+            str(count): _gpu_sampler(*_prepared(functools.partial(loop_on(replace(plan, pieces=count)), X)))
+            for count in counts})
+        plan = replace(plan, pieces=int(min(times["pieces"], key=times["pieces"].get)))
+    return plan, times
+
+
+def piece_counts(X: torch.Tensor) -> tuple[int, ...]:
+    """The counts of pieces a plan times on X (`PIECE_COUNTS`): more than one only for matrices of fewer rows than
+    `PERSISTENT_MIN_SIDE`, whose products leave the GPU part idle (the persistent kernel, offered from there, runs
+    one program per SM and expects the GPU to itself), in pieces of at least `PIECE_MIN_BATCH` matrices."""
+    if X.shape[1] >= PERSISTENT_MIN_SIDE:
+        return (1,)
+    return tuple(count for count in PIECE_COUNTS if X.shape[0] >= count * PIECE_MIN_BATCH or count == 1)
+
+
+def pieces_setting() -> int | None:
+    """`NS_PIECES_ENV` as a number of pieces for every bucket, or None for the plan's own ("auto")."""
+    value = env_choice(NS_PIECES_ENV, NS_PIECES_DEFAULT, NS_PIECES)
+    return None if value == "auto" else int(value)
+
+
+# Per device, the CUDA streams that pieces run on (`_in_pieces`), created once and reused by every call.
+_piece_streams: dict[int, list] = {}
+
+
+def _streams_for(device: torch.device, count: int) -> list:
+    streams = _piece_streams.setdefault(device.index, [])
+    while len(streams) < count:
+        streams.append(torch.cuda.Stream(device=device))
+    return streams[:count]
+
+
+def _in_pieces(loop: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], pieces: int,
+               out_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """X -> the loop on X's batch cut into `pieces` contiguous pieces, each written into its rows of one result.
+
+    On a GPU each piece runs on its own stream, which first waits for the caller's stream (X is ready), and the
+    caller's stream waits for all of them before anything reads the result. The result is allocated on the caller's
+    stream, so it is freed and reused in that stream's order; a piece's buffers live and die on its own stream. Inside
+    a CUDA graph capture the same waits become the graph's edges: the pieces are branches of the graph. Off a GPU
+    the pieces run one after another (the same slicing, for the CPU tests)."""
+    def run(X: torch.Tensor) -> torch.Tensor:
+        if pieces == 1 or X.shape[0] < 2:
+            return loop(X, None)
+        out = torch.empty(X.shape, dtype=out_dtype or X.dtype, device=X.device)
+        size = -(-X.shape[0] // pieces)
+        starts = range(0, X.shape[0], size)
+        if not X.is_cuda:
+            for start in starts:
+                loop(X[start:start + size], out[start:start + size])
+            return out
+        caller = torch.cuda.current_stream(X.device)
+        streams = _streams_for(X.device, len(starts))
+        for stream, start in zip(streams, starts):
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                loop(X[start:start + size], out[start:start + size])
+        for stream in streams:
+            caller.wait_stream(stream)
+        return out
+    return run
 
 
 def _persistent_failed(product: str, X: torch.Tensor, error: Exception) -> None:
@@ -284,9 +367,9 @@ _persistent_error: str | None = None
 
 
 def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
-              out_dtype: torch.dtype | None = None) -> Plan:
+              out_dtype: torch.dtype | None = None, loop_on=None) -> Plan:
     """The plan of X's shape: held by this process, else kept on disk by an earlier one (`plan_store`), else timed
-    here on the first coefficients (`_measure_plan`) and kept."""
+    here on the first coefficients (`_measure_plan`, the pieces on `loop_on`'s loops) and kept."""
     if kernels == "triton" or not X.is_cuda:
         return ALL_TRITON
     key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram, out_dtype)
@@ -299,7 +382,7 @@ def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
         if stored is not None and (_persistent_error is None or "persistent" not in stored.values()):
             plan = Plan(**stored)
         else:
-            plan, times = _measure_plan(X, coeffs[0], gram, out_dtype)
+            plan, times = _measure_plan(X, coeffs[0], gram, out_dtype, loop_on)
             plan_store.store(stored_key, vars(plan), times)
         _plans[key] = plan
     return plan
@@ -354,7 +437,10 @@ def triton_launches(X: torch.Tensor, coefficients: Sequence, restarts: Sequence[
     return _recorded(X, loop_on)
 
 
-def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan) -> torch.Tensor:
+def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The standard form on the plan's products (not its pieces: see `_in_pieces`); the last product writes into
+    `out` when one is given."""
     batch, m, n = X.shape
     A = torch.empty((batch, m, m), dtype=X.dtype, device=X.device)
     B = torch.empty_like(A)
@@ -364,14 +450,14 @@ def _iterate(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], pl
     for step, (a, b, c) in enumerate(coeffs):
         gram(current, A)
         polynomial(A, B, b, c)
-        target = buffers[step % 2]
+        target = out if out is not None and step == len(coeffs) - 1 else buffers[step % 2]
         update(current, B, a, target)
         current = target
     return current
 
 
 def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...], plan: Plan,
-                  restarts: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
+                  restarts: tuple[int, ...], out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Gram form on the plan's kernels: the same recurrences as `newton_schulz.gram_iterations_torch`.
 
     The a Q terms stay in the products' fp32 epilogues. Folding them into P = Z + a I first would make every
@@ -379,7 +465,8 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
     rounds P's diagonal, as large as a (8.2 in polar_express's first step), to float16: tried, the Gram form's
     error in float16 went from 0.013 to 0.024 and from 0.057 to 0.140 on test_gram_newton_schulz.py's matrices.
 
-    The last product, Q X, is written in `out_dtype` by the Triton kernels (one rounding, no cast pass)."""
+    The last product, Q X, is written in `out_dtype` by the Triton kernels (one rounding, no cast pass), into `out`
+    when one is given."""
     batch, m, n = X.shape
     gram, polynomial, update = _GRAM[plan.gram], _POLYNOMIAL[plan.polynomial], _UPDATE[plan.update]
     commuting = _COMMUTING[plan.commuting]
@@ -407,7 +494,8 @@ def _iterate_gram(X: torch.Tensor, coeffs: tuple[tuple[float, float, float], ...
         if step < last and step + 1 not in restarts:
             commuting(Z, R, a, RZ)                 # RZ = Z R + a R
             commuting(Z, RZ, a, R)                 # R = Z RZ + a RZ
-    out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
+    if out is None:
+        out = torch.empty(X.shape, dtype=out_dtype, device=X.device)
     _FINAL[plan.final](current, Q, out)            # X_final = Q X
     return out
 
@@ -470,11 +558,12 @@ def gram_iterations_triton(X: torch.Tensor, coefficients: Sequence, restarts: Se
 
 
 def _loop_on(coeffs, restarts, out_dtype) -> Callable[[Plan], Callable[[torch.Tensor], torch.Tensor]]:
-    """plan -> the loop of one call on that plan's products: the standard form, or the Gram form with
+    """plan -> the loop of one call on that plan's products and pieces: the standard form, or the Gram form with
     `restarts`."""
     if restarts is None:
-        return lambda plan: (lambda inp: _iterate(inp, coeffs, plan))
-    return lambda plan: (lambda inp: _iterate_gram(inp, coeffs, plan, restarts, out_dtype))
+        return lambda plan: _in_pieces(lambda inp, out: _iterate(inp, coeffs, plan, out), plan.pieces, out_dtype)
+    return lambda plan: _in_pieces(lambda inp, out: _iterate_gram(inp, coeffs, plan, restarts, out_dtype, out),
+                                   plan.pieces, out_dtype)
 
 
 def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torch.Tensor:
@@ -488,7 +577,10 @@ def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torc
         return X.to(out_dtype or X.dtype, copy=True)
     loop_on = _loop_on(coeffs, restarts, out_dtype)
     _precompile(X, loop_on, (coeffs, restarts, out_dtype))
-    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None, out_dtype=out_dtype)
+    plan = _plan_for(X, coeffs, kernels, gram=restarts is not None, out_dtype=out_dtype, loop_on=loop_on)
+    forced = pieces_setting()
+    if forced is not None:
+        plan = replace(plan, pieces=forced)
     loop = loop_on(plan)
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"

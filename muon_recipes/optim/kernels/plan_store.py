@@ -1,7 +1,7 @@
 """The Newton-Schulz plans kept on disk, so that every process on a machine runs a shape on the same products.
 
 A plan (`iterations.Plan`: which of the Triton kernel, its persistent form and cuBLAS runs each product of a
-shape) is timed on the shape's first call. Timed anew in every process, two processes can choose differently where
+shape, and in how many pieces the batch runs) is timed on the shape's first call. Timed anew in every process, two processes can choose differently where
 two implementations time within each other's noise, and a step's time then depends on the process: on one H100,
 one of two processes of dense_1b put 7.7 ms of its step on the pointer kernel where the other chose the persistent
 one (docs/benchmarks.md, "Clocks and power under the captured step"). Two arms of an ablation, two ranks, or a run
@@ -83,16 +83,16 @@ def _path(key: dict) -> Path:
     return directory() / f"{name}.json"
 
 
-def load(key: dict, products: tuple[str, ...]) -> dict[str, str] | None:
-    """The stored plan of `key` as {product: implementation}, or None: none stored, the cache off, or a file that is
-    not a plan of this key (torn by hand, another version's) and will be timed again."""
+def load(key: dict, products: tuple[str, ...]) -> dict | None:
+    """The stored plan of `key` as {product: implementation, "pieces": count}, or None: none stored, the cache off, or
+    a file that is not a plan of this key (torn by hand, another version's) and will be timed again."""
     if not enabled():
         return None
     try:
         record = json.loads(_path(key).read_text())
         plan = record["plan"]
-        if record["key"] != key or set(plan) != set(products) or not all(
-                plan[p] in IMPLEMENTATIONS for p in products):
+        if record["key"] != key or set(plan) != {*products, "pieces"} or not all(
+                plan[p] in IMPLEMENTATIONS for p in products) or type(plan["pieces"]) is not int or plan["pieces"] < 1:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -100,7 +100,7 @@ def load(key: dict, products: tuple[str, ...]) -> dict[str, str] | None:
     return dict(plan)
 
 
-def store(key: dict, plan: dict[str, str], times_ms: dict[str, dict[str, float]]) -> None:
+def store(key: dict, plan: dict, times_ms: dict[str, dict[str, float]]) -> None:
     """A plan timed in this process: counted in `STATS.timed` (as `load` counts the plans it reads) and kept for the
     next process, with the times it was chosen on. A directory that cannot be written costs the next process a
     timing, not this run: a warning, once."""
