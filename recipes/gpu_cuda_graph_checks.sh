@@ -59,8 +59,8 @@
 #   and dense_1b twice each with the plans kept on disk (the first run times and stores them, the second reads them).
 #   STAGES=pieces (about four minutes): a bucket in pieces, each on its own CUDA stream (`iterations.Plan.pieces`). The
 #   GPU tests of the pieces and plans; the small-expert, moe_small expert and 64 x 768 x 2048 buckets timed afresh in
-#   a captured step whole and in 2 and 4 pieces, with the pieces the plan chose (/N after the plan's letters); then
-#   moe_small's captured step with the plan's pieces and with MUON_NS_PIECES=1, twice in turns, and dense_1b's once.
+#   a captured step whole, in 2 and 4 pieces and in the pieces the plan chose (MUON_NS_PIECES=auto; /N after the
+#   plan's letters); then moe_small's captured step with MUON_NS_PIECES=auto and =1, twice in turns, and dense_1b's once.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -291,13 +291,13 @@ PY
       echo "tests exit $?: $(tail -1 "$out/gpu_tests_pieces.log")"
       grep -hE "^(FAILED|ERROR)|Error|assert" "$out/gpu_tests_pieces.log" | head -20
       timeout 150 env MUON_NS_PLAN_CACHE=0 python recipes/bench_newton_schulz.py --no-compile --no-breakdown \
-        --schedules keller --pieces 1,2,4 --shapes 128x256x1024,189x512x768,64x768x2048 --out "$out/ns_pieces" \
+        --schedules keller --pieces 1,2,4,auto --shapes 128x256x1024,189x512x768,64x768x2048 --out "$out/ns_pieces" \
         > "$out/ns_pieces.log" 2>&1
       echo "bench_newton_schulz exit $?"
       grep -E "peak|pieces|floor|Error" "$out/ns_pieces.log" | cut -c1-400 | head -20
       rm -rf "${TRITON_CACHE_DIR:-$HOME/.triton/cache}/muon_ns_plans"
       for run in moe_small_1 moe_small_2 dense_1b_1; do
-        bench_plans ${run%_*} "plan_${run##*_}"
+        bench_plans ${run%_*} "auto_${run##*_}" MUON_NS_PIECES=auto
         bench_plans ${run%_*} "whole_${run##*_}" MUON_NS_PIECES=1
       done ;;
     persistent)

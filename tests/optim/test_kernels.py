@@ -425,13 +425,13 @@ def test_plan_timing_setting(monkeypatch):
 
 
 def test_pieces_setting_and_the_counts_a_plan_times(monkeypatch):
-    """MUON_NS_PIECES: "auto" leaves the count to the plan, a number forces it, anything else is a one-line error.
+    """MUON_NS_PIECES: "auto" leaves the count to the plan, a number sets it, anything else is a one-line error.
     The plan times pieces only for buckets of matrices under the persistent kernel's rows, in pieces of at least
     PIECE_MIN_BATCH matrices."""
     from muon_recipes.optim.dispatch import PERSISTENT_MIN_SIDE, PIECE_MIN_BATCH
     from muon_recipes.optim.kernels.iterations import piece_counts, pieces_setting
 
-    monkeypatch.delenv("MUON_NS_PIECES", raising=False)
+    monkeypatch.setenv("MUON_NS_PIECES", "auto")
     assert pieces_setting() is None
     monkeypatch.setenv("MUON_NS_PIECES", "2")
     assert pieces_setting() == 2

@@ -169,14 +169,17 @@ def test_auto_plan_runs_every_product_correctly(timing, monkeypatch):
     assert _relative_error(gram, gram_exact) <= 1.25 * _relative_error(torch_gram, gram_exact) + 1e-3
 
 
-def test_plans_are_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pieces", ["1", "auto"])
+def test_plans_are_kept_on_disk_and_read_back(pieces, tmp_path, monkeypatch):
     """A plan timed in one process is stored; the next process (here: the same one, its plans dropped) reads it
-    instead of timing, runs the same products, and gets the same result bit for bit."""
+    instead of timing, runs the same products in the same pieces, and gets the same result bit for bit. With
+    MUON_NS_PIECES=auto the plan times the loop in pieces too (64 matrices of 128 rows: 1, 2 or 4 pieces)."""
     from muon_recipes.optim.kernels import ns_iterations_triton, plan_store
-    from muon_recipes.optim.kernels.iterations import _plans
+    from muon_recipes.optim.kernels.iterations import _plans, piece_counts
 
     monkeypatch.setattr(plan_store, "directory", lambda: tmp_path)
     monkeypatch.setenv("MUON_NS_PLAN_CACHE", "1")
+    monkeypatch.setenv("MUON_NS_PIECES", pieces)
     _plans.clear()
     X = _normalized(64, 128, 512, torch.bfloat16, seed=8)
     before = plan_store.snapshot()
@@ -189,6 +192,10 @@ def test_plans_are_kept_on_disk_and_read_back(tmp_path, monkeypatch):
     assert (plan_store.STATS.timed, plan_store.STATS.read) == (before.timed + 1, before.read + 1)
     assert _plans == timed
     assert torch.equal(first, second)
+    chosen = {plan.pieces for plan in timed.values()}
+    assert chosen == {1} if pieces == "1" else chosen <= set(piece_counts(X))
+    exact = _torch_iterations(X.double(), [KELLER] * 2)
+    assert _relative_error(first, exact) <= 1.25 * _relative_error(_torch_iterations(X, [KELLER] * 2), exact) + 1e-3
 
 
 @pytest.mark.parametrize("pieces", ["2", "4"])

@@ -237,7 +237,8 @@ def interleaved_medians(samplers: dict[str, Callable[[], Callable[[], float]]], 
 
 
 def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram: bool = False,
-                  out_dtype: torch.dtype | None = None, loop_on=None) -> tuple[Plan, dict[str, dict[str, float]]]:
+                  out_dtype: torch.dtype | None = None, loop_on=None,
+                  pieces: int | None = None) -> tuple[Plan, dict[str, dict[str, float]]]:
     """Time each product with the Triton kernel, with cuBLAS and, where `persistent_offered`, with the persistent
     kernel on this shape (`_prepared`, `interleaved_medians`); keep the fastest of each. Returns the plan and
     {product: {implementation: ms}}. The Gram form's products of X are Q X, without the a X term (a = 0): that is
@@ -245,8 +246,9 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
     since unlike the polynomial they run on two operands. Its last Q X (`Plan.final`) is timed as it runs: into
     `out_dtype`, and for cuBLAS with the cast pass after it. (On dense_1b's 48 x 2048 x 5632 bucket cuBLAS won the
     product by 5% and then spent half a product's time in the cast: docs/benchmarks.md, "Momentum straight into
-    the buckets".) Then, with `loop_on` (plan -> loop) and more than one count in `piece_counts`, the whole loop on
-    the chosen products is timed in each count of pieces (`pieces` in the times)."""
+    the buckets".) Then the count of pieces: `pieces` where one is given (`pieces_setting`); else, with `loop_on`
+    (plan -> loop) and more than one count in `piece_counts`, the whole loop on the chosen products is timed in each
+    count of pieces (`pieces` in the times)."""
     a, b, c = coefficient
     if gram:
         a = 0.0
@@ -280,7 +282,9 @@ def _measure_plan(X: torch.Tensor, coefficient: tuple[float, float, float], gram
     choices.setdefault("commuting", choices["polynomial"])   # (the standard form has none)
     plan = Plan(**choices)
     counts = piece_counts(X)
-    if loop_on is not None and len(counts) > 1:
+    if pieces is not None:
+        plan = replace(plan, pieces=pieces)
+    elif loop_on is not None and len(counts) > 1:
         del A, B, C, out   # (the loops allocate their own)
         times["pieces"] = interleaved_medians({
             str(count): _gpu_sampler(*_prepared(functools.partial(loop_on(replace(plan, pieces=count)), X)))
@@ -369,10 +373,14 @@ _persistent_error: str | None = None
 def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
               out_dtype: torch.dtype | None = None, loop_on=None) -> Plan:
     """The plan of X's shape: held by this process, else kept on disk by an earlier one (`plan_store`), else timed
-    here on the first coefficients (`_measure_plan`, the pieces on `loop_on`'s loops) and kept."""
+    here on the first coefficients (`_measure_plan`, the pieces on `loop_on`'s loops) and kept. The setting of
+    `MUON_NS_PIECES` is part of its key: a count forced once is not what a later process on "auto" reads.
+    With every product on the Triton kernels (or off a GPU) there is nothing to time: `ALL_TRITON`, in the forced
+    count of pieces."""
+    pieces = pieces_setting()
     if kernels == "triton" or not X.is_cuda:
-        return ALL_TRITON
-    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram, out_dtype)
+        return ALL_TRITON if pieces is None else replace(ALL_TRITON, pieces=pieces)
+    key = (X.device.index, *X.shape, X.dtype, input_precision(X.dtype), gram, out_dtype, pieces)
     plan = _plans.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
@@ -382,7 +390,7 @@ def _plan_for(X: torch.Tensor, coeffs, kernels: str, gram: bool = False,
         if stored is not None and (_persistent_error is None or "persistent" not in stored.values()):
             plan = Plan(**stored)
         else:
-            plan, times = _measure_plan(X, coeffs[0], gram, out_dtype, loop_on)
+            plan, times = _measure_plan(X, coeffs[0], gram, out_dtype, loop_on, pieces)
             plan_store.store(stored_key, vars(plan), times)
         _plans[key] = plan
     return plan
@@ -578,9 +586,6 @@ def _run(X, coefficients, restarts, cuda_graph, kernels, out_dtype=None) -> torc
     loop_on = _loop_on(coeffs, restarts, out_dtype)
     _precompile(X, loop_on, (coeffs, restarts, out_dtype))
     plan = _plan_for(X, coeffs, kernels, gram=restarts is not None, out_dtype=out_dtype, loop_on=loop_on)
-    forced = pieces_setting()
-    if forced is not None:
-        plan = replace(plan, pieces=forced)
     loop = loop_on(plan)
     if cuda_graph is None:
         cuda_graph = os.environ.get("MUON_NS_CUDA_GRAPH", "0") == "1"
