@@ -431,8 +431,8 @@ def test_pieces_setting_and_the_counts_a_plan_times(monkeypatch):
     from muon_recipes.optim.dispatch import PERSISTENT_MIN_SIDE, PIECE_MIN_BATCH
     from muon_recipes.optim.kernels.iterations import piece_counts, pieces_setting
 
-    monkeypatch.setenv("MUON_NS_PIECES", "auto")
-    assert pieces_setting() is None
+    monkeypatch.delenv("MUON_NS_PIECES", raising=False)
+    assert pieces_setting() is None   # "auto", the default
     monkeypatch.setenv("MUON_NS_PIECES", "2")
     assert pieces_setting() == 2
     monkeypatch.setenv("MUON_NS_PIECES", "3")
