@@ -395,6 +395,7 @@ def main() -> None:
             row["ours_gram_in_step"] = captured_ms(lambda: gram_iterations_triton(
                 X_half, timed_coefficients, restarts, cuda_graph=False, out_dtype=torch.bfloat16))
         for pieces in (p.strip() for p in args.pieces.split(",") if p.strip()):
+            setting = os.environ.get("MUON_NS_PIECES")   # the caller's, for the other columns
             os.environ["MUON_NS_PIECES"] = pieces
             try:
                 row[f"ours_in_step_pieces{pieces}"] = captured_ms(
@@ -403,7 +404,10 @@ def main() -> None:
                     row[f"ours_gram_in_step_pieces{pieces}"] = captured_ms(lambda: gram_iterations_triton(
                         X_half, timed_coefficients, restarts, cuda_graph=False, out_dtype=torch.bfloat16))
             finally:
-                del os.environ["MUON_NS_PIECES"]
+                if setting is None:
+                    del os.environ["MUON_NS_PIECES"]
+                else:
+                    os.environ["MUON_NS_PIECES"] = setting
             print(f"{label} in {pieces} pieces, in a captured step: standard "
                   f"{row[f'ours_in_step_pieces{pieces}']['median_ms']:.3f} ms (plan "
                   f"{row['ours_in_step']['median_ms']:.3f})" + (

@@ -79,7 +79,8 @@ PRODUCTS = ("gram", "polynomial", "update", "final", "commuting")
 # The piece counts a plan may time (`piece_counts`).
 PIECE_COUNTS = (1, 2, 4)
 
-# (device, batch, m, n, dtype, precision, Gram form?, result dtype) -> Plan, measured once per process.
+# (device, batch, m, n, dtype, precision, Gram form?, result dtype, MUON_NS_PIECES as `pieces_setting`) -> Plan,
+# measured once per process.
 _plans: dict[tuple, Plan] = {}
 # (device, shape, dtype, coefficients, kernels, precision) -> captured loop
 _graphs: dict[tuple, "_CapturedNewtonSchulz"] = {}

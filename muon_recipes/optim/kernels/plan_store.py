@@ -1,12 +1,12 @@
 """The Newton-Schulz plans kept on disk, so that every process on a machine runs a shape on the same products.
 
 A plan (`iterations.Plan`: which of the Triton kernel, its persistent form and cuBLAS runs each product of a
-shape, and in how many pieces the batch runs) is timed on the shape's first call. Timed anew in every process, two processes can choose differently where
-two implementations time within each other's noise, and a step's time then depends on the process: on one H100,
-one of two processes of dense_1b put 7.7 ms of its step on the pointer kernel where the other chose the persistent
-one (docs/benchmarks.md, "Clocks and power under the captured step"). Two arms of an ablation, two ranks, or a run
-and its resume would differ the same way. Kept on disk, the first process's plan is every later process's, and
-their first steps skip the timing.
+shape, and in how many pieces the batch runs) is timed on the shape's first call. Timed anew in every process, two
+processes can choose differently where two implementations time within each other's noise, and a step's time then
+depends on the process: on one H100, one of two processes of dense_1b put 7.7 ms of its step on the pointer kernel
+where the other chose the persistent one (docs/benchmarks.md, "Clocks and power under the captured step"). Two arms
+of an ablation, two ranks, or a run and its resume would differ the same way. Kept on disk, the first process's plan
+is every later process's, and their first steps skip the timing.
 
 The plans live beside Triton's tile choices (`tuning.autotune_options`): `$TRITON_CACHE_DIR/muon_ns_plans/`
 (`~/.triton/cache` by default), one JSON file per key, written under a temporary name and renamed into place, so
